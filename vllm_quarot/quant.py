@@ -1,0 +1,119 @@
+"""Round-to-nearest quantization math shared by the quantizer, the runtime ops and the
+simulation, so that all three round the same way.
+
+Symmetric b-bit integers live in [-2^(b-1), 2^(b-1) - 1]; scales are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import (
+    pack_to_int32,
+    unpack_from_int32,
+)
+
+__all__ = [
+    "dequantize_weight",
+    "fake_quantize_per_token",
+    "pack_weight",
+    "quantize_per_token",
+    "quantize_weight_rtn",
+    "unpack_weight",
+    "weight_scales",
+]
+
+_EPS = 1e-12
+
+
+def qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row quantization: (int8 codes, float32 scale [.., 1])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).mul_(clip_ratio / qmax(bits))
+    scale = scale.clamp_(min=_EPS)
+    q = torch.round(xf / scale).clamp_(-qmax(bits) - 1, qmax(bits)).to(torch.int8)
+    return q, scale
+
+
+def fake_quantize_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+) -> torch.Tensor:
+    """quantize_per_token followed by dequantization, in x's dtype."""
+    q, scale = quantize_per_token(x, bits, clip_ratio)
+    return (q.float() * scale).to(x.dtype)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    if k % gs:
+        raise ValueError(f"group size {gs} does not divide the input size {k}")
+    return w.reshape(n, k // gs, gs)
+
+
+def weight_scales(
+    w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Symmetric scales [N, G] from the max |w| of each row (group), times clip_ratio."""
+    amax = _grouped(w, group_size).abs().amax(dim=-1)
+    return (amax * clip_ratio / qmax(bits)).clamp(min=_EPS)
+
+
+def quantize_with_scales(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = -1
+) -> torch.Tensor:
+    """int8 codes of w [N, K] for the given per-row/group scales [N, G]."""
+    g = _grouped(w, group_size)
+    q = torch.round(g / scale.to(w.dtype).unsqueeze(-1)).clamp(-qmax(bits) - 1, qmax(bits))
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, group_size: int = -1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """codes [N, K] × scales [N, G] -> dense weight in dtype."""
+    g = _grouped(q.to(dtype), group_size)
+    return (g * scale.to(dtype).unsqueeze(-1)).reshape(q.shape)
+
+
+def quantize_weight_rtn(
+    w: torch.Tensor, bits: int, group_size: int = -1, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN weights: (int8 codes [N, K], float32 scales [N, G]).
+
+    With clip_search, each row (group) takes the shrink ratio of its max in
+    [0.5, 1] that minimises the squared quantization error.
+    """
+    wd = w.double()
+    if not clip_search:
+        scale = weight_scales(wd, bits, group_size)
+    else:
+        g = _grouped(wd, group_size)
+        best_err = torch.full(g.shape[:2], float("inf"), dtype=wd.dtype)
+        scale = weight_scales(wd, bits, group_size)
+        for ratio in torch.linspace(1.0, 0.5, 51, dtype=wd.dtype):
+            s = weight_scales(wd, bits, group_size, ratio)
+            q = quantize_with_scales(wd, s, bits, group_size)
+            err = (_grouped(dequantize_weight(q, s, group_size, wd.dtype), group_size) - g)
+            err = err.pow(2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+    q = quantize_with_scales(wd, scale, bits, group_size)
+    return q, scale.float()
+
+
+def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes [N, K] -> int32 [N, ceil(K·bits/32)] (compressed-tensors layout)."""
+    return pack_to_int32(q, bits, packed_dim=1)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack_weight: int32 [N, P] -> int8 codes [N, in_features]."""
+    n = packed.shape[0]
+    return unpack_from_int32(packed, bits, torch.Size((n, in_features)), packed_dim=1)
