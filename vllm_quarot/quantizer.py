@@ -446,6 +446,6 @@ Made by vllm-quarot {__version__} from `{model_dir.name}`.
 | rotation | {o.rotate}, R1 seed {o.seed}, online R4 {fmt.rotation.r4_size or "off"} |
 | calibration | {q["calibration"]} ({q["nsamples"]} × {q["seqlen"]} tokens) |
 
-Serve it with `vllm serve {out_dir.name} --quantization quarot` (vllm-quarot installed).
+Serve it with `vllm serve THIS_DIR --quantization quarot` (vllm-quarot installed).
 """
     (out_dir / "README.md").write_text(card)

@@ -1,0 +1,59 @@
+"""Perplexity the GPTQ/QuaRot way: tokenize the whole text, cut non-overlapping
+windows of seqlen tokens, and take exp of the mean next-token NLL over all windows.
+
+The same windows are scored through vLLM (prompt log-probs: exactly the serving
+path) or through a transformers model (the simulation, or the 16-bit original).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def token_windows(tokenizer: Any, text_file: str | Path, seqlen: int,
+                  max_windows: int | None = None) -> list[list[int]]:
+    text = Path(text_file).read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0].tolist()
+    n = len(ids) // seqlen
+    if n == 0:
+        raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than seqlen {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n)]
+
+
+def perplexity_from_nll(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count)
+
+
+def vllm_perplexity(llm: Any, windows: list[list[int]]) -> float:
+    """Perplexity from vLLM's prompt log-probs of each window (first token unscored)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params,
+                        use_tqdm=False)
+    nll, count = 0.0, 0
+    for out, w in zip(outs, windows, strict=True):
+        for lp, t in zip(out.prompt_logprobs[1:], w[1:], strict=True):
+            nll -= lp[t].logprob
+            count += 1
+    return perplexity_from_nll(nll, count)
+
+
+@torch.no_grad()
+def hf_perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
+    """The same number from a transformers causal LM (e.g. the simulation)."""
+    nll, count = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w])
+        logits = model(ids).logits[0, :-1].double()
+        lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])
+        nll -= lp.sum().item()
+        count += len(w) - 1
+    return perplexity_from_nll(nll, count)
