@@ -113,6 +113,9 @@ def test_error_paths(shared_data, tmp_path):
     with pytest.raises(QuantizeError, match="does not exist"):
         quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w4a4",
                                                               calib="/no/such/file"))
+    with pytest.raises(QuantizeError, match="CPU only"):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w4a4",
+                                                              weight_method="rtn", device="cuda"))
     with pytest.raises(QuantizeError, match="no config.json"):
         quantize(tmp_path, tmp_path / "x", QuantizeOptions(scheme="w4a4",
                                                             weight_method="rtn"))
@@ -124,6 +127,14 @@ def test_error_paths(shared_data, tmp_path):
                                                  "model_type": "gpt2"}))
     with pytest.raises(QuantizeError, match="not supported; supported: LlamaForCausalLM"):
         quantize(bad, tmp_path / "x", QuantizeOptions(scheme="w4a4", weight_method="rtn"))
+
+
+def test_self_calibration_is_data_free(shared_data, tmp_path):
+    s = quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(
+        scheme="w4a4", weight_method="gptq", calib_self=2, nsamples=2, seqlen=32))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["quantizer"]["calibration"] == "self-generated:2"
+    assert max(s.layer_errors.values()) < 0.5
 
 
 def test_impossible_hadamard_size_is_a_clear_error(shared_data, tmp_path):

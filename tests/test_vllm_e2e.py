@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from vllm_quarot.quantizer import QuantizeOptions, quantize
 from vllm_quarot.simulate import load_simulated
 
 pytestmark = pytest.mark.vllm
@@ -76,6 +77,17 @@ def test_compiled_autodetect_matches_simulation(quarot_w4a4):
     out = run_vllm(quarot_w4a4, "--compile")
     assert out["quantization"] == "quarot"
     simulate(quarot_w4a4, out["results"])
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_other_schemes_match_simulation(tmp_path, random_llama, scheme):
+    """8-bit activations and weight-only: same tokens as the simulation."""
+    out_dir = tmp_path / scheme
+    quantize(random_llama, out_dir, QuantizeOptions(scheme=scheme, weight_method="rtn",
+                                                     w_clip=True, group_size=64))
+    out = run_vllm(out_dir)
+    assert out["quantization"] == "quarot"
+    simulate(out_dir, out["results"])
 
 
 def test_plain_checkpoint_with_quarot_flag_is_a_clear_error(random_llama):

@@ -129,8 +129,10 @@ def _check_options(o: QuantizeOptions) -> None:
         raise QuantizeError("GPTQ needs calibration text: give --calib FILE or --calib-self N")
     if o.calib is not None and not Path(o.calib).is_file():
         raise QuantizeError(f"calibration file {o.calib} does not exist")
-    if o.device != "cpu" and not torch.cuda.is_available():
-        raise QuantizeError(f"--device {o.device} asked for, but no CUDA device is present")
+    if o.device != "cpu":
+        raise QuantizeError(
+            f"--device {o.device}: this version quantizes on the CPU only (--device cpu)"
+        )
 
 
 def _model_classes(cfg: Any) -> tuple[type, type]:
