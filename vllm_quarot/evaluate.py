@@ -57,3 +57,38 @@ def hf_perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
         nll -= lp.sum().item()
         count += len(w) - 1
     return perplexity_from_nll(nll, count)
+
+
+def is_quarot_checkpoint(model_dir: str | Path) -> bool:
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return (cfg.get("quantization_config") or {}).get("quant_method") == "quarot"
+
+
+def load_reference(model_dir: str | Path) -> torch.nn.Module:
+    """The simulation of a QuaRot checkpoint, or the plain model in float32."""
+    if is_quarot_checkpoint(model_dir):
+        from vllm_quarot.simulate import load_simulated
+
+        return load_simulated(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantization: str | None,
+                     dtype: str = "bfloat16", enforce_eager: bool = True) -> float:
+    """Start a vLLM engine on model_dir and score the windows with it."""
+    import gc
+
+    from vllm import LLM
+
+    seqlen = max(len(w) for w in windows)
+    llm = LLM(str(model_dir), quantization=quantization, dtype=dtype,
+              enforce_eager=enforce_eager, max_model_len=seqlen + 8, max_num_seqs=8, seed=0)
+    try:
+        return vllm_perplexity(llm, windows)
+    finally:
+        del llm
+        gc.collect()

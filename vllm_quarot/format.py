@@ -12,6 +12,7 @@ from typing import Any
 
 QUANT_METHOD = "quarot"
 FORMAT_VERSION = 1
+ACTIVATION_MODES = ("per-token", "static-per-tensor")
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -36,7 +37,7 @@ class WeightSpec:
 class ActivationSpec:
     bits: int = 4
     clip_ratio: float = 1.0
-    dynamic: str = "per-token"
+    dynamic: str = "per-token"  # or "static-per-tensor" (input_scale from calibration)
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,10 @@ class QuaRotFormat:
                 raise CheckpointFormatError(
                     f"activation clip_ratio must be in (0, 1], got {a.clip_ratio}"
                 )
-            if a.dynamic != "per-token":
+            if a.dynamic not in ACTIVATION_MODES:
                 raise CheckpointFormatError(
                     f"activation quantization {a.dynamic!r} is not supported; format v1 "
-                    "runtime supports 'per-token'"
+                    f"supports {', '.join(ACTIVATION_MODES)}"
                 )
             if w.bits == 16:
                 raise CheckpointFormatError("quantized activations need quantized weights")

@@ -12,14 +12,17 @@ from vllm_quarot.quant import qmax, quantize_weight_rtn
 
 
 class HessianAccumulator:
-    """Running H = 2/n · Σ xᵀx over the calibration tokens seen at a layer's input."""
+    """Running H = 2/n · Σ xᵀx (and max |x|) over the calibration tokens seen at a
+    layer's input."""
 
     def __init__(self, in_features: int):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.n = 0
+        self.amax = 0.0  # max |x|: the per-tensor static activation scale's calibration
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
+        self.amax = max(self.amax, x.abs().max().item())
         m = x.shape[0]
         self.h.mul_(self.n / (self.n + m))
         self.n += m

@@ -14,6 +14,7 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     PackedvLLMParameter,
+    PerTensorScaleParameter,
 )
 
 import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
@@ -30,6 +31,8 @@ class QuaRotLinearMethod(LinearMethodBase):
         self.fmt = fmt
         self.online_hadamard = online_hadamard
         self.prefix = prefix
+        act = fmt.activation
+        self.static = act is not None and act.dynamic == "static-per-tensor"
 
     def create_weights(
         self,
@@ -80,6 +83,12 @@ class QuaRotLinearMethod(LinearMethodBase):
                 data=scale_data, output_dim=0, input_dim=1, weight_loader=weight_loader
             )
         layer.register_parameter("weight_scale", scale)
+        if self.static:
+            # one scale per logical shard (q, k, v share their input: equal values)
+            layer.register_parameter("input_scale", PerTensorScaleParameter(
+                data=torch.full((len(output_partition_sizes),), float("nan")),
+                weight_loader=weight_loader,
+            ))
         layer.quarot_in_features = k
         layer.quarot_out_features = n
 
@@ -92,6 +101,11 @@ class QuaRotLinearMethod(LinearMethodBase):
         layer.weight_scale = torch.nn.Parameter(
             layer.weight_scale.data.float().contiguous(), requires_grad=False
         )
+        if self.static:
+            scale = layer.input_scale.data
+            if torch.isnan(scale).any():
+                raise CheckpointFormatError(f"{self.prefix}: input_scale missing from checkpoint")
+            layer.input_scale = torch.nn.Parameter(scale.max().reshape(1), requires_grad=False)
         if self.online_hadamard:
             had = hadamard_factor(layer.quarot_in_features, torch.float32)
             layer.register_buffer("quarot_had_k", had, persistent=False)
@@ -106,9 +120,13 @@ class QuaRotLinearMethod(LinearMethodBase):
         act = self.fmt.activation
         if act is None:
             out = torch.ops.quarot.wna16_linear(x2, layer.weight_q, layer.weight_scale, bias)
+            return out.reshape(*shape[:-1], out.shape[-1])
+        if self.static:
+            x_q = torch.ops.quarot.quantize_static(x2, layer.input_scale, act.bits)
+            x_s = layer.input_scale.expand(x2.shape[0], 1)
         else:
             x_q, x_s = torch.ops.quarot.quantize_per_token(x2, act.bits, act.clip_ratio)
-            out = torch.ops.quarot.int_linear(
-                x_q, x_s, layer.weight_q, layer.weight_scale, bias, x.dtype
-            )
+        out = torch.ops.quarot.int_linear(
+            x_q, x_s, layer.weight_q, layer.weight_scale, bias, x.dtype
+        )
         return out.reshape(*shape[:-1], out.shape[-1])

@@ -13,8 +13,9 @@ import torch
 from vllm_quarot.hadamard import hadamard_transform
 from vllm_quarot.quant import dequantize_weight
 from vllm_quarot.quant import quantize_per_token as _quantize_per_token
+from vllm_quarot.quant import quantize_static as _quantize_static
 
-__all__ = ["hadamard", "int_linear", "quantize_per_token", "wna16_linear"]
+__all__ = ["hadamard", "int_linear", "quantize_per_token", "quantize_static", "wna16_linear"]
 
 
 @torch.library.custom_op("quarot::hadamard", mutates_args=())
@@ -42,6 +43,17 @@ def _(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torc
         torch.empty(x.shape, dtype=torch.int8, device=x.device),
         torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
     )
+
+
+@torch.library.custom_op("quarot::quantize_static", mutates_args=())
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric int8 codes [M, K] with one calibrated per-tensor scale (shape [1])."""
+    return _quantize_static(x, scale, bits)
+
+
+@quantize_static.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,11 @@ from compressed_tensors.compressors.pack_quantized.helpers import (
 
 __all__ = [
     "dequantize_weight",
+    "fake_quantize_asym",
     "fake_quantize_per_token",
     "pack_weight",
     "quantize_per_token",
+    "quantize_static",
     "quantize_weight_rtn",
     "unpack_weight",
     "weight_scales",
@@ -40,12 +42,31 @@ def quantize_per_token(
     return q, scale
 
 
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric codes with one calibrated scale for the whole tensor."""
+    q = torch.round(x.float() / scale.float()).clamp_(-qmax(bits) - 1, qmax(bits))
+    return q.to(torch.int8)
+
+
 def fake_quantize_per_token(
     x: torch.Tensor, bits: int, clip_ratio: float = 1.0
 ) -> torch.Tensor:
     """quantize_per_token followed by dequantization, in x's dtype."""
     q, scale = quantize_per_token(x, bits, clip_ratio)
     return (q.float() * scale).to(x.dtype)
+
+
+def fake_quantize_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Asymmetric per-row (last dim) quantize + dequantize, as the KV cache stores it:
+    codes in [0, 2^b - 1], scale and zero point rounded to float16."""
+    xf = x.float()
+    hi = xf.amax(dim=-1, keepdim=True) * clip_ratio
+    lo = xf.amin(dim=-1, keepdim=True) * clip_ratio
+    maxq = (1 << bits) - 1
+    scale = ((hi - lo) / maxq).clamp_(min=1e-6).half().float()
+    zero = torch.round(-lo / scale).half().float()
+    q = torch.clamp(torch.round(xf / scale) + zero, 0, maxq)
+    return ((q - zero) * scale).to(x.dtype)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

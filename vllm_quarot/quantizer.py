@@ -43,12 +43,11 @@ SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
     "w4a4kv4": (4, 4, 4),
     "w4a4": (4, 4, None),
     "w8a8": (8, 8, None),
+    "w8a8-static": (8, 8, None),
     "w4a16": (4, None, None),
     "kv4": (16, None, 4),
 }
-PLANNED_SCHEMES = {
-    "w8a8-static": "per-tensor static activation scales are not implemented yet",
-}
+STATIC_SCHEMES = ("w8a8-static",)  # per-tensor activation scales calibrated offline
 ROTATIONS = ("quarot", "r1r2", "none")
 COPY_FILES = (
     "tokenizer.json",
@@ -111,8 +110,6 @@ class QuantizeSummary:
 
 
 def _check_options(o: QuantizeOptions) -> None:
-    if o.scheme in PLANNED_SCHEMES:
-        raise QuantizeError(f"scheme {o.scheme!r}: {PLANNED_SCHEMES[o.scheme]}")
     if o.scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {o.scheme!r}; choose one of {', '.join(SCHEMES)}")
     if o.weight_method not in ("gptq", "rtn"):
@@ -124,9 +121,12 @@ def _check_options(o: QuantizeOptions) -> None:
     for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
         if v is not None and not 0.0 < v <= 1.0:
             raise QuantizeError(f"{name} must be in (0, 1], got {v}")
-    needs_calib = o.weight_method == "gptq" and SCHEMES[o.scheme][0] < 16
+    needs_calib = (o.weight_method == "gptq" and SCHEMES[o.scheme][0] < 16) or (
+        o.scheme in STATIC_SCHEMES)
     if needs_calib and o.calib is None and not o.calib_self:
-        raise QuantizeError("GPTQ needs calibration text: give --calib FILE or --calib-self N")
+        raise QuantizeError(
+            f"{'static activation scales' if o.scheme in STATIC_SCHEMES else 'GPTQ'} "
+            "need calibration text: give --calib FILE or --calib-self N")
     if o.calib is not None and not Path(o.calib).is_file():
         raise QuantizeError(f"calibration file {o.calib} does not exist")
     if o.device != "cpu":
@@ -255,10 +255,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
     except HadamardSizeError as e:
         raise QuantizeError(str(e)) from e
     act_clip = o.act_clip if o.act_clip is not None else (0.9 if a_bits == 4 else 1.0)
+    static = o.scheme in STATIC_SCHEMES
     fmt = QuaRotFormat(
         scheme=o.scheme,
         weight=WeightSpec(w_bits, o.group_size, True, o.weight_method if w_bits < 16 else "none"),
-        activation=None if a_bits is None else ActivationSpec(a_bits, act_clip, "per-token"),
+        activation=None if a_bits is None else ActivationSpec(
+            a_bits, act_clip, "static-per-tensor" if static else "per-token"),
         kv_cache=None if kv_bits is None else KVCacheSpec(kv_bits, -1, True, o.kv_clip),
         rotation=RotationSpec(
             r1_seed=o.seed,
@@ -289,7 +291,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
     src = TensorSource(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     use_gptq = o.weight_method == "gptq" and w_bits < 16
-    calib_ids = _calibration_ids(model_dir, tok, o) if use_gptq else None
+    calib_ids = _calibration_ids(model_dir, tok, o) if use_gptq or static else None
     layer_cls, rotary_cls = _model_classes(cfg)
     cfg64 = copy.deepcopy(cfg)
     cfg64._attn_implementation = "sdpa"
@@ -330,7 +332,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
             ref = rotate_rows_in(h_orig, signs) if rotate else h_orig
             verify_err = max(verify_err, _rel_err(h_rot, ref))
 
-        hessians = _collect_hessians(runner, h_cal) if use_gptq else {}
+        hessians = _collect_hessians(runner, h_cal) if h_cal is not None else {}
         for name in LINEARS:
             w = sd[f"{name}.weight"]
             key = f"{prefix}{name}"
@@ -347,6 +349,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
                 sd[f"{name}.weight"] = deq
                 writer.add(f"{key}.weight_packed", pack_weight(q, w_bits))
                 writer.add(f"{key}.weight_scale", s)
+                if static:  # max calibration, as AMD Quark's per-tensor static W8A8
+                    amax = torch.tensor([hessians[name].amax * act_clip], dtype=torch.float32)
+                    writer.add(f"{key}.input_scale", (amax / (2 ** (a_bits - 1) - 1)).clamp(
+                        min=1e-12))
             if f"{name}.bias" in sd:
                 writer.add(f"{key}.bias", sd[f"{name}.bias"].to(out_dtype))
         for k, v in sd.items():

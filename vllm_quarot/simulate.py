@@ -16,13 +16,28 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vllm_quarot.checkpoint import TensorSource
-from vllm_quarot.format import QuaRotFormat
+from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
-from vllm_quarot.quant import dequantize_weight, fake_quantize_per_token, unpack_weight
+from vllm_quarot.quant import (
+    dequantize_weight,
+    fake_quantize_asym,
+    fake_quantize_per_token,
+    quantize_static,
+    unpack_weight,
+)
 
 
-def load_simulated(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A transformers model that computes what the vLLM plugin computes."""
+def load_simulated(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    act_bits_override: dict[str, int | None] | None = None,
+) -> torch.nn.Module:
+    """A transformers model that computes what the vLLM plugin computes.
+
+    act_bits_override (analysis only) maps a module-name suffix (``down_proj``,
+    ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit: it answers
+    "which projections dominate the error" without re-quantizing.
+    """
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(raw.get("quantization_config"))
@@ -34,6 +49,7 @@ def load_simulated(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     src = TensorSource(model_dir)
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
+    input_scales: dict[str, torch.Tensor] = {}
     for name in src.keys():
         if name.endswith(".weight_packed"):
             base = name.removesuffix(".weight_packed")
@@ -44,27 +60,66 @@ def load_simulated(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
             gs = -1 if scale.shape[1] == 1 else in_features // scale.shape[1]
             state[f"{base}.weight"] = dequantize_weight(codes, scale, gs, torch.float32).to(dtype)
             quantized.add(base)
+        elif name.endswith(".input_scale"):
+            input_scales[name.removesuffix(".input_scale")] = src.get(name).float()
         elif not name.endswith(".weight_scale"):
             state[name] = src.get(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    _install_hooks(model, fmt, quantized)
+    _install_hooks(model, fmt, quantized, input_scales, act_bits_override or {})
+    if fmt.kv_cache is not None:
+        model.set_attn_implementation(_kv_attention(fmt))
     return model
 
 
-def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str]) -> None:
+def _kv_attention(fmt: QuaRotFormat) -> str:
+    """Register (once) an attention function that rotates queries and keys by R3 after
+    RoPE and fake-quantizes keys and values per token and head, then runs SDPA."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kv, r3 = fmt.kv_cache, fmt.rotation.r3_size
+    name = f"quarot_kv{kv.bits}_clip{kv.clip_ratio}_r3{r3}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if r3:
+            query = hadamard_transform(query.float()).to(query.dtype)
+            key = hadamard_transform(key.float()).to(key.dtype)
+        key = fake_quantize_asym(key, kv.bits, kv.clip_ratio)
+        value = fake_quantize_asym(value, kv.bits, kv.clip_ratio)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    return name
+
+
+def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str],
+                   input_scales: dict[str, torch.Tensor],
+                   override: dict[str, int | None]) -> None:
     act = fmt.activation
+    static = act is not None and act.dynamic == "static-per-tensor"
     for name in sorted(quantized):
         mod = model.get_submodule(name)
         online = name.endswith("down_proj") and fmt.rotation.r4_size > 0
         had_k = hadamard_factor(mod.in_features, torch.float32) if online else None
+        if static and name not in input_scales:
+            raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
+        scale = input_scales.get(name)
+        bits = act.bits if act is not None else None
+        for suffix, b in override.items():
+            if name.endswith(suffix):
+                bits = b
 
-        def hook(_m, args, had_k=had_k):
+        def hook(_m, args, had_k=had_k, scale=scale, bits=bits):
             x = args[0]
             if had_k is not None:
                 x = hadamard_transform(x.float(), had_k).to(x.dtype)
-            if act is not None:
-                x = fake_quantize_per_token(x, act.bits, act.clip_ratio)
+            if bits is None:
+                pass
+            elif static:
+                x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
+            else:
+                x = fake_quantize_per_token(x, bits, act.clip_ratio)
             return (x,)
 
         mod.register_forward_pre_hook(hook)
