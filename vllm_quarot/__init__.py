@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: registers the ``quarot`` quantization method.
+    """vLLM general-plugin entry point: registers the ``quarot`` quantization method
+    and, on CPU, the attention backend that serves the 4-bit KV cache.
 
     vLLM calls it once in every process (API server, engine core, workers).
     """
@@ -18,3 +19,13 @@ def register() -> None:
     from vllm_quarot.quant_config import QuaRotConfig
 
     register_quantization_config("quarot")(QuaRotConfig)
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # KV4 on CPU: override CPU_ATTN (the CPU platform ignores CUSTOM); 16-bit
+        # caches still run vLLM's own kernels through it.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CPU_ATTN,
+                         "vllm_quarot.kv_attention.QuaRotCPUAttentionBackend")

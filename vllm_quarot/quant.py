@@ -56,17 +56,28 @@ def fake_quantize_per_token(
     return (q.float() * scale).to(x.dtype)
 
 
-def fake_quantize_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Asymmetric per-row (last dim) quantize + dequantize, as the KV cache stores it:
-    codes in [0, 2^b - 1], scale and zero point rounded to float16."""
+def quantize_kv(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-row (last dim) quantization, as the KV cache stores it:
+    (uint8 codes in [0, 2^b - 1], scale, zero point), scale and zero float16-exact."""
     xf = x.float()
     hi = xf.amax(dim=-1, keepdim=True) * clip_ratio
     lo = xf.amin(dim=-1, keepdim=True) * clip_ratio
     maxq = (1 << bits) - 1
     scale = ((hi - lo) / maxq).clamp_(min=1e-6).half().float()
     zero = torch.round(-lo / scale).half().float()
-    q = torch.clamp(torch.round(xf / scale) + zero, 0, maxq)
-    return ((q - zero) * scale).to(x.dtype)
+    q = torch.clamp(torch.round(xf / scale) + zero, 0, maxq).to(torch.uint8)
+    return q, scale, zero
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero) * scale
+
+
+def fake_quantize_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """quantize_kv followed by dequantize_kv, in x's dtype."""
+    return dequantize_kv(*quantize_kv(x, bits, clip_ratio)).to(x.dtype)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -62,15 +62,34 @@ class QuaRotConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision=None):
         if hf_config is not None:
             self.fmt.check_model(hf_config)
-        if self.fmt.kv_cache is not None:
+
+    def _select_kv_cache_dtype(self) -> None:
+        """A checkpoint with a kv_cache section runs with the 4-bit cache it was
+        calibrated for: 'auto' becomes int4_per_token_head (before any Attention
+        layer reads it); another explicit dtype is an error."""
+        from vllm.config import get_current_vllm_config
+
+        from vllm_quarot.kv_attention import KV4_DTYPE
+
+        cache = get_current_vllm_config().cache_config
+        if self.fmt.kv_cache is None or cache is None:
+            return
+        if self.fmt.kv_cache.bits != 4:
             raise CheckpointFormatError(
-                "this checkpoint quantizes the KV cache (quantization_config.kv_cache), "
-                "which this version of the vllm-quarot runtime cannot serve yet"
-            )
+                f"the runtime serves 4-bit KV caches; the checkpoint asks for "
+                f"{self.fmt.kv_cache.bits} bits")
+        if cache.cache_dtype == "auto":
+            cache.cache_dtype = KV4_DTYPE
+        elif cache.cache_dtype != KV4_DTYPE:
+            raise CheckpointFormatError(
+                f"this checkpoint was quantized for a 4-bit KV cache (scheme "
+                f"{self.fmt.scheme!r}); --kv-cache-dtype {cache.cache_dtype} contradicts "
+                f"it: use {KV4_DTYPE} or auto")
 
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str
     ) -> QuantizeMethodBase | None:
+        self._select_kv_cache_dtype()
         if not isinstance(layer, LinearBase):
             return None
         name = prefix.rsplit(".", 1)[-1]

@@ -1,0 +1,174 @@
+"""KV4: a 4-bit paged KV cache with the online R3 rotation, for vLLM's CPU backend.
+
+Installed by overriding the CPU_ATTN backend (vLLM's CPU platform ignores CUSTOM).
+Caches in 16-bit (or fp8) are handed to the stock implementation untouched; with
+``--kv-cache-dtype int4_per_token_head`` (or a checkpoint whose quantization_config
+has a ``kv_cache`` section) keys and values are stored per token and per KV head as
+asymmetric 4-bit codes with a float16 scale and zero point, in vLLM's own paged
+blocks, so the scheduler, block manager, prefix caching and chunked prefill work
+unchanged. Per (block, kv head, slot) the bytes are
+``[K codes D/2 | K scale, zero (2×fp16) | V codes D/2 | V scale, zero]``: 72 bytes
+at head_dim 64 instead of 256 for bf16.
+
+R3 (a Hadamard of size head_dim on queries and keys after RoPE, when the checkpoint
+asks for it) is applied here: keys before quantization, queries before attention.
+The attention itself is a plain PyTorch reference (dequantize the sequence's blocks,
+then softmax attention); a C++ kernel can replace it behind the same layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import KVQuantMode
+
+from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
+from vllm_quarot.quant import dequantize_kv, quantize_kv
+
+KV4_DTYPE = "int4_per_token_head"
+
+
+def slot_bytes(head_dim: int) -> int:
+    """Bytes per token per KV head: packed K and V codes plus their fp16 scale/zero."""
+    return 2 * (head_dim // 2 + 4)
+
+
+def pack_kv(x: torch.Tensor, clip_ratio: float) -> torch.Tensor:
+    """[T, H, D] -> uint8 [T, H, D/2 + 4]: two codes per byte (low nibble first)."""
+    codes, scale, zero = quantize_kv(x, 4, clip_ratio)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    sz = torch.cat([scale, zero], dim=-1).to(torch.float16).view(torch.uint8)
+    return torch.cat([packed, sz], dim=-1)
+
+
+def unpack_kv(b: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of pack_kv (up to quantization): uint8 [..., D/2 + 4] -> float32 [..., D]."""
+    half = head_dim // 2
+    packed = b[..., :half]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*b.shape[:-1], head_dim)
+    sz = b[..., half : half + 4].contiguous().view(torch.float16).float()
+    return dequantize_kv(codes, sz[..., :1], sz[..., 1:2])
+
+
+def _quarot_kv_settings() -> tuple[float, int]:
+    """(clip ratio, R3 size) from a QuaRot checkpoint; (1.0, 0) for other models."""
+    quant_config = get_current_vllm_config().quant_config
+    fmt = getattr(quant_config, "fmt", None)
+    if fmt is None or fmt.kv_cache is None:
+        return 1.0, 0
+    return fmt.kv_cache.clip_ratio, fmt.rotation.r3_size
+
+
+class QuaRotCPUAttentionBackend(CPUAttentionBackend):
+    supported_kv_cache_dtypes = [*CPUAttentionBackend.supported_kv_cache_dtypes, KV4_DTYPE]
+
+    @classmethod
+    def customize_spec(cls, spec):
+        if spec.kv_quant_mode != KVQuantMode.INT4_PER_TOKEN_HEAD:
+            return spec
+        if spec.head_size % 2 or spec.head_size_v != spec.head_size:
+            raise ValueError(f"KV4 needs an even head_dim shared by K and V, got {spec}")
+        if spec.state_content_bytes is not None:
+            return spec
+        return replace(spec, state_content_bytes=slot_bytes(spec.head_size))
+
+    @staticmethod
+    def get_impl_cls():
+        return QuaRotCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return QuaRotCPUAttentionMetadataBuilder
+
+
+class QuaRotCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """The stock builder, minus the C++ scheduler metadata that KV4 does not use."""
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        if self.kv_cache_dtype != KV4_DTYPE:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        m = common_attn_metadata
+        if not isinstance(m.causal, bool) or self.is_cross_attention:
+            raise NotImplementedError("KV4 supports causal decoder self-attention only")
+        return CPUAttentionMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc,
+            max_seq_len=m.max_seq_len,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+            scheduler_metadata=None,
+            causal=m.causal,
+        )
+
+
+class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kv4 = self.kv_cache_dtype == KV4_DTYPE
+        if not self.kv4:
+            return
+        if self.alibi_slopes is not None or self.sinks is not None or self.logits_soft_cap:
+            raise NotImplementedError("KV4 does not support ALiBi, sinks or soft-capping")
+        if self.sliding_window != -1:
+            raise NotImplementedError("KV4 does not support sliding-window attention yet")
+        self.clip_ratio, r3 = _quarot_kv_settings()
+        if r3 and r3 != self.head_size:
+            raise ValueError(f"checkpoint R3 size {r3} != head_dim {self.head_size}")
+        self.had = hadamard_factor(self.head_size) if r3 else None
+
+    def _r3(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.had is None else hadamard_transform(x.float(), self.had)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if not self.kv4:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        valid = slots >= 0
+        rows = torch.cat(
+            [pack_kv(self._r3(key[:n]), self.clip_ratio),
+             pack_kv(value[:n], self.clip_ratio)], dim=-1
+        )[valid]
+        block_size = kv_cache.shape[2]
+        slots = slots[valid]
+        kv_cache[slots // block_size, :, slots % block_size] = rows
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not self.kv4 or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        d = self.head_size
+        half = d // 2 + 4
+        block_size = kv_cache.shape[2]
+        qsl = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        group = self.num_heads // self.num_kv_heads
+        for r, seq_len in enumerate(seq_lens):
+            start, end = qsl[r], qsl[r + 1]
+            if end == start:
+                continue
+            n_blocks = -(-seq_len // block_size)
+            blocks = attn_metadata.block_table[r, :n_blocks].long()
+            cache = kv_cache[blocks].permute(1, 0, 2, 3).reshape(self.num_kv_heads, -1,
+                                                                  2 * half)[:, :seq_len]
+            k = unpack_kv(cache[..., :half], d).repeat_interleave(group, dim=0)
+            v = unpack_kv(cache[..., half:], d).repeat_interleave(group, dim=0)
+            q = self._r3(query[start:end]).float().transpose(0, 1)  # [H, Tq, D]
+            tq = end - start
+            pos_q = torch.arange(seq_len - tq, seq_len).unsqueeze(1)
+            mask = torch.arange(seq_len).unsqueeze(0) <= pos_q if attn_metadata.causal else None
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale)
+            output[start:end] = o.transpose(0, 1).to(output.dtype)
+        return output
