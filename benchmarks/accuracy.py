@@ -99,7 +99,7 @@ def main() -> None:
                     seqlen=a.calib_seqlen))
                 print(f"[accuracy]   {time.time() - t:.0f} s; worst layer error "
                       f"{max(s.layer_errors.values(), default=0):.4f}", flush=True)
-        serve = servable and not a.no_vllm and (opts is None or "kv" not in opts["scheme"])
+        serve = servable and not a.no_vllm
         v = serve_perplexity(ckpt, windows, "quarot" if opts else None) if serve else None
         sim = hf_perplexity(load_reference(ckpt), windows)
         results.append((i, label, v, sim, size_mib(ckpt)))
@@ -118,7 +118,7 @@ def main() -> None:
     for i, label, v, sim, mib in results:
         main_ppl = v if v is not None else sim
         rel = f"{(main_ppl / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
-        vs = f"{v:.2f}" if v is not None else "— (KV4 runtime pending)" if servable else "—"
+        vs = f"{v:.2f}" if v is not None else "—"
         ratio = f"{v / sim:.4f}" if v is not None else ""
         lines.append(f"| {i} | {label} | {vs} | {sim:.2f} | {rel} | {ratio} | {mib:.1f} |")
     table = "\n".join(lines)

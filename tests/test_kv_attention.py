@@ -1,0 +1,93 @@
+"""KV4 cache layout and attention over it, against float64 references on random
+inputs: paged blocks, GQA, chunked queries (a query chunk at the end of a longer
+context), several sequences in one batch."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_quarot.hadamard import hadamard_factor, hadamard_matrix
+from vllm_quarot.kv_attention import (
+    KV4_DTYPE,
+    QuaRotCPUAttentionImpl,
+    pack_kv,
+    slot_bytes,
+    unpack_kv,
+)
+from vllm_quarot.quant import fake_quantize_asym
+
+
+@pytest.mark.parametrize("d", [8, 64, 128])
+def test_pack_unpack_is_the_asymmetric_4bit_quantizer(d):
+    x = torch.randn(7, 3, d) * torch.rand(7, 3, 1) * 5 + torch.randn(7, 3, 1)
+    b = pack_kv(x, 0.95)
+    assert b.dtype == torch.uint8 and b.shape == (7, 3, d // 2 + 4)
+    assert 2 * b.shape[-1] == slot_bytes(d)
+    y = unpack_kv(b, d)
+    assert torch.equal(y, fake_quantize_asym(x, 4, 0.95).float())
+    # without clipping every element is within half a step of the original
+    y1 = unpack_kv(pack_kv(x, 1.0), d)
+    step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15
+    assert ((y1 - x).abs() <= step * 0.5 + 1e-3 * step + 1e-4).all()
+
+
+def _impl(r3: bool, heads=4, kv_heads=2, d=64):
+    """The KV4 paths of the impl, without a vLLM engine around it (its __init__ reads
+    the engine's config; the end-to-end tests cover that part)."""
+    impl = QuaRotCPUAttentionImpl.__new__(QuaRotCPUAttentionImpl)
+    impl.num_heads, impl.head_size, impl.num_kv_heads = heads, d, kv_heads
+    impl.scale, impl.kv_cache_dtype, impl.kv4, impl.clip_ratio = d**-0.5, KV4_DTYPE, True, 1.0
+    impl.had = hadamard_factor(d) if r3 else None
+    return impl
+
+
+@pytest.mark.parametrize("r3", [False, True])
+def test_attention_over_paged_kv4_matches_float64(r3):
+    torch.manual_seed(0)
+    heads, kv_heads, d, bs = 4, 2, 64, 16
+    impl = _impl(r3, heads, kv_heads, d)
+    num_blocks = 12
+    cache = torch.zeros(num_blocks, kv_heads, bs, slot_bytes(d), dtype=torch.uint8)
+    # two sequences: 37 tokens of context (last 5 are this step's queries: chunked
+    # prefill), and 20 tokens with a single decode query; blocks scattered
+    seq_lens, q_lens = [37, 20], [5, 1]
+    tables = [[7, 2, 9], [4, 11]]
+    ks = [torch.randn(n, kv_heads, d) for n in seq_lens]
+    vs = [torch.randn(n, kv_heads, d) for n in seq_lens]
+    for k, v, table in zip(ks, vs, tables, strict=True):
+        slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(k.shape[0])])
+        impl.do_kv_cache_update(None, k, v, cache, torch.cat([slots, torch.tensor([-1])])[:-1])
+    q = torch.randn(sum(q_lens), heads, d)
+    meta = SimpleNamespace(
+        query_start_loc=torch.tensor([0, 5, 6]), seq_lens=torch.tensor(seq_lens),
+        block_table=torch.tensor([[7, 2, 9], [4, 11, 0]]), causal=True)
+    out = torch.empty(sum(q_lens), heads, d)
+    impl.forward(None, q, None, None, cache, meta, out)
+
+    h = hadamard_matrix(d) if r3 else torch.eye(d, dtype=torch.float64)
+    start = 0
+    for k, v, n, tq in zip(ks, vs, seq_lens, q_lens, strict=True):
+        kq = fake_quantize_asym((k.double() @ h).float(), 4, 1.0).double()
+        vq = fake_quantize_asym(v, 4, 1.0).double()
+        qq = q[start : start + tq].double() @ h
+        for hd in range(heads):
+            g = hd // (heads // kv_heads)
+            s = qq[:, hd] @ kq[:, g].t() / math.sqrt(d)
+            pos = torch.arange(n - tq, n).unsqueeze(1)
+            s = s.masked_fill(torch.arange(n).unsqueeze(0) > pos, float("-inf"))
+            ref = torch.softmax(s, -1) @ vq[:, g]
+            assert torch.allclose(out[start : start + tq, hd].double(), ref, atol=1e-4)
+        start += tq
+
+
+def test_kv_cache_update_skips_padding_slots():
+    impl = _impl(False)
+    cache = torch.zeros(2, 2, 16, slot_bytes(64), dtype=torch.uint8)
+    k = torch.randn(3, 2, 64)
+    impl.do_kv_cache_update(None, k, k, cache, torch.tensor([0, -1, 17]))
+    assert cache[0, :, 0].any() and cache[1, :, 1].any()
+    assert not cache[0, :, 1:].any() and not cache[1, :, 2:].any()
