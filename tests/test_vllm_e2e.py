@@ -245,3 +245,16 @@ def test_kv4_checkpoint_with_contradicting_cache_dtype_is_an_error(quarot_w4a4kv
     )
     assert proc.returncode != 0
     assert "quantized for a 4-bit KV cache" in proc.stdout + proc.stderr
+
+
+def test_unsupported_cache_dtype_on_cpu_is_an_error(random_llama):
+    """vLLM's own CPU backend silently runs int8_per_token_head with wrong output."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(random_llama), "x", "--kv-cache-dtype",
+         "int8_per_token_head"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "--kv-cache-dtype int8_per_token_head is not supported on CPU" in (
+        proc.stdout + proc.stderr)

@@ -114,6 +114,13 @@ class QuaRotCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        supported = QuaRotCPUAttentionBackend.supported_kv_cache_dtypes
+        if self.kv_cache_dtype not in supported:
+            # vLLM's CPU backend does not check, and computes garbage for these
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is not supported on CPU; "
+                f"use one of {', '.join(supported)}"
+            )
         self.kv4 = self.kv_cache_dtype == KV4_DTYPE
         if not self.kv4:
             return
