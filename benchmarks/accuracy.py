@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (default all)")
     ap.add_argument("--work", default=None, help="where quantized checkpoints are cached")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--sim-rows", default="2,10,11",
+                    help="rows also scored by the simulation when vLLM serves them "
+                    "('all' for every row); rows vLLM cannot serve always are")
     a = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -101,9 +104,10 @@ def main() -> None:
                       f"{max(s.layer_errors.values(), default=0):.4f}", flush=True)
         serve = servable and not a.no_vllm
         v = serve_perplexity(ckpt, windows, "quarot" if opts else None) if serve else None
-        sim = hf_perplexity(load_reference(ckpt), windows)
+        with_sim = v is None or a.sim_rows == "all" or str(i) in a.sim_rows.split(",")
+        sim = hf_perplexity(load_reference(ckpt), windows) if with_sim else None
         results.append((i, label, v, sim, size_mib(ckpt)))
-        print(f"[accuracy] {label}: vLLM {v} sim {sim:.3f}", flush=True)
+        print(f"[accuracy] {label}: vLLM {v} sim {sim}", flush=True)
 
     bf16 = [r for r in results if r[1] == "bf16"]
     ref_ppl = (bf16[0][2] or bf16[0][3]) if bf16 else None
@@ -119,8 +123,9 @@ def main() -> None:
         main_ppl = v if v is not None else sim
         rel = f"{(main_ppl / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
         vs = f"{v:.2f}" if v is not None else "—"
-        ratio = f"{v / sim:.4f}" if v is not None else ""
-        lines.append(f"| {i} | {label} | {vs} | {sim:.2f} | {rel} | {ratio} | {mib:.1f} |")
+        ss = f"{sim:.2f}" if sim is not None else "—"
+        ratio = f"{v / sim:.4f}" if v is not None and sim is not None else ""
+        lines.append(f"| {i} | {label} | {vs} | {ss} | {rel} | {ratio} | {mib:.1f} |")
     table = "\n".join(lines)
     print(table)
     out = ROOT / "benchmarks" / "results" / f"accuracy_{a.model}.md"
