@@ -101,9 +101,10 @@ def test_compiled_autodetect_matches_simulation(quarot_w4a4):
     simulate(quarot_w4a4, out["results"])
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static", "w4a16"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static", "w4a16", "kv4"])
 def test_other_schemes_match_simulation(tmp_path, random_llama, scheme):
-    """8-bit activations (dynamic, static) and weight-only: same as the simulation."""
+    """8-bit activations (dynamic, static), weight-only and KV-only (16-bit rotated
+    weights, 4-bit cache with R3): same as the simulation."""
     out_dir = tmp_path / scheme
     quantize(random_llama, out_dir, QuantizeOptions(
         scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,

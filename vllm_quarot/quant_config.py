@@ -93,8 +93,8 @@ class QuaRotConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         name = prefix.rsplit(".", 1)[-1]
-        if name in self.fmt.ignore or prefix in self.fmt.ignore:
-            return UnquantizedLinearMethod()
+        if self.fmt.weight.bits >= 16 or name in self.fmt.ignore or prefix in self.fmt.ignore:
+            return UnquantizedLinearMethod()  # kv4 scheme: 16-bit (rotated) weights
         from vllm_quarot.linear_method import QuaRotLinearMethod
 
         online = name == "down_proj" and self.fmt.rotation.r4_size > 0
