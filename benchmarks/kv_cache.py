@@ -6,7 +6,8 @@ decode tokens/s at batch 1 and 32.
 
 Rows: bf16 weights with the bf16 cache; bf16 weights with
 `--kv-cache-dtype int4_per_token_head` (4-bit cache, no R3); and optionally a QuaRot
-W4A4KV4 checkpoint (4-bit cache with R3, auto-enabled from its config).
+checkpoint with a 4-bit cache (`--scheme kv4`: bf16 rotated weights, KV4 with R3; or
+`w4a4kv4`), the cache auto-enabled from its config.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def measure(model: Path, kv_dtype: str, windows: list[list[int]], n_dec: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quarot-kv4", default=None, help="a W4A4KV4 QuaRot checkpoint too")
+    ap.add_argument("--quarot-kv4", default=None,
+                    help="a QuaRot checkpoint with a 4-bit KV cache (kv4 or w4a4kv4 scheme)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -67,7 +69,7 @@ def main() -> None:
     rows = [("bf16 weights, bf16 KV cache", base, "auto"),
             ("bf16 weights, KV4 (no R3)", base, "int4_per_token_head")]
     if a.quarot_kv4:
-        rows.append(("QuaRot W4A4KV4 (KV4 + R3)", Path(a.quarot_kv4), "auto"))
+        rows.append((f"QuaRot {Path(a.quarot_kv4).name} (KV4 + R3)", Path(a.quarot_kv4), "auto"))
     res = [(name, measure(m, kv, windows, a.decode_tokens)) for name, m, kv in rows]
     ref = res[0][1]
     space = os.environ["VLLM_CPU_KVCACHE_SPACE"]
