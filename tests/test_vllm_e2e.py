@@ -51,6 +51,15 @@ def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS) -> dict:
     raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
 
 
+def run_vllm_failure(model: Path, *args: str) -> str:
+    """Start an engine that must refuse to start; return everything it printed."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, str(RUNNER), str(model), "x", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
 def _prompt_file(prompts: list[str]) -> str:
     import tempfile
 
@@ -115,13 +124,8 @@ def test_other_schemes_match_simulation(tmp_path, random_llama, scheme):
 
 
 def test_plain_checkpoint_with_quarot_flag_is_a_clear_error(random_llama):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(random_llama), "x", "--quantization", "quarot"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode != 0
-    assert "is not a QuaRot checkpoint" in proc.stderr
+    assert "is not a QuaRot checkpoint" in run_vllm_failure(random_llama, "--quantization",
+                                                             "quarot")
 
 
 def _free_port() -> int:
@@ -239,23 +243,11 @@ def test_kv4_flag_on_a_16bit_checkpoint(quarot_w4a4):
 
 
 def test_kv4_checkpoint_with_contradicting_cache_dtype_is_an_error(quarot_w4a4kv4):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(quarot_w4a4kv4), "x", "--kv-cache-dtype", "fp8"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode != 0
-    assert "quantized for a 4-bit KV cache" in proc.stdout + proc.stderr
+    out = run_vllm_failure(quarot_w4a4kv4, "--kv-cache-dtype", "fp8")
+    assert "quantized for a 4-bit KV cache" in out
 
 
 def test_unsupported_cache_dtype_on_cpu_is_an_error(random_llama):
     """vLLM's own CPU backend silently runs int8_per_token_head with wrong output."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(random_llama), "x", "--kv-cache-dtype",
-         "int8_per_token_head"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode != 0
-    assert "--kv-cache-dtype int8_per_token_head is not supported on CPU" in (
-        proc.stdout + proc.stderr)
+    out = run_vllm_failure(random_llama, "--kv-cache-dtype", "int8_per_token_head")
+    assert "--kv-cache-dtype int8_per_token_head is not supported on CPU" in out

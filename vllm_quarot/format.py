@@ -147,10 +147,7 @@ class QuaRotFormat:
         if a is not None:
             if a.bits not in (4, 8):
                 raise CheckpointFormatError(f"activation bits must be 4 or 8, got {a.bits}")
-            if not 0.0 < a.clip_ratio <= 1.0:
-                raise CheckpointFormatError(
-                    f"activation clip_ratio must be in (0, 1], got {a.clip_ratio}"
-                )
+            _check_clip("activation", a.clip_ratio)
             if a.dynamic not in ACTIVATION_MODES:
                 raise CheckpointFormatError(
                     f"activation quantization {a.dynamic!r} is not supported; format v1 "
@@ -161,10 +158,7 @@ class QuaRotFormat:
         if kv is not None:
             if kv.bits not in (4, 8):
                 raise CheckpointFormatError(f"kv_cache bits must be 4 or 8, got {kv.bits}")
-            if not 0.0 < kv.clip_ratio <= 1.0:
-                raise CheckpointFormatError(
-                    f"kv_cache clip_ratio must be in (0, 1], got {kv.clip_ratio}"
-                )
+            _check_clip("kv_cache", kv.clip_ratio)
         if r.r4_size and r.r4_hadamard[0] * r.r4_hadamard[1] != r.r4_size:
             raise CheckpointFormatError(
                 f"rotation.r4.hadamard {list(r.r4_hadamard)} does not multiply to {r.r4_size}"
@@ -193,6 +187,11 @@ class QuaRotFormat:
                     f"{name} is {got} but the model has size {want}: checkpoint and "
                     "config.json do not match"
                 )
+
+
+def _check_clip(section: str, ratio: float) -> None:
+    if not 0.0 < ratio <= 1.0:
+        raise CheckpointFormatError(f"{section} clip_ratio must be in (0, 1], got {ratio}")
 
 
 def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
