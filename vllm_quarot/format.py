@@ -39,6 +39,10 @@ class ActivationSpec:
     clip_ratio: float = 1.0
     dynamic: str = "per-token"  # or "static-per-tensor" (input_scale from calibration)
 
+    @property
+    def static(self) -> bool:
+        return self.dynamic == "static-per-tensor"
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:

@@ -32,7 +32,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         self.online_hadamard = online_hadamard
         self.prefix = prefix
         act = fmt.activation
-        self.static = act is not None and act.dynamic == "static-per-tensor"
+        self.static = act is not None and act.static
 
     def create_weights(
         self,

@@ -33,7 +33,7 @@ from vllm_quarot.format import (
 )
 from vllm_quarot.gptq import HessianAccumulator, gptq_quantize
 from vllm_quarot.hadamard import HadamardSizeError, factorize, hadamard_transform, random_signs
-from vllm_quarot.quant import dequantize_weight, pack_weight, quantize_weight_rtn
+from vllm_quarot.quant import dequantize_weight, pack_weight, qmax, quantize_weight_rtn
 from vllm_quarot.rotation import LINEARS, fold_norms, rotate_layer, rotate_rows_in
 
 log = logging.getLogger("vllm_quarot.quantize")
@@ -351,7 +351,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
                 writer.add(f"{key}.weight_scale", s)
                 if static:  # max calibration, as AMD Quark's per-tensor static W8A8
                     amax = torch.tensor([hessians[name].amax * act_clip], dtype=torch.float32)
-                    writer.add(f"{key}.input_scale", (amax / (2 ** (a_bits - 1) - 1)).clamp(
+                    writer.add(f"{key}.input_scale", (amax / qmax(a_bits)).clamp(
                         min=1e-12))
             if f"{name}.bias" in sd:
                 writer.add(f"{key}.bias", sd[f"{name}.bias"].to(out_dtype))

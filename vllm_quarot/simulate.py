@@ -97,7 +97,7 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
                    input_scales: dict[str, torch.Tensor],
                    override: dict[str, int | None]) -> None:
     act = fmt.activation
-    static = act is not None and act.dynamic == "static-per-tensor"
+    static = act is not None and act.static
     for name in sorted(quantized):
         mod = model.get_submodule(name)
         online = name.endswith("down_proj") and fmt.rotation.r4_size > 0
