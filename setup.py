@@ -1,30 +1,45 @@
 """Builds the C++/CUDA kernels in csrc/ when a toolchain is present.
 
-Without one (or with VLLM_QUAROT_NO_EXT=1) the package installs pure Python and the
+csrc/cpu/*.cpp -> vllm_quarot/_C_cpu (any compiler; ISA chosen at run time);
+csrc/cuda/*.cu -> vllm_quarot/_C_cuda (only with nvcc and a CUDA build of torch).
+Without them (or with VLLM_QUAROT_NO_EXT=1) the package installs pure Python and the
 torch reference ops in vllm_quarot/ops.py serve every layer.
 """
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+CUDA_ARCHS = ["80", "86", "89", "90a"]
 
 
 def _extensions():
     if os.environ.get("VLLM_QUAROT_NO_EXT") == "1":
         return [], {}
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    if not cpu_sources:
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    ext = CppExtension(
-        "vllm_quarot._C_cpu",
-        cpu_sources,
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
-    return [ext], {"build_ext": BuildExtension}
+    exts = []
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if cpu_sources:
+        exts.append(CppExtension(
+            "vllm_quarot._C_cpu",
+            cpu_sources,
+            # no -march: each kernel carries its own target attribute, dispatched at run time
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+            extra_link_args=["-fopenmp"],
+        ))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if cuda_sources and torch.version.cuda and shutil.which("nvcc"):
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+        exts.append(CUDAExtension(
+            "vllm_quarot._C_cuda",
+            cuda_sources,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--std=c++17", *gencode]},
+        ))
+    return exts, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

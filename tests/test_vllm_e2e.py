@@ -17,6 +17,7 @@ import torch
 from conftest import TINYSTORIES
 from transformers import AutoTokenizer
 
+from vllm_quarot import cpu_kernels
 from vllm_quarot.quantizer import QuantizeOptions, quantize
 from vllm_quarot.simulate import load_simulated
 
@@ -37,8 +38,8 @@ PROMPTS = [
 LOGPROB_TOL = 2e-2
 
 
-def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS, **env_vars: str) -> dict:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env_vars)
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(model), *args, "--prompt-file", _prompt_file(prompts)],
         capture_output=True, text=True, env=env, timeout=900,
@@ -100,6 +101,16 @@ def simulate(model: Path, results: list[dict], distinct: bool = True) -> None:
 def test_eager_matches_simulation(quarot_w4a4):
     out = run_vllm(quarot_w4a4, "--quantization", "quarot")
     assert out["quantization"] == "quarot"
+    if cpu_kernels.AVAILABLE:
+        assert f"run on native CPU kernels ({cpu_kernels.isa()})" in out["log"]
+    simulate(quarot_w4a4, out["results"])
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="covered by the test above")
+def test_reference_ops_match_simulation(quarot_w4a4):
+    """VLLM_QUAROT_NO_EXT=1: the pure-PyTorch ops serve the same tokens."""
+    out = run_vllm(quarot_w4a4, VLLM_QUAROT_NO_EXT="1")
+    assert "run on the reference torch ops" in out["log"]
     simulate(quarot_w4a4, out["results"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     LinearMethodBase,
     register_weight_loader_v2_supported_method,
@@ -18,9 +19,12 @@ from vllm.model_executor.parameter import (
 )
 
 import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
+from vllm_quarot import cpu_kernels
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import hadamard_factor
 from vllm_quarot.quant import unpack_weight
+
+logger = init_logger("vllm.quarot")  # under "vllm": printed with its log config
 
 
 @register_weight_loader_v2_supported_method
@@ -93,14 +97,33 @@ class QuaRotLinearMethod(LinearMethodBase):
         layer.quarot_out_features = n
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Unpack to int8 codes once (the reference kernels' layout)."""
-        bits = self.fmt.weight.bits
-        codes = unpack_weight(layer.weight_packed.data, bits, layer.quarot_in_features)
+        """Repack once: into the native CPU kernel's layout (4-bit stays 4-bit) where it
+        applies, else unpack to the int8 codes of the reference ops."""
+        w = self.fmt.weight
+        codes = unpack_weight(layer.weight_packed.data, w.bits, layer.quarot_in_features)
         del layer.weight_packed
-        layer.weight_q = torch.nn.Parameter(codes, requires_grad=False)
-        layer.weight_scale = torch.nn.Parameter(
-            layer.weight_scale.data.float().contiguous(), requires_grad=False
+        scale = layer.weight_scale.data.float().contiguous()
+        layer.quarot_native = (
+            self.fmt.activation is not None
+            and codes.device.type == "cpu"
+            and cpu_kernels.can_run(w.bits, layer.quarot_in_features, w.group_size)
         )
+        logger.info_once(
+            "QuaRot linear layers run on %s",
+            f"native CPU kernels ({cpu_kernels.isa()})" if layer.quarot_native
+            else "the reference torch ops",
+        )
+        if layer.quarot_native:
+            layer.weight_repacked = torch.nn.Parameter(
+                torch.ops.quarot_cpu.repack_weight(codes, w.bits), requires_grad=False
+            )
+            layer.weight_scale_t = torch.nn.Parameter(
+                torch.ops.quarot_cpu.repack_scale(scale), requires_grad=False
+            )
+            del layer.weight_scale
+        else:
+            layer.weight_q = torch.nn.Parameter(codes, requires_grad=False)
+            layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         if self.static:
             scale = layer.input_scale.data
             if torch.isnan(scale).any():
@@ -115,9 +138,18 @@ class QuaRotLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        act = self.fmt.activation
+        if layer.quarot_native:
+            # one native call: (R4 Hadamard +) quantize + integer GEMM + dequant
+            out = torch.ops.quarot_cpu.linear(
+                x2, layer.quarot_had_k if self.online_hadamard else None,
+                layer.weight_repacked, layer.weight_scale_t, bias,
+                layer.quarot_out_features, self.fmt.weight.bits, act.bits, act.clip_ratio,
+                layer.input_scale if self.static else None,
+            )
+            return out.reshape(*shape[:-1], out.shape[-1])
         if self.online_hadamard:
             x2 = torch.ops.quarot.hadamard(x2, layer.quarot_had_k)
-        act = self.fmt.activation
         if act is None:
             out = torch.ops.quarot.wna16_linear(x2, layer.weight_q, layer.weight_scale, bias)
             return out.reshape(*shape[:-1], out.shape[-1])

@@ -1,0 +1,613 @@
+// Fast CPU kernels for QuaRot linear layers: fused online Hadamard + per-token
+// quantization, and an integer GEMM over 4- or 8-bit weights repacked at load time.
+//
+// Math (identical to the PyTorch reference ops in vllm_quarot/ops.py):
+//   codes = clamp(round_half_even(x / s), -qmax-1, qmax), s = max(amax|x|·clip/qmax, eps)
+//   out   = Σ_g (Σ_k codes·w)[g] · w_scale[n, g] · s[m] + bias[n]
+// The weights are stored unsigned (w + 8 for 4 bits, w + 128 for 8 bits) so that the
+// AVX512-VNNI instruction vpdpbusd (u8 × s8 → s32) applies directly; the offset is
+// removed afterwards with the per-row sums of the activation codes: Σ(w+o)·a − o·Σa.
+//
+// Repacked weight layout, blocks of 16 output channels (N padded to 16):
+//   4 bits: [N/16][K/8][16 channels × 4 bytes]; byte b of channel j holds
+//           k = 8i + b (low nibble) and k = 8i + 4 + b (high nibble).
+//   8 bits: [N/16][K/4][16 channels × 4 bytes]; byte b of channel j holds k = 4i + b.
+// One 64-byte row is one zmm: 16 int32 lanes, each a 4-byte dot product with a
+// broadcast group of 4 activation codes.
+//
+// Dispatch: AVX512-VNNI, AVX2 (maddubs on nibbles) or portable scalar, chosen from the
+// CPU at load time; VLLM_QUAROT_CPU_ISA=avx512_vnni|avx2|scalar forces one (tests).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace quarot_cpu {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------
+// ISA selection
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+static const char* isa_name(int isa) {
+  switch (isa) {
+    case kAvx512Vnni: return "avx512_vnni";
+    case kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+static bool cpu_has(int isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case kAvx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default: return true;
+  }
+}
+
+static int parse_isa(const std::string& name) {
+  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+    if (name == isa_name(isa)) return isa;
+  TORCH_CHECK(false, "quarot_cpu: unknown ISA '", name,
+              "' (expected avx512_vnni, avx2 or scalar)");
+}
+
+static int initial_isa() {
+  if (const char* env = std::getenv("VLLM_QUAROT_CPU_ISA")) {
+    int isa = parse_isa(env);
+    TORCH_CHECK(cpu_has(isa), "VLLM_QUAROT_CPU_ISA=", env, " but this CPU lacks it");
+    return isa;
+  }
+  for (int isa : {kAvx512Vnni, kAvx2})
+    if (cpu_has(isa)) return isa;
+  return kScalar;
+}
+
+static std::atomic<int> g_isa{initial_isa()};
+
+std::string isa() { return isa_name(g_isa.load()); }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+    if (cpu_has(isa)) out.emplace_back(isa_name(isa));
+  return out;
+}
+
+std::string set_isa(const std::string& name) {
+  int isa = parse_isa(name);
+  TORCH_CHECK(cpu_has(isa), "quarot_cpu: this CPU does not support ", name);
+  return isa_name(g_isa.exchange(isa));
+}
+
+// ----------------------------------------------------------------------------
+// Online Hadamard: x @ (H_K ⊗ H_2^p) / sqrt(n) on one row, in float32.
+
+// The row loops below are written once (always_inline) and compiled three times, for
+// AVX512, AVX2 and baseline x86-64, so that they vectorize on the CPU at hand.
+#define QUAROT_INLINE inline __attribute__((always_inline))
+
+static QUAROT_INLINE void fwht(float* v, int64_t p) {
+  for (int64_t h = 1; h < p; h *= 2)
+    for (int64_t i = 0; i < p; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+}
+
+// buf: n floats (in/out); tmp: n floats of scratch; had_t: H_Kᵀ [kh, kh] row-major.
+static QUAROT_INLINE void hadamard_row(float* buf, float* tmp, int64_t n, const float* had_t,
+                                       int64_t kh) {
+  const int64_t p = n / kh;
+  for (int64_t c = 0; c < kh; ++c) fwht(buf + c * p, p);
+  if (kh > 1) {
+    // tmp[c·p + b] = Σ_a H[a, c] · buf[a·p + b]; had_t = Hᵀ (row c contiguous). Two
+    // output chunks of 64 columns at a time are held in registers.
+    constexpr int64_t kChunk = 64;
+    const int64_t chunk = std::min(p, kChunk);
+    int64_t c = 0;
+    if (chunk == kChunk)
+      for (; c + 1 < kh; c += 2)
+        for (int64_t b0 = 0; b0 < p; b0 += kChunk) {
+          float acc0[kChunk] = {}, acc1[kChunk] = {};
+          const float* h0 = had_t + c * kh;
+          const float* h1 = h0 + kh;
+          for (int64_t a = 0; a < kh; ++a) {
+            const float* src = buf + a * p + b0;
+            for (int64_t b = 0; b < kChunk; ++b) {
+              acc0[b] = std::fma(h0[a], src[b], acc0[b]);
+              acc1[b] = std::fma(h1[a], src[b], acc1[b]);
+            }
+          }
+          std::memcpy(tmp + c * p + b0, acc0, sizeof(acc0));
+          std::memcpy(tmp + (c + 1) * p + b0, acc1, sizeof(acc1));
+        }
+    for (; c < kh; ++c)
+      for (int64_t b0 = 0; b0 < p; b0 += chunk) {
+        float acc[kChunk] = {};
+        for (int64_t a = 0; a < kh; ++a)
+          for (int64_t b = 0; b < chunk; ++b)
+            acc[b] = std::fma(had_t[c * kh + a], buf[a * p + b0 + b], acc[b]);
+        std::memcpy(tmp + c * p + b0, acc, chunk * sizeof(float));
+      }
+    std::memcpy(buf, tmp, n * sizeof(float));
+  }
+  const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
+  for (int64_t i = 0; i < n; ++i) buf[i] *= s;
+}
+
+// One row: load as float32, optional Hadamard, then (when codes is set) quantize.
+template <typename T>
+static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had, int64_t kh,
+                                   float* buf, float* tmp, T* y, int bits, float ratio,
+                                   const float* static_scale, int64_t groups, int8_t* q,
+                                   float* scale, int32_t* asum) {
+  for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
+  if (had) hadamard_row(buf, tmp, k, had, kh);
+  if (y) {
+    for (int64_t i = 0; i < k; ++i) y[i] = static_cast<T>(buf[i]);
+    return;
+  }
+  const int qmax = (1 << (bits - 1)) - 1;
+  const float lo = static_cast<float>(-qmax - 1), hi = static_cast<float>(qmax);
+  float s;
+  if (static_scale) {
+    s = *static_scale;
+  } else {
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
+    s = std::max(amax * ratio, 1e-12f);
+  }
+  *scale = s;
+  const int64_t gs = k / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t sum = 0;
+    for (int64_t i = g * gs; i < (g + 1) * gs; ++i) {
+      float v = std::nearbyint(buf[i] / s);
+      v = std::min(std::max(v, lo), hi);
+      q[i] = static_cast<int8_t>(v);
+      sum += static_cast<int32_t>(v);
+    }
+    asum[g] = sum;
+  }
+}
+
+#define QUAROT_ROW_ARGS                                                                      \
+  const T *x, int64_t k, const float *had, int64_t kh, float *buf, float *tmp, T *y, int bits, \
+      float ratio, const float *static_scale, int64_t groups, int8_t *q, float *scale,       \
+      int32_t *asum
+#define QUAROT_ROW_CALL x, k, had, kh, buf, tmp, y, bits, ratio, static_scale, groups, q, scale, asum
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void row_avx512(QUAROT_ROW_ARGS) {
+  row_body<T>(QUAROT_ROW_CALL);
+}
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) static void row_avx2(QUAROT_ROW_ARGS) {
+  row_body<T>(QUAROT_ROW_CALL);
+}
+template <typename T>
+static void row_scalar(QUAROT_ROW_ARGS) {
+  row_body<T>(QUAROT_ROW_CALL);
+}
+
+template <typename T>
+static void run_rows(const T* x, int64_t m, int64_t k, const float* had, int64_t kh, T* y,
+                     int bits, double clip, const float* static_scale, int64_t groups,
+                     int8_t* codes, float* scales, int32_t* asums) {
+  const int isa = g_isa.load();
+  auto* fn = isa == kAvx512Vnni ? &row_avx512<T> : isa == kAvx2 ? &row_avx2<T> : &row_scalar<T>;
+  const float ratio = bits ? static_cast<float>(clip / ((1 << (bits - 1)) - 1)) : 0.f;
+  std::vector<float> had_t(kh * kh);
+  for (int64_t a = 0; a < kh; ++a)
+    for (int64_t c = 0; c < kh; ++c) had_t[c * kh + a] = had[a * kh + c];
+  if (had) had = had_t.data();
+  at::parallel_for(0, m, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(k), tmp(had ? k : 0);
+    for (int64_t r = r0; r < r1; ++r)
+      fn(x + r * k, k, had, kh, buf.data(), tmp.data(), y ? y + r * k : nullptr, bits, ratio,
+         static_scale, groups, codes ? codes + r * k : nullptr, scales ? scales + r : nullptr,
+         asums ? asums + r * groups : nullptr);
+  });
+}
+
+static int64_t check_had(const c10::optional<Tensor>& had_k, int64_t n) {
+  if (!had_k.has_value()) return 0;
+  const Tensor& h = *had_k;
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.scalar_type() == at::kFloat &&
+                  h.is_contiguous(),
+              "quarot_cpu: had_k must be a contiguous float32 square matrix");
+  const int64_t kh = h.size(0);
+  TORCH_CHECK(kh > 0 && n % kh == 0, "quarot_cpu: size ", n, " is not a multiple of K=", kh);
+  const int64_t p = n / kh;
+  TORCH_CHECK((p & (p - 1)) == 0, "quarot_cpu: size ", n, " / K=", kh, " is not a power of two");
+  return kh;
+}
+
+// ----------------------------------------------------------------------------
+// Fused (Hadamard +) per-token quantization.
+
+std::tuple<Tensor, Tensor, Tensor> quantize(const Tensor& x, const c10::optional<Tensor>& had_k,
+                                            int64_t bits, double clip_ratio,
+                                            const c10::optional<Tensor>& static_scale,
+                                            int64_t groups) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quarot_cpu.quantize: x must be contiguous 2-D");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "quarot_cpu.quantize: bits must be in [2, 8]");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(groups >= 1 && k % groups == 0, "quarot_cpu.quantize: groups must divide ", k);
+  const int64_t kh = check_had(had_k, k);
+  const float* ss = nullptr;
+  if (static_scale.has_value()) {
+    TORCH_CHECK(static_scale->numel() == 1 && static_scale->scalar_type() == at::kFloat,
+                "quarot_cpu.quantize: static_scale must be one float32");
+    ss = static_scale->data_ptr<float>();
+  }
+  Tensor codes = at::empty({m, k}, x.options().dtype(at::kChar));
+  Tensor scales = at::empty({m, 1}, x.options().dtype(at::kFloat));
+  Tensor asums = at::empty({m, groups}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize", [&] {
+    run_rows<scalar_t>(x.data_ptr<scalar_t>(), m, k, kh ? had_k->data_ptr<float>() : nullptr,
+                       kh, nullptr, bits, clip_ratio, ss, groups, codes.data_ptr<int8_t>(),
+                       scales.data_ptr<float>(), asums.data_ptr<int32_t>());
+  });
+  return {codes, scales, asums};
+}
+
+Tensor hadamard(const Tensor& x, const Tensor& had_k) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quarot_cpu.hadamard: x must be contiguous 2-D");
+  const int64_t m = x.size(0), n = x.size(1);
+  const int64_t kh = check_had(had_k, n);
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "hadamard", [&] {
+    run_rows<scalar_t>(x.data_ptr<scalar_t>(), m, n, had_k.data_ptr<float>(), kh,
+                       out.data_ptr<scalar_t>(), 0, 1.0, nullptr, 1, nullptr, nullptr, nullptr);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------
+// Weight repacking.
+
+static constexpr int64_t kNB = 16;   // output channels per block (one zmm of int32)
+static constexpr int64_t kTileN = 4; // blocks per register tile (64 channels)
+static constexpr int64_t kTileM = 4; // activation rows per register tile
+
+static int64_t kstep(int64_t bits) { return bits == 4 ? 8 : 4; }
+
+Tensor repack_weight(const Tensor& codes, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quarot_cpu.repack_weight: bits must be 4 or 8");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar,
+              "quarot_cpu.repack_weight: codes must be int8 [N, K]");
+  const int64_t n = codes.size(0), k = codes.size(1), ks = kstep(bits);
+  TORCH_CHECK(k % ks == 0, "quarot_cpu.repack_weight: K=", k, " must be a multiple of ", ks);
+  const int64_t nblk = (n + kNB - 1) / kNB, kblk = k / ks;
+  Tensor c = codes.contiguous();
+  Tensor out = at::empty({nblk, kblk, 64}, codes.options().dtype(at::kByte));
+  const int8_t* src = c.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int off = bits == 4 ? 8 : 128;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t kb = 0; kb < kblk; ++kb)
+        for (int64_t j = 0; j < kNB; ++j)
+          for (int64_t b = 0; b < 4; ++b) {
+            const int64_t row = nb * kNB + j;
+            uint8_t v = 0;
+            if (row < n) {
+              const int8_t* w = src + row * k + kb * ks;
+              if (bits == 4)
+                v = static_cast<uint8_t>((w[b] + off) | ((w[4 + b] + off) << 4));
+              else
+                v = static_cast<uint8_t>(w[b] + off);
+            } else if (bits == 4) {
+              v = static_cast<uint8_t>(off | (off << 4));  // code 0
+            } else {
+              v = static_cast<uint8_t>(off);
+            }
+            dst[((nb * kblk + kb) * kNB + j) * 4 + b] = v;
+          }
+  });
+  return out;
+}
+
+// Scales [N, G] -> [G, N padded to 16], zero padded, so one group's 16 lanes are contiguous.
+Tensor repack_scale(const Tensor& scale) {
+  TORCH_CHECK(scale.dim() == 2, "quarot_cpu.repack_scale: scale must be [N, G]");
+  const int64_t n = scale.size(0), npad = (n + kNB - 1) / kNB * kNB;
+  Tensor out = at::zeros({scale.size(1), npad}, scale.options().dtype(at::kFloat));
+  out.narrow(1, 0, n).copy_(scale.t());
+  return out;
+}
+
+// ----------------------------------------------------------------------------
+// Integer micro-kernels. Each computes, for MR rows and NB blocks (16·NB channels),
+// the int32 dot products of one K range [k0, k1) into acc[MR][64] (plain memory).
+// w points at block 0's row for k = 0; blocks are wstride bytes apart.
+
+template <int MR, int NB>
+static void dot_scalar(const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride,
+                       int64_t k0, int64_t k1, int64_t bits, int32_t* acc) {
+  const int64_t ks = kstep(bits);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t c = 0; c < NB * kNB; ++c) acc[m * 64 + c] = 0;
+  for (int64_t k = k0; k < k1; k += ks) {
+    for (int jb = 0; jb < NB; ++jb) {
+      const uint8_t* wk = w + jb * wstride + (k / ks) * 64;
+      for (int64_t j = 0; j < kNB; ++j)
+        for (int b = 0; b < 4; ++b) {
+          const uint8_t v = wk[j * 4 + b];
+          for (int m = 0; m < MR; ++m) {
+            const int8_t* am = a + m * lda + k;
+            int32_t& dst = acc[m * 64 + jb * kNB + j];
+            if (bits == 4)
+              dst += static_cast<int32_t>(v & 0xF) * am[b] + static_cast<int32_t>(v >> 4) * am[4 + b];
+            else
+              dst += static_cast<int32_t>(v) * am[b];
+          }
+        }
+    }
+  }
+}
+
+static inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int MR, int NB>
+__attribute__((target("avx2,fma"))) static void dot_avx2(const int8_t* a, int64_t lda,
+                                                         const uint8_t* w, int64_t wstride,
+                                                         int64_t k0, int64_t k1, int64_t bits,
+                                                         int32_t* acc) {
+  // Two ymm halves (channels 0-7, 8-15) per block. maddubs(u8 nibble ≤ 15, s8) pairs stay
+  // within int16; 8-bit weights are split into nibbles: u = 16·hi + lo.
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i r[MR][NB][2];
+  for (int m = 0; m < MR; ++m)
+    for (int jb = 0; jb < NB; ++jb) r[m][jb][0] = r[m][jb][1] = _mm256_setzero_si256();
+  const int64_t ks = kstep(bits);
+  for (int64_t k = k0; k < k1; k += ks) {
+    for (int jb = 0; jb < NB; ++jb) {
+      const uint8_t* wk = w + jb * wstride + (k / ks) * 64;
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* am = a + m * lda + k;
+          const __m256i a0 = _mm256_set1_epi32(load_i32(am));
+          __m256i s;
+          if (bits == 4) {
+            const __m256i a1 = _mm256_set1_epi32(load_i32(am + 4));
+            s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
+                                 _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), ones));
+          } else {
+            s = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
+                _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, a0), ones), 4));
+          }
+          r[m][jb][h] = _mm256_add_epi32(r[m][jb][h], s);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int jb = 0; jb < NB; ++jb)
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + m * 64 + jb * kNB + 8 * h),
+                            r[m][jb][h]);
+}
+
+template <int MR, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dot_vnni(
+    const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride, int64_t k0, int64_t k1,
+    int64_t bits, int32_t* acc) {
+  __m512i r[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int jb = 0; jb < NB; ++jb) r[m][jb] = _mm512_setzero_si512();
+  if (bits == 4) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int64_t k = k0; k < k1; k += 8) {
+      __m512i lo[NB], hi[NB];
+      for (int jb = 0; jb < NB; ++jb) {
+        const __m512i v = _mm512_loadu_si512(w + jb * wstride + k * 8);
+        lo[jb] = _mm512_and_si512(v, mask);
+        hi[jb] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512i a0 = _mm512_set1_epi32(load_i32(a + m * lda + k));
+        const __m512i a1 = _mm512_set1_epi32(load_i32(a + m * lda + k + 4));
+        for (int jb = 0; jb < NB; ++jb) {
+          r[m][jb] = _mm512_dpbusd_epi32(r[m][jb], lo[jb], a0);
+          r[m][jb] = _mm512_dpbusd_epi32(r[m][jb], hi[jb], a1);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = k0; k < k1; k += 4) {
+      __m512i v[NB];
+      for (int jb = 0; jb < NB; ++jb) v[jb] = _mm512_loadu_si512(w + jb * wstride + k * 16);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i a0 = _mm512_set1_epi32(load_i32(a + m * lda + k));
+        for (int jb = 0; jb < NB; ++jb) r[m][jb] = _mm512_dpbusd_epi32(r[m][jb], v[jb], a0);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int jb = 0; jb < NB; ++jb) _mm512_storeu_si512(acc + m * 64 + jb * kNB, r[m][jb]);
+}
+
+using DotFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t,
+                       int32_t*);
+
+template <int MR>
+static DotFn pick_nb(int isa, int64_t nb) {
+#define QUAROT_NB(fn)                                   \
+  switch (nb) {                                         \
+    case 1: return fn<MR, 1>;                           \
+    case 2: return fn<MR, 2>;                           \
+    case 3: return fn<MR, 3>;                           \
+    default: return fn<MR, 4>;                          \
+  }
+  if (isa == kAvx512Vnni) QUAROT_NB(dot_vnni)
+  if (isa == kAvx2) QUAROT_NB(dot_avx2)
+  QUAROT_NB(dot_scalar)
+#undef QUAROT_NB
+}
+
+static DotFn pick_dot(int isa, int64_t mr, int64_t nb) {
+  switch (mr) {
+    case 1: return pick_nb<1>(isa, nb);
+    case 2: return pick_nb<2>(isa, nb);
+    case 3: return pick_nb<3>(isa, nb);
+    default: return pick_nb<4>(isa, nb);
+  }
+}
+
+// ----------------------------------------------------------------------------
+// GEMM driver: tiles of kTileM rows × kTileN·16 channels; work items are (channel tile,
+// chunk of row tiles), channel-major so each thread keeps its weights hot in cache.
+
+template <typename T>
+static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
+                      int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
+                      int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
+  const int isa = g_isa.load();
+  const int64_t nblk = npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
+  const int64_t mtiles = (m + kTileM - 1) / kTileM;
+  const int64_t mchunk = 16;  // row tiles per work item (64 rows)
+  const int64_t mchunks = (mtiles + mchunk - 1) / mchunk;
+  const int64_t wstride = k / kstep(bits) * 64;  // bytes per block of 16 channels
+  const int64_t gs = k / groups;
+  const int32_t off = bits == 4 ? 8 : 128;
+  at::parallel_for(0, ntiles * mchunks, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) int32_t acc[kTileM * 64];
+    alignas(64) float facc[kTileM * 64];
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t nt = item / mchunks, mc = item % mchunks;
+      const int64_t b0 = nt * kTileN, nb = std::min(kTileN, nblk - b0);
+      const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, n - c0);
+      const uint8_t* wt = w + b0 * wstride;
+      const int64_t mt1 = std::min(mtiles, (mc + 1) * mchunk);
+      for (int64_t mt = mc * mchunk; mt < mt1; ++mt) {
+        const int64_t r0 = mt * kTileM, mr = std::min(kTileM, m - r0);
+        const DotFn dot = pick_dot(isa, mr, nb);
+        for (int64_t g = 0; g < groups; ++g) {
+          dot(a + r0 * k, k, wt, wstride, g * gs, (g + 1) * gs, bits, acc);
+          const float* ws = w_scale + g * npad + c0;
+          for (int64_t r = 0; r < mr; ++r) {
+            const int32_t corr = off * asums[(r0 + r) * groups + g];
+            for (int64_t c = 0; c < nc; ++c) {
+              const float v = static_cast<float>(acc[r * 64 + c] - corr) * ws[c];
+              facc[r * 64 + c] = g == 0 ? v : facc[r * 64 + c] + v;
+            }
+          }
+        }
+        for (int64_t r = 0; r < mr; ++r) {
+          const float s = a_scale[r0 + r];
+          T* o = out + (r0 + r) * n + c0;
+          for (int64_t c = 0; c < nc; ++c) {
+            float v = facc[r * 64 + c] * s;
+            if (bias) v += bias[c0 + c];
+            o[c] = static_cast<T>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor gemm(const Tensor& codes, const Tensor& scales, const Tensor& asums, const Tensor& w_packed,
+            const Tensor& w_scale_t, const c10::optional<Tensor>& bias, int64_t n, int64_t bits,
+            at::ScalarType out_dtype) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quarot_cpu.gemm: weight bits must be 4 or 8");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kChar,
+              "quarot_cpu.gemm: codes must be contiguous int8 [M, K]");
+  const int64_t m = codes.size(0), k = codes.size(1), ks = kstep(bits);
+  const int64_t nblk = (n + kNB - 1) / kNB, npad = nblk * kNB;
+  TORCH_CHECK(w_packed.scalar_type() == at::kByte && w_packed.is_contiguous() &&
+                  w_packed.dim() == 3 && w_packed.size(0) == nblk && w_packed.size(1) == k / ks &&
+                  w_packed.size(2) == 64,
+              "quarot_cpu.gemm: packed weight ", w_packed.sizes(), " does not match N=", n,
+              " K=", k, " bits=", bits);
+  TORCH_CHECK(w_scale_t.scalar_type() == at::kFloat && w_scale_t.is_contiguous() &&
+                  w_scale_t.dim() == 2 && w_scale_t.size(1) == npad,
+              "quarot_cpu.gemm: weight scale must be float32 [G, N padded to 16]");
+  const int64_t groups = w_scale_t.size(0);
+  TORCH_CHECK(k % groups == 0 && (k / groups) % ks == 0,
+              "quarot_cpu.gemm: group size must divide K and be a multiple of ", ks);
+  TORCH_CHECK(asums.scalar_type() == at::kInt && asums.is_contiguous() && asums.size(0) == m &&
+                  asums.size(1) == groups,
+              "quarot_cpu.gemm: asums must be int32 [M, G]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == m,
+              "quarot_cpu.gemm: scales must be float32 [M, 1]");
+  Tensor out = at::empty({m, n}, codes.options().dtype(out_dtype));
+  Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n, "quarot_cpu.gemm: bias must have N elements");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  Tensor sc = scales.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "gemm", [&] {
+    gemm_impl<scalar_t>(codes.data_ptr<int8_t>(), sc.data_ptr<float>(), asums.data_ptr<int32_t>(),
+                        m, k, w_packed.data_ptr<uint8_t>(), w_scale_t.data_ptr<float>(), groups,
+                        npad, b.defined() ? b.data_ptr<float>() : nullptr, n, bits,
+                        out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// The whole layer in one call: (Hadamard +) quantize, then the integer GEMM.
+Tensor linear(const Tensor& x, const c10::optional<Tensor>& had_k, const Tensor& w_packed,
+              const Tensor& w_scale_t, const c10::optional<Tensor>& bias, int64_t n,
+              int64_t w_bits, int64_t a_bits, double clip_ratio,
+              const c10::optional<Tensor>& static_scale) {
+  auto [codes, scales, asums] =
+      quantize(x.contiguous(), had_k, a_bits, clip_ratio, static_scale, w_scale_t.size(0));
+  return gemm(codes, scales, asums, w_packed, w_scale_t, bias, n, w_bits, x.scalar_type());
+}
+
+}  // namespace quarot_cpu
+
+TORCH_LIBRARY(quarot_cpu, m) {
+  m.def("isa() -> str", &quarot_cpu::isa);
+  m.def("supported_isas() -> str[]", &quarot_cpu::supported_isas);
+  m.def("set_isa(str name) -> str", &quarot_cpu::set_isa);
+  m.def("hadamard(Tensor x, Tensor had_k) -> Tensor");
+  m.def(
+      "quantize(Tensor x, Tensor? had_k, int bits, float clip_ratio, Tensor? static_scale, "
+      "int groups) -> (Tensor, Tensor, Tensor)");
+  m.def("repack_weight(Tensor codes, int bits) -> Tensor", &quarot_cpu::repack_weight);
+  m.def("repack_scale(Tensor scale) -> Tensor", &quarot_cpu::repack_scale);
+  m.def(
+      "gemm(Tensor codes, Tensor scales, Tensor asums, Tensor w_packed, Tensor w_scale_t, "
+      "Tensor? bias, int n, int bits, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "linear(Tensor x, Tensor? had_k, Tensor w_packed, Tensor w_scale_t, Tensor? bias, int n, "
+      "int w_bits, int a_bits, float clip_ratio, Tensor? static_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quarot_cpu, CPU, m) {
+  m.impl("hadamard", &quarot_cpu::hadamard);
+  m.impl("quantize", &quarot_cpu::quantize);
+  m.impl("gemm", &quarot_cpu::gemm);
+  m.impl("linear", &quarot_cpu::linear);
+}
