@@ -12,7 +12,7 @@ import shutil
 
 from setuptools import setup
 
-CUDA_ARCHS = ["80", "86", "89", "90a"]
+CUDA_ARCHS = ["80", "86", "89", "90a"]  # INT4 tensor cores on sm8x; INT8 MMA on sm90
 
 
 def _extensions():
@@ -27,6 +27,7 @@ def _extensions():
         exts.append(CppExtension(
             "vllm_quarot._C_cpu",
             cpu_sources,
+            depends=sorted(glob.glob("csrc/cpu/*.h")),
             # no -march: each kernel carries its own target attribute, dispatched at run time
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
@@ -37,7 +38,11 @@ def _extensions():
         exts.append(CUDAExtension(
             "vllm_quarot._C_cuda",
             cuda_sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--std=c++17", *gencode]},
+            include_dirs=[os.path.abspath("csrc/cuda")],
+            depends=sorted(glob.glob("csrc/cuda/*.cuh")),
+            # no --use_fast_math: the quantizers rely on IEEE division and rounding
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "--expt-relaxed-constexpr", *gencode]},
         ))
     return exts, {"build_ext": BuildExtension}
 

