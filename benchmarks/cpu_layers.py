@@ -95,7 +95,7 @@ def main() -> None:
         cands = contenders(k, n, copies, r4=label.startswith("down"))
         for m in args.m:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            t = {name: _timeit([lambda f=f: f(x) for f in fns], args.seconds)
+            t = {name: _timeit([lambda f=f, x=x: f(x) for f in fns], args.seconds)
                  for name, fns in cands.items()}
             base = t["torch bf16"]
             rows.append((f"{k}→{n}", m, t, base))

@@ -2,8 +2,9 @@
 
 They register ``torch.ops.quarot_cpu.*``: a fused (online Hadamard +) per-token
 quantize, an integer GEMM over weights repacked once at load, the two in one
-``linear`` call, and the KV4 cache write and attention. Without the extension (no compiler at install time, or
-VLLM_QUAROT_NO_EXT=1 at run time) the reference ops of ``vllm_quarot.ops`` serve.
+``linear`` call, and the KV4 cache write and attention. Without the extension (no
+compiler at install time, or VLLM_QUAROT_NO_EXT=1 at run time) the reference ops of
+``vllm_quarot.ops`` and ``vllm_quarot.kv_attention`` serve.
 """
 
 from __future__ import annotations
