@@ -125,6 +125,9 @@ def run_engine(model: Path, quantization: str | None, compile_: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compile", action="store_true", help="torch.compile (default: eager)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="vLLM compute threads, bound to cores 0..N-1 (vLLM's default keeps "
+                         "one core for its front end)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", help=argparse.SUPPRESS)
@@ -136,6 +139,8 @@ def main() -> None:
 
     from vllm_quarot import cpu_kernels
 
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}"
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     bf16 = make_model(CACHE / "random-llama-1.1b")
     quarot = quantize_model(bf16, CACHE / "random-llama-1.1b-quarot-w4a4-rtn")
     res = {}
@@ -158,8 +163,9 @@ def main() -> None:
     mode = "torch.compile" if a.compile else "eager"
     print(f"\n{table}")
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "cpu_e2e.md").write_text(
-        f"# End to end through vLLM (CPU, {mode}, kernels {cpu_kernels.isa()})\n\n"
+    (a.out / f"cpu_e2e_{'compile' if a.compile else 'eager'}_{a.threads}threads.md").write_text(
+        f"# End to end through vLLM (CPU, {mode}, {a.threads} compute threads, kernels "
+        f"{cpu_kernels.isa()})\n\n"
         f"Command: `.venv/bin/python benchmarks/cpu_e2e.py{' --compile' if a.compile else ''}`"
         f"\n\n{table}\n")
 

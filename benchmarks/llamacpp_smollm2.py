@@ -50,12 +50,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="vLLM with torch.compile")
     ap.add_argument("--quarot", type=Path, default=CACHE / "SmolLM2-135M-Instruct-quarot-w4a4-gptq",
                     help="QuaRot checkpoint of SmolLM2 (default: the demo's)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="compute threads for both (vLLM by default keeps one core for its "
+                         "front end: here its OpenMP threads are bound to cores 0..N-1)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args()
     if not (a.quarot / "config.json").is_file():
         raise SystemExit(f"{a.quarot} is missing: run `bash scripts/demo.sh` (or "
                          "`vllm-quarot quantize`) to make the SmolLM2 QuaRot checkpoint")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}"
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     res = {"llama.cpp Q4_1": llama_cpp(smollm2_gguf(), a.threads)}
     print("llama.cpp", res["llama.cpp Q4_1"], flush=True)
     for name, model, q in [("vLLM bf16", smollm2_dir(), None),

@@ -53,7 +53,7 @@ def test_static_quantize_equals_reference(isa):
     assert torch.equal(scales, scale.expand(9, 1))
 
 
-@pytest.mark.parametrize("n", [64, 12 * 16, 20 * 8, 28 * 4, 172 * 64, 4096])
+@pytest.mark.parametrize("n", [64, 12 * 16, 20 * 8, 28 * 4, 44 * 32, 172 * 64, 4096])
 def test_hadamard_matches_float64(isa, n):
     torch.manual_seed(n)
     x = torch.randn(5, n)

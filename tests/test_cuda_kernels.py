@@ -19,7 +19,7 @@ import torch
 
 from vllm_quarot import ops
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
-from vllm_quarot.quant import dequantize_kv, quantize_kv
+from vllm_quarot.quant import pack_kv, unpack_kv
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -269,22 +269,6 @@ def test_hadamard_quantize_then_gemm(cuda_ops):
 # --------------------------------------------------------------------------- KV4
 
 
-def ref_pack_kv(x: torch.Tensor, clip: float) -> torch.Tensor:
-    """kv_attention.pack_kv (without importing vLLM): [.., D] -> uint8 [.., D/2 + 4]."""
-    codes, scale, zero = quantize_kv(x, 4, clip)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
-    sz = torch.cat([scale, zero], dim=-1).to(torch.float16).view(torch.uint8)
-    return torch.cat([packed, sz], dim=-1)
-
-
-def ref_unpack_kv(b: torch.Tensor, d: int) -> torch.Tensor:
-    half = d // 2
-    packed = b[..., :half]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*b.shape[:-1], d)
-    sz = b[..., half : half + 4].contiguous().view(torch.float16).float()
-    return dequantize_kv(codes, sz[..., :1], sz[..., 1:2])
-
-
 def r3(x: torch.Tensor, on: bool) -> torch.Tensor:
     return hadamard_transform(x.float(), hadamard_factor(x.shape[-1])) if on else x.float()
 
@@ -303,8 +287,8 @@ def ref_attention(query, cache, block_table, seq_lens, qsl, scale, rot):
             continue
         blocks = block_table[r, : -(-seq_len // bs)].long()
         c = cache[blocks].permute(1, 0, 2, 3).reshape(hkv, -1, 2 * half)[:, :seq_len]
-        k = ref_unpack_kv(c[..., :half], d).repeat_interleave(group, dim=0)
-        v = ref_unpack_kv(c[..., half:], d).repeat_interleave(group, dim=0)
+        k = unpack_kv(c[..., :half], d).repeat_interleave(group, dim=0)
+        v = unpack_kv(c[..., half:], d).repeat_interleave(group, dim=0)
         q = r3(query[start:end], rot).transpose(0, 1)
         tq = end - start
         pos_q = torch.arange(seq_len - tq, seq_len).unsqueeze(1)
@@ -332,7 +316,7 @@ def test_kv4_cache_update(cuda_ops, d, rot, slot_dtype):
                               hadamard_factor(d).cuda() if rot else None, clip)
     cache = cache.cpu()
 
-    rows = torch.cat([ref_pack_kv(r3(key, rot), clip), ref_pack_kv(value.float(), clip)], -1)
+    rows = torch.cat([pack_kv(r3(key, rot), clip), pack_kv(value.float(), clip)], -1)
     expect = torch.zeros_like(cache)
     valid = slots >= 0
     s = slots[valid]
@@ -342,7 +326,7 @@ def test_kv4_cache_update(cuda_ops, d, rot, slot_dtype):
         return
     # R3's float32 sums differ in order from the reference: compare dequantized values
     half = d // 2 + 4
-    got_k, exp_k = ref_unpack_kv(cache[..., :half], d), ref_unpack_kv(expect[..., :half], d)
+    got_k, exp_k = unpack_kv(cache[..., :half], d), unpack_kv(expect[..., :half], d)
     rng = (exp_k.amax(-1) - exp_k.amin(-1)).clamp(min=1e-3).unsqueeze(-1)
     assert ((got_k - exp_k).abs() / rng).max() < 0.1  # at most one code in 15
     assert ((got_k - exp_k).abs() > 1e-6).float().mean() < 1e-2
@@ -373,7 +357,7 @@ def test_kv4_decode_attention(cuda_ops, h, hkv, d, reqs, rot):
         pos += nb
     kv = torch.randn(nblocks, hkv, bs, 2, d)
     kv[..., 0, :] = r3(kv[..., 0, :], rot)
-    cache = torch.cat([ref_pack_kv(kv[..., 0, :], clip), ref_pack_kv(kv[..., 1, :], clip)], -1)
+    cache = torch.cat([pack_kv(kv[..., 0, :], clip), pack_kv(kv[..., 1, :], clip)], -1)
     seq_lens = torch.tensor([s for s, _ in reqs], dtype=torch.int32)
     qsl = torch.tensor([0] + [q for _, q in reqs], dtype=torch.int32).cumsum(0).int()
     t = int(qsl[-1]) + 2  # two padding tokens past the last request

@@ -20,7 +20,14 @@ _LIB = glob.glob(os.path.join(os.path.dirname(__file__), "_C_cpu*.so"))
 def _load() -> bool:
     if os.environ.get("VLLM_QUAROT_NO_EXT") == "1" or not _LIB:
         return False
-    torch.ops.load_library(_LIB[0])
+    try:
+        torch.ops.load_library(_LIB[0])
+    except OSError as exc:
+        raise ImportError(
+            f"{_LIB[0]} does not load ({exc}); it was probably built against another torch. "
+            "Rebuild it (`pip install --no-build-isolation -e .` or scripts/setup.sh) or run "
+            "with VLLM_QUAROT_NO_EXT=1 to use the PyTorch reference ops."
+        ) from exc
     return True
 
 

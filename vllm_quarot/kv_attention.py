@@ -34,31 +34,9 @@ from vllm.v1.kv_cache_interface import KVQuantMode
 
 from vllm_quarot import cpu_kernels
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
-from vllm_quarot.quant import dequantize_kv, quantize_kv
+from vllm_quarot.quant import pack_kv, slot_bytes, unpack_kv
 
 KV4_DTYPE = "int4_per_token_head"
-
-
-def slot_bytes(head_dim: int) -> int:
-    """Bytes per token per KV head: packed K and V codes plus their fp16 scale/zero."""
-    return 2 * (head_dim // 2 + 4)
-
-
-def pack_kv(x: torch.Tensor, clip_ratio: float) -> torch.Tensor:
-    """[T, H, D] -> uint8 [T, H, D/2 + 4]: two codes per byte (low nibble first)."""
-    codes, scale, zero = quantize_kv(x, 4, clip_ratio)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
-    sz = torch.cat([scale, zero], dim=-1).to(torch.float16).view(torch.uint8)
-    return torch.cat([packed, sz], dim=-1)
-
-
-def unpack_kv(b: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Inverse of pack_kv (up to quantization): uint8 [..., D/2 + 4] -> float32 [..., D]."""
-    half = head_dim // 2
-    packed = b[..., :half]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*b.shape[:-1], head_dim)
-    sz = b[..., half : half + 4].contiguous().view(torch.float16).float()
-    return dequantize_kv(codes, sz[..., :1], sz[..., 1:2])
 
 
 def _quarot_kv_settings() -> tuple[float, int]:

@@ -16,10 +16,13 @@ __all__ = [
     "dequantize_weight",
     "fake_quantize_asym",
     "fake_quantize_per_token",
+    "pack_kv",
     "pack_weight",
     "quantize_per_token",
     "quantize_static",
     "quantize_weight_rtn",
+    "slot_bytes",
+    "unpack_kv",
     "unpack_weight",
     "weight_scales",
 ]
@@ -149,3 +152,26 @@ def unpack_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Te
     """Inverse of pack_weight: int32 [N, P] -> int8 codes [N, in_features]."""
     n = packed.shape[0]
     return unpack_from_int32(packed, bits, torch.Size((n, in_features)), packed_dim=1)
+
+
+# The KV4 cache's bytes per (token, KV head); shared by the CPU backend and the kernels.
+def slot_bytes(head_dim: int) -> int:
+    """Bytes per token per KV head: packed K and V codes plus their fp16 scale/zero."""
+    return 2 * (head_dim // 2 + 4)
+
+
+def pack_kv(x: torch.Tensor, clip_ratio: float) -> torch.Tensor:
+    """[T, H, D] -> uint8 [T, H, D/2 + 4]: two codes per byte (low nibble first)."""
+    codes, scale, zero = quantize_kv(x, 4, clip_ratio)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    sz = torch.cat([scale, zero], dim=-1).to(torch.float16).view(torch.uint8)
+    return torch.cat([packed, sz], dim=-1)
+
+
+def unpack_kv(b: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of pack_kv (up to quantization): uint8 [..., D/2 + 4] -> float32 [..., D]."""
+    half = head_dim // 2
+    packed = b[..., :half]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*b.shape[:-1], head_dim)
+    sz = b[..., half : half + 4].contiguous().view(torch.float16).float()
+    return dequantize_kv(codes, sz[..., :1], sz[..., 1:2])
