@@ -160,48 +160,90 @@ static KV_INLINE float half_at(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-static KV_INLINE void attend_body(const float* q, int64_t d, const Row& r, int64_t n_keys,
-                                  float sm_scale, float* acc, float* out) {
-  float qsum = 0.f;
-  for (int64_t i = 0; i < d; ++i) qsum += q[i];
-  float m = -std::numeric_limits<float>::infinity(), l = 0.f, zcorr = 0.f;
-  std::fill(acc, acc + d, 0.f);
-  const int64_t hb = d / 2;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    const uint8_t* kv = r.at(j);
-    float dot = 0.f;
-    for (int64_t i = 0; i < hb; ++i)
-      dot += q[2 * i] * static_cast<float>(kv[i] & 0xF) + q[2 * i + 1] * static_cast<float>(kv[i] >> 4);
-    const float ks = half_at(kv + hb), kz = half_at(kv + hb + 2);
-    const float score = ks * (dot - kz * qsum) * sm_scale;
-    const float m_new = std::max(m, score);
-    const float corr = std::exp(m - m_new), p = std::exp(score - m_new);
-    m = m_new;
-    l = l * corr + p;
-    const uint8_t* v = kv + r.half;
-    const float vs = half_at(v + hb) * p, vz = half_at(v + hb + 2);
-    zcorr = zcorr * corr + vs * vz;
-    for (int64_t i = 0; i < hb; ++i) {
-      acc[2 * i] = acc[2 * i] * corr + vs * static_cast<float>(v[i] & 0xF);
-      acc[2 * i + 1] = acc[2 * i + 1] * corr + vs * static_cast<float>(v[i] >> 4);
-    }
+// Codes of one head vector -> float32 [d] (even d in the low nibble).
+static KV_INLINE void unpack_codes(const uint8_t* c, int64_t d, float* out) {
+  for (int64_t i = 0; i < d / 2; ++i) {
+    out[2 * i] = static_cast<float>(c[i] & 0xF);
+    out[2 * i + 1] = static_cast<float>(c[i] >> 4);
   }
-  const float inv = n_keys ? 1.f / l : 0.f;
-  for (int64_t i = 0; i < d; ++i) out[i] = (acc[i] - zcorr) * inv;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void attend_avx512(
-    const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc, float* out) {
-  attend_body(q, d, r, n, s, acc, out);
+// Σ a·b over d with 16 independent partial sums (vectorizes without reassociation).
+static KV_INLINE float dot16(const float* a, const float* b, int64_t d) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  for (; i < d; ++i) part[i % 16] += a[i] * b[i];
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += part[j];
+  return s;
 }
-__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(
-    const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc, float* out) {
-  attend_body(q, d, r, n, s, acc, out);
+
+// The g query heads of one KV head (rows of q, acc, out: d floats each) attend over keys
+// [0, n_keys): each key's codes are unpacked once for the whole group. st: 4·g floats
+// (running max, sum, value zero-point correction, Σq per head); scratch: 2·d floats.
+static KV_INLINE void attend_body(const float* q, int64_t g, int64_t d, const Row& r,
+                                  int64_t n_keys, float sm_scale, float* acc, float* st,
+                                  float* scratch, float* out) {
+  float* mx = st;
+  float* l = st + g;
+  float* zc = st + 2 * g;
+  float* qsum = st + 3 * g;
+  for (int64_t h = 0; h < g; ++h) {
+    float s = 0.f;
+    for (int64_t i = 0; i < d; ++i) s += q[h * d + i];
+    qsum[h] = s;
+    mx[h] = -std::numeric_limits<float>::infinity();
+    l[h] = zc[h] = 0.f;
+  }
+  std::fill(acc, acc + g * d, 0.f);
+  const int64_t hb = d / 2;
+  float* kf = scratch;
+  float* vf = scratch + d;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const uint8_t* kv = r.at(j);
+    const uint8_t* v = kv + r.half;
+    unpack_codes(kv, d, kf);
+    unpack_codes(v, d, vf);
+    const float ks = half_at(kv + hb), kz = half_at(kv + hb + 2);
+    const float vs0 = half_at(v + hb), vz = half_at(v + hb + 2);
+    for (int64_t h = 0; h < g; ++h) {
+      const float score = ks * (dot16(q + h * d, kf, d) - kz * qsum[h]) * sm_scale;
+      float* a = acc + h * d;
+      float p = 1.f;  // one exp per key: rescale the running sums only when the max grows
+      if (score > mx[h]) {
+        const float corr = std::exp(mx[h] - score);
+        mx[h] = score;
+        l[h] *= corr;
+        zc[h] *= corr;
+        for (int64_t i = 0; i < d; ++i) a[i] *= corr;
+      } else {
+        p = std::exp(score - mx[h]);
+      }
+      l[h] += p;
+      const float vs = vs0 * p;
+      zc[h] += vs * vz;
+      for (int64_t i = 0; i < d; ++i) a[i] += vs * vf[i];
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {
+    const float inv = n_keys ? 1.f / l[h] : 0.f;
+    for (int64_t i = 0; i < d; ++i) out[h * d + i] = (acc[h * d + i] - zc[h]) * inv;
+  }
 }
-static void attend_scalar(const float* q, int64_t d, const Row& r, int64_t n, float s, float* acc,
-                          float* out) {
-  attend_body(q, d, r, n, s, acc, out);
+
+#define KV_ATTEND_ARGS                                                                   \
+  const float *q, int64_t g, int64_t d, const Row &r, int64_t n, float s, float *acc, float *st, \
+      float *scr, float *out
+#define KV_ATTEND_CALL q, g, d, r, n, s, acc, st, scr, out
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void attend_avx512(KV_ATTEND_ARGS) {
+  attend_body(KV_ATTEND_CALL);
 }
+__attribute__((target("avx2,fma,f16c"))) static void attend_avx2(KV_ATTEND_ARGS) {
+  attend_body(KV_ATTEND_CALL);
+}
+static void attend_scalar(KV_ATTEND_ARGS) { attend_body(KV_ATTEND_CALL); }
 
 void kv4_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& block_table,
                    const Tensor& seq_lens, const Tensor& query_start_loc, double scale,
@@ -236,23 +278,27 @@ void kv4_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& bl
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "kv4_attn", [&] {
     const scalar_t* qp = query.data_ptr<scalar_t>();
     scalar_t* op = output.data_ptr<scalar_t>();
-    at::parallel_for(0, t * hq, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<float> q(d), tmp(d), acc(d), o(d);
+    at::parallel_for(0, t * hkv, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<float> q(group * d), tmp(d), acc(group * d), o(group * d), st(4 * group),
+          scratch(2 * d);
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t i = w / hq, h = w % hq, r = seq_of[i];
+        const int64_t i = w / hkv, hk = w % hkv, r = seq_of[i];
         const int64_t seq_len = sl.data_ptr<int32_t>()[r];
         const int64_t n_q = qs[r + 1] - qs[r];
         const int64_t pos = seq_len - n_q + (i - qs[r]);
         const int64_t n_keys = causal ? pos + 1 : seq_len;
         TORCH_CHECK((n_keys + bs - 1) / bs <= max_blocks, "quarot_cpu KV4: block table too short");
-        const scalar_t* qi = qp + i * query.stride(0) + h * d;
-        for (int64_t j = 0; j < d; ++j) q[j] = static_cast<float>(qi[j]);
-        if (had) r3(q.data(), tmp.data(), d, had, kh);
-        const Row row{cache, bt.data_ptr<int32_t>() + r * max_blocks, bs, hkv, h / group, half,
-                      2 * half};
-        fn(q.data(), d, row, n_keys, static_cast<float>(scale), acc.data(), o.data());
-        scalar_t* oi = op + (i * hq + h) * d;
-        for (int64_t j = 0; j < d; ++j) oi[j] = static_cast<scalar_t>(o[j]);
+        for (int64_t h = 0; h < group; ++h) {
+          const scalar_t* qi = qp + i * query.stride(0) + (hk * group + h) * d;
+          float* qh = q.data() + h * d;
+          for (int64_t j = 0; j < d; ++j) qh[j] = static_cast<float>(qi[j]);
+          if (had) r3(qh, tmp.data(), d, had, kh);
+        }
+        const Row row{cache, bt.data_ptr<int32_t>() + r * max_blocks, bs, hkv, hk, half, 2 * half};
+        fn(q.data(), group, d, row, n_keys, static_cast<float>(scale), acc.data(), st.data(),
+           scratch.data(), o.data());
+        scalar_t* oi = op + (i * hq + hk * group) * d;
+        for (int64_t j = 0; j < group * d; ++j) oi[j] = static_cast<scalar_t>(o[j]);
       }
     });
   });
