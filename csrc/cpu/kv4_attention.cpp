@@ -19,41 +19,15 @@
 #include <limits>
 #include <vector>
 
+#include "hadamard.h"
 #include "isa.h"
 
 namespace quarot_cpu {
 
 using at::Tensor;
 
-#define KV_INLINE inline __attribute__((always_inline))
-
-static KV_INLINE void fwht_d(float* v, int64_t d) {
-  for (int64_t h = 1; h < d; h *= 2)
-    for (int64_t i = 0; i < d; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
-      }
-}
-
-// R3 of size d = kh·2^p: FWHT per chunk, dense K×K mix, 1/sqrt(d). tmp: d floats.
-static KV_INLINE void r3(float* v, float* tmp, int64_t d, const float* had, int64_t kh) {
-  const int64_t p = d / kh;
-  for (int64_t c = 0; c < kh; ++c) fwht_d(v + c * p, p);
-  if (kh > 1) {
-    std::fill(tmp, tmp + d, 0.f);
-    for (int64_t a = 0; a < kh; ++a)
-      for (int64_t c = 0; c < kh; ++c)
-        for (int64_t b = 0; b < p; ++b) tmp[c * p + b] += had[a * kh + c] * v[a * p + b];
-    std::memcpy(v, tmp, d * sizeof(float));
-  }
-  const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  for (int64_t i = 0; i < d; ++i) v[i] *= s;
-}
-
 // One head vector -> packed codes + fp16 scale/zero (d/2 + 4 bytes).
-static KV_INLINE void pack_one(const float* x, int64_t d, float clip, uint8_t* dst) {
+static QUAROT_INLINE void pack_one(const float* x, int64_t d, float clip, uint8_t* dst) {
   float hi = x[0], lo = x[0];
   for (int64_t i = 1; i < d; ++i) {
     hi = std::max(hi, x[i]);
@@ -88,7 +62,7 @@ static void cache_update_impl(const T* key, const T* value, int64_t t, int64_t h
         uint8_t* dst = cache + ((blk * hkv + h) * block_size + off) * row;
         const T* k = key + i * key_stride + h * d;
         for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<float>(k[j]);
-        if (had) r3(buf.data(), tmp.data(), d, had, kh);
+        if (had) hadamard_row(buf.data(), tmp.data(), d, had, kh);
         pack_one(buf.data(), d, clip, dst);
         const T* v = value + i * value_stride + h * d;
         for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<float>(v[j]);
@@ -108,18 +82,6 @@ static void check_cache(const Tensor& kv_cache, int64_t hkv, int64_t d) {
   TORCH_CHECK(d % 2 == 0, "quarot_cpu KV4: head_dim must be even");
 }
 
-static const float* check_r3(const c10::optional<Tensor>& had_k, int64_t d, int64_t* kh) {
-  *kh = 0;
-  if (!had_k.has_value()) return nullptr;
-  TORCH_CHECK(had_k->scalar_type() == at::kFloat && had_k->dim() == 2 &&
-                  had_k->size(0) == had_k->size(1) && d % had_k->size(0) == 0,
-              "quarot_cpu KV4: had_k must be float32 [K, K] with K dividing head_dim");
-  *kh = had_k->size(0);
-  const int64_t p = d / *kh;
-  TORCH_CHECK((p & (p - 1)) == 0, "quarot_cpu KV4: head_dim / K must be a power of two");
-  return had_k->data_ptr<float>();
-}
-
 void kv4_cache_update(const Tensor& key, const Tensor& value, Tensor& kv_cache,
                       const Tensor& slot_mapping, const c10::optional<Tensor>& had_k,
                       double clip_ratio) {
@@ -132,8 +94,9 @@ void kv4_cache_update(const Tensor& key, const Tensor& value, Tensor& kv_cache,
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
               "quarot_cpu KV4: slot_mapping must be int64 [T]");
   const int64_t t = std::min(slot_mapping.size(0), key.size(0));
-  int64_t kh;
-  const float* had = check_r3(had_k, d, &kh);
+  const int64_t kh = check_had(had_k, d);
+  const std::vector<float> had_t = transposed(kh ? had_k->data_ptr<float>() : nullptr, kh);
+  const float* had = kh ? had_t.data() : nullptr;
   Tensor slots = slot_mapping.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "kv4_update", [&] {
     cache_update_impl<scalar_t>(key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), t, hkv, d,
@@ -148,20 +111,20 @@ struct Row {
   const uint8_t* cache;
   const int32_t* blocks;
   int64_t block_size, hkv, hk, half, row;
-  KV_INLINE const uint8_t* at(int64_t j) const {
+  QUAROT_INLINE const uint8_t* at(int64_t j) const {
     return cache + ((static_cast<int64_t>(blocks[j / block_size]) * hkv + hk) * block_size +
                     j % block_size) * row;
   }
 };
 
-static KV_INLINE float half_at(const uint8_t* p) {
+static QUAROT_INLINE float half_at(const uint8_t* p) {
   c10::Half h;
   std::memcpy(&h, p, 2);
   return static_cast<float>(h);
 }
 
 // Codes of one head vector -> float32 [d] (even d in the low nibble).
-static KV_INLINE void unpack_codes(const uint8_t* c, int64_t d, float* out) {
+static QUAROT_INLINE void unpack_codes(const uint8_t* c, int64_t d, float* out) {
   for (int64_t i = 0; i < d / 2; ++i) {
     out[2 * i] = static_cast<float>(c[i] & 0xF);
     out[2 * i + 1] = static_cast<float>(c[i] >> 4);
@@ -169,7 +132,7 @@ static KV_INLINE void unpack_codes(const uint8_t* c, int64_t d, float* out) {
 }
 
 // Σ a·b over d with 16 independent partial sums (vectorizes without reassociation).
-static KV_INLINE float dot16(const float* a, const float* b, int64_t d) {
+static QUAROT_INLINE float dot16(const float* a, const float* b, int64_t d) {
   float part[16] = {};
   int64_t i = 0;
   for (; i + 16 <= d; i += 16)
@@ -183,7 +146,7 @@ static KV_INLINE float dot16(const float* a, const float* b, int64_t d) {
 // The g query heads of one KV head (rows of q, acc, out: d floats each) attend over keys
 // [0, n_keys): each key's codes are unpacked once for the whole group. st: 4·g floats
 // (running max, sum, value zero-point correction, Σq per head); scratch: 2·d floats.
-static KV_INLINE void attend_body(const float* q, int64_t g, int64_t d, const Row& r,
+static QUAROT_INLINE void attend_body(const float* q, int64_t g, int64_t d, const Row& r,
                                   int64_t n_keys, float sm_scale, float* acc, float* st,
                                   float* scratch, float* out) {
   float* mx = st;
@@ -259,8 +222,9 @@ void kv4_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& bl
   TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_start_loc.scalar_type() == at::kInt,
               "quarot_cpu KV4: block_table, seq_lens, query_start_loc must be int32");
-  int64_t kh;
-  const float* had = check_r3(had_k, d, &kh);
+  const int64_t kh = check_had(had_k, d);
+  const std::vector<float> had_t = transposed(kh ? had_k->data_ptr<float>() : nullptr, kh);
+  const float* had = kh ? had_t.data() : nullptr;
   const int64_t b = seq_lens.size(0), group = hq / hkv;
   Tensor bt = block_table.contiguous(), sl = seq_lens.contiguous(), qsl = query_start_loc.contiguous();
   const int32_t* qs = qsl.data_ptr<int32_t>();
@@ -292,7 +256,7 @@ void kv4_attention(const Tensor& query, const Tensor& kv_cache, const Tensor& bl
           const scalar_t* qi = qp + i * query.stride(0) + (hk * group + h) * d;
           float* qh = q.data() + h * d;
           for (int64_t j = 0; j < d; ++j) qh[j] = static_cast<float>(qi[j]);
-          if (had) r3(qh, tmp.data(), d, had, kh);
+          if (had) hadamard_row(qh, tmp.data(), d, had, kh);
         }
         const Row row{cache, bt.data_ptr<int32_t>() + r * max_blocks, bs, hkv, hk, half, 2 * half};
         fn(q.data(), group, d, row, n_keys, static_cast<float>(scale), acc.data(), st.data(),

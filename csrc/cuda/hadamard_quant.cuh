@@ -51,32 +51,34 @@ __device__ __forceinline__ void load8<float>(const float* p, float (&v)[8]) {
   v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-template <>
-__device__ __forceinline__ void load8<__half>(const __half* p, float (&v)[8]) {
+// 16-bit types: four packed pairs per 16-byte load, each widened to float2.
+__device__ __forceinline__ float2 pair_to_float2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 h) {
+  return __bfloat1622float2(h);
+}
+
+template <typename Pair>
+__device__ __forceinline__ void load8_pairs(const void* p, float (&v)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(p);
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    __half2 h;
+    Pair h;
     *reinterpret_cast<uint32_t*>(&h) = w[i];
-    const float2 f = __half22float2(h);
+    const float2 f = pair_to_float2(h);
     v[2 * i] = f.x;
     v[2 * i + 1] = f.y;
   }
 }
 
 template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float (&v)[8]) {
+  load8_pairs<__half2>(p, v);
+}
+
+template <>
 __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __nv_bfloat162 h;
-    *reinterpret_cast<uint32_t*>(&h) = w[i];
-    const float2 f = __bfloat1622float2(h);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
+  load8_pairs<__nv_bfloat162>(p, v);
 }
 
 // Butterflies of strides 1..R/2 over R values held in registers (Sylvester order:
