@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if not torch.cuda.is_available():
+    # The Triton kernels (the GPU path) run on CPU tensors under Triton's interpreter;
+    # it is chosen when kernels are defined, so before anything imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
 

@@ -39,7 +39,7 @@ LOGPROB_TOL = 2e-2
 
 
 def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS, **env_vars: str) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **env_vars)
+    env = engine_env(**env_vars)
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(model), *args, "--prompt-file", _prompt_file(prompts)],
         capture_output=True, text=True, env=env, timeout=900,
@@ -52,9 +52,17 @@ def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS, **env_vars: 
     raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
 
 
+def engine_env(**env_vars: str) -> dict:
+    """The environment of an engine subprocess: a small KV cache, and Triton's
+    interpreter (which conftest sets for in-process tests) only when asked for."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env | env_vars
+
+
 def run_vllm_failure(model: Path, *args: str) -> str:
     """Start an engine that must refuse to start; return everything it printed."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = engine_env()
     proc = subprocess.run([sys.executable, str(RUNNER), str(model), "x", *args],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0
@@ -114,6 +122,15 @@ def test_reference_ops_match_simulation(quarot_w4a4):
     simulate(quarot_w4a4, out["results"])
 
 
+def test_triton_kernels_match_simulation(quarot_w4a4):
+    """The GPU path's Triton kernels, run by Triton's interpreter on CPU tensors inside
+    vLLM (native library off): same tokens as the simulation. This checks the kernels'
+    wiring in the linear method end to end; their speed needs a GPU."""
+    out = run_vllm(quarot_w4a4, VLLM_QUAROT_NO_EXT="1", TRITON_INTERPRET="1")
+    assert "run on Triton kernels (interpreted)" in out["log"]
+    simulate(quarot_w4a4, out["results"])
+
+
 def test_compiled_autodetect_matches_simulation(quarot_w4a4):
     """No --quantization flag: detected from config.json; torch.compile path."""
     out = run_vllm(quarot_w4a4, "--compile")
@@ -121,16 +138,25 @@ def test_compiled_autodetect_matches_simulation(quarot_w4a4):
     simulate(quarot_w4a4, out["results"])
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static", "w4a16", "kv4"])
-def test_other_schemes_match_simulation(tmp_path, random_llama, scheme):
+TRITON_INTERPRETED = {"VLLM_QUAROT_NO_EXT": "1", "TRITON_INTERPRET": "1"}
+
+
+@pytest.mark.parametrize(("scheme", "env"), [
+    ("w8a8", {}), ("w8a8-static", {}), ("w4a16", {}), ("kv4", {}),
+    ("w8a8-static", TRITON_INTERPRETED), ("w4a16", TRITON_INTERPRETED),
+], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w8a8-static-triton", "w4a16-triton"])
+def test_other_schemes_match_simulation(tmp_path, random_llama, scheme, env):
     """8-bit activations (dynamic, static), weight-only and KV-only (16-bit rotated
-    weights, 4-bit cache with R3): same as the simulation."""
+    weights, 4-bit cache with R3): same as the simulation; the static and weight-only
+    branches of the Triton path too (interpreted, group-wise scales)."""
     out_dir = tmp_path / scheme
     quantize(random_llama, out_dir, QuantizeOptions(
         scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
         calib=str(TINYSTORIES), nsamples=4, seqlen=64))
-    out = run_vllm(out_dir)
+    out = run_vllm(out_dir, **env)
     assert out["quantization"] == "quarot"
+    if env:
+        assert "run on Triton kernels (interpreted)" in out["log"]
     simulate(out_dir, out["results"])
 
 
@@ -149,7 +175,7 @@ def test_openai_server_serves_completions(quarot_w4a4):
     """`vllm serve MODEL --quantization quarot` (the console command setup.sh fixes)."""
     vllm_cmd = Path(sys.executable).with_name("vllm")
     port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = engine_env()
     server = subprocess.Popen(
         [str(vllm_cmd), "serve", str(quarot_w4a4), "--quantization", "quarot",
          "--port", str(port), "--max-model-len", "256", "--enforce-eager",

@@ -19,9 +19,9 @@ from vllm.model_executor.parameter import (
 )
 
 import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
-from vllm_quarot import cpu_kernels
+from vllm_quarot import cpu_kernels, triton_kernels
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
-from vllm_quarot.hadamard import hadamard_factor
+from vllm_quarot.hadamard import HadamardSizeError, hadamard_factor
 from vllm_quarot.quant import unpack_weight
 
 logger = init_logger("vllm.quarot")  # under "vllm": printed with its log config
@@ -96,29 +96,52 @@ class QuaRotLinearMethod(LinearMethodBase):
         layer.quarot_in_features = k
         layer.quarot_out_features = n
 
+    def _backend(self, layer: torch.nn.Module, device: torch.device) -> str:
+        """'native' (csrc/cpu), 'triton' (GPU, or CPU under TRITON_INTERPRET=1 when the
+        native library is off) or 'reference' (the torch ops, anywhere)."""
+        w = self.fmt.weight
+        k = layer.quarot_in_features
+        if (device.type == "cpu" and self.fmt.activation is not None
+                and cpu_kernels.can_run(w.bits, k, w.group_size)):
+            return "native"
+        if triton_kernels.usable(device) and triton_kernels.can_run(w.bits, k, w.group_size):
+            if not self.online_hadamard:
+                return "triton"
+            try:
+                triton_kernels.hadamard_plan(k)
+                return "triton"
+            except HadamardSizeError:
+                pass
+        return "reference"
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Repack once: into the native CPU kernel's layout (4-bit stays 4-bit) where it
-        applies, else unpack to the int8 codes of the reference ops."""
+        """Repack once into the layout of the kernels that serve this layer (4-bit stays
+        4-bit for the native CPU and Triton kernels), else unpack to the int8 codes of
+        the reference ops."""
         w = self.fmt.weight
         codes = unpack_weight(layer.weight_packed.data, w.bits, layer.quarot_in_features)
         del layer.weight_packed
         scale = layer.weight_scale.data.float().contiguous()
-        layer.quarot_native = (
-            self.fmt.activation is not None
-            and codes.device.type == "cpu"
-            and cpu_kernels.can_run(w.bits, layer.quarot_in_features, w.group_size)
-        )
-        logger.info_once(
-            "QuaRot linear layers run on %s",
-            f"native CPU kernels ({cpu_kernels.isa()})" if layer.quarot_native
-            else "the reference torch ops",
-        )
-        if layer.quarot_native:
+        layer.quarot_backend = self._backend(layer, codes.device)
+        logger.info_once("QuaRot linear layers run on %s", {
+            "native": f"native CPU kernels ({cpu_kernels.isa()})",
+            "triton": "Triton kernels" + (" (interpreted)" if triton_kernels.INTERPRET else ""),
+            "reference": "the reference torch ops",
+        }[layer.quarot_backend])
+        if layer.quarot_backend == "native":
             layer.weight_repacked = torch.nn.Parameter(
                 torch.ops.quarot_cpu.repack_weight(codes, w.bits), requires_grad=False
             )
             layer.weight_scale_t = torch.nn.Parameter(
                 torch.ops.quarot_cpu.repack_scale(scale), requires_grad=False
+            )
+            del layer.weight_scale
+        elif layer.quarot_backend == "triton":
+            layer.weight_repacked = torch.nn.Parameter(
+                triton_kernels.repack_weight(codes, w.bits), requires_grad=False
+            )
+            layer.weight_scale_t = torch.nn.Parameter(
+                triton_kernels.repack_scale(scale), requires_grad=False
             )
             del layer.weight_scale
         else:
@@ -129,6 +152,16 @@ class QuaRotLinearMethod(LinearMethodBase):
             if torch.isnan(scale).any():
                 raise CheckpointFormatError(f"{self.prefix}: input_scale missing from checkpoint")
             layer.input_scale = torch.nn.Parameter(scale.max().reshape(1), requires_grad=False)
+        layer.quarot_fused_hadamard = False
+        dynamic = self.fmt.activation is not None and not self.static
+        if self.online_hadamard and dynamic and layer.quarot_backend == "triton":
+            layer.quarot_fused_hadamard = triton_kernels.fused_hadamard_fits(
+                layer.quarot_in_features, codes.device)
+            if not layer.quarot_fused_hadamard:
+                logger.warning_once(
+                    "%s: the fused Hadamard + quantize kernel of order %d does not fit this "
+                    "GPU; the Hadamard runs as a separate op", self.prefix,
+                    layer.quarot_in_features)
         if self.online_hadamard:
             had = hadamard_factor(layer.quarot_in_features, torch.float32)
             layer.register_buffer("quarot_had_k", had, persistent=False)
@@ -139,7 +172,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = self.fmt.activation
-        if layer.quarot_native:
+        if layer.quarot_backend == "native":
             # one native call: (R4 Hadamard +) quantize + integer GEMM + dequant
             out = torch.ops.quarot_cpu.linear(
                 x2, layer.quarot_had_k if self.online_hadamard else None,
@@ -147,6 +180,9 @@ class QuaRotLinearMethod(LinearMethodBase):
                 layer.quarot_out_features, self.fmt.weight.bits, act.bits, act.clip_ratio,
                 layer.input_scale if self.static else None,
             )
+            return out.reshape(*shape[:-1], out.shape[-1])
+        if layer.quarot_backend == "triton":
+            out = self._apply_triton(layer, x2, bias)
             return out.reshape(*shape[:-1], out.shape[-1])
         if self.online_hadamard:
             x2 = torch.ops.quarot.hadamard(x2, layer.quarot_had_k)
@@ -162,3 +198,23 @@ class QuaRotLinearMethod(LinearMethodBase):
             x_q, x_s, layer.weight_q, layer.weight_scale, bias, x.dtype
         )
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _apply_triton(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        act = self.fmt.activation
+        gemm = torch.ops.quarot_triton.gemm
+        bits = self.fmt.weight.bits
+        fused = layer.quarot_fused_hadamard  # only set for dynamic per-token activations
+        if self.online_hadamard and not fused:
+            x = torch.ops.quarot.hadamard(x, layer.quarot_had_k)
+        if act is None or self.static:
+            if act is None:  # W4A16: codes dequantized inside the GEMM
+                return gemm(x, None, layer.weight_repacked, layer.weight_scale_t, bias,
+                            bits, x.dtype)
+            x_q = torch.ops.quarot.quantize_static(x, layer.input_scale, act.bits)
+            x_s = layer.input_scale.expand(x.shape[0], 1)
+        else:  # (R4 Hadamard +) per-token quantize in one kernel
+            x_q, x_s = torch.ops.quarot_triton.quantize(x, fused, act.bits, act.clip_ratio)
+        return gemm(x_q, x_s, layer.weight_repacked, layer.weight_scale_t, bias, bits,
+                    x.dtype)
