@@ -71,13 +71,13 @@ def time_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def bench_shape(cuda_ops, k: int, n: int, m: int, iters: int) -> dict:
+def bench_shape(cuda_ops, k: int, n: int, m: int, iters: int, had: bool,
+                dev: str = "cuda", time_ms=time_ms) -> dict:
+    """One row of the table (dev/time_ms are swapped for a CPU smoke test in tests/)."""
     from vllm_quarot import triton_kernels as tk
     from vllm_quarot.hadamard import hadamard_factor
 
-    dev = "cuda"
     torch.manual_seed(0)
-    had = k == 11008
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
     w_codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
@@ -159,7 +159,7 @@ def main() -> int:
     rows = []
     for k, n in SHAPES:
         for m in (int(v) for v in args.ms.split(",")):
-            r = bench_shape(cuda_ops, k, n, m, args.iters)
+            r = bench_shape(cuda_ops, k, n, m, args.iters, had=k == 11008)
             rows.append(r)
             print(f"{k:>5} -> {n:<5} M={m:<5} bf16 {r['bf16']:.4f} ms | Triton quant "
                   f"{r['tq']:.4f} + gemm {r['tg']:.4f} = layer {r['tl']:.4f} ms | "

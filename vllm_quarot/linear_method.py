@@ -156,7 +156,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         dynamic = self.fmt.activation is not None and not self.static
         if self.online_hadamard and dynamic and layer.quarot_backend == "triton":
             layer.quarot_fused_hadamard = triton_kernels.fused_hadamard_fits(
-                layer.quarot_in_features, codes.device)
+                layer.quarot_in_features, codes.device, torch.get_default_dtype())
             if not layer.quarot_fused_hadamard:
                 logger.warning_once(
                     "%s: the fused Hadamard + quantize kernel of order %d does not fit this "

@@ -111,51 +111,56 @@ if AVAILABLE:
     @triton.jit
     def _pow2_hadamard(
         x_ptr, hp1_ptr, hp2_ptr, r0, R: tl.constexpr, K: tl.constexpr, P: tl.constexpr,
-        P1: tl.constexpr, P2: tl.constexpr, PREC: tl.constexpr,
+        P1: tl.constexpr, P2: tl.constexpr, P2T: tl.constexpr, PREC: tl.constexpr,
     ):
-        """Rows r0 … r0+R of the row's [K, P] view (zero past K), times H_P = H_P1 ⊗ H_P2:
-        x @ H_P2 over the last axis, then H_P1 @ · over the middle one (when P1 > 1)."""
+        """Rows r0 … r0+R of the row's [K, P] view times H_P = H_P1 ⊗ H_P2, as a
+        zero-padded [R, P1, P2T] tile (P2T ≥ P2, ≥ 16: a dot's minimum): x @ H_P2 over
+        the last axis, then H_P1 @ · over the middle one (when P1 > 1)."""
         a = r0 + tl.arange(0, R)[:, None, None]
-        p = tl.arange(0, P1)[None, :, None] * P2 + tl.arange(0, P2)[None, None, :]
-        x = tl.load(x_ptr + a * P + p, mask=(a < K) & (p < P), other=0.0).to(tl.float32)
-        h2 = tl.load(hp2_ptr + tl.arange(0, P2)[:, None] * P2 + tl.arange(0, P2)[None, :])
-        y = tl.dot(tl.reshape(x, (R * P1, P2)), h2, input_precision=PREC)
-        y = tl.reshape(y, (R, P1, P2))
+        p2 = tl.arange(0, P2T)[None, None, :]
+        p = tl.arange(0, P1)[None, :, None] * P2 + p2
+        x = tl.load(x_ptr + a * P + p, mask=(a < K) & (p2 < P2), other=0.0).to(tl.float32)
+        h2 = tl.load(hp2_ptr + tl.arange(0, P2T)[:, None] * P2T + tl.arange(0, P2T)[None, :])
+        y = tl.dot(tl.reshape(x, (R * P1, P2T)), h2, input_precision=PREC)
+        y = tl.reshape(y, (R, P1, P2T))
         if P1 > 1:
             h1 = tl.load(hp1_ptr + tl.arange(0, P1)[:, None] * P1 + tl.arange(0, P1)[None, :])
             y = tl.dot(tl.broadcast_to(h1[None, :, :], (R, P1, P1)), y, input_precision=PREC)
-        return tl.reshape(y, (R, P1 * P2))
+        return tl.reshape(y, (R, P1 * P2T))
 
     @triton.jit
     def _hadamard_quantize_kernel(
         x_ptr, codes_ptr, scale_ptr, hk_ptr, hp1_ptr, hp2_ptr,
         stride_x, stride_c, norm, mult,
         K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, P1: tl.constexpr,
-        P2: tl.constexpr, qmax: tl.constexpr, ROUND: tl.constexpr, PREC: tl.constexpr,
+        P2: tl.constexpr, P2T: tl.constexpr, qmax: tl.constexpr, ROUND: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         """One program per row of n = K·P, viewed as [K, P] and held zero-padded as
-        [KP, P]: the power-of-two transform per row of that view, the K×K mix H_Kᵀ @ ·
-        accumulated over blocks of 16 input rows (so no dot operand exceeds [KP, 16] or
-        [16, P]); then normalise, round to x's dtype (as the reference's separate Hadamard
-        op does) and quantize."""
+        [KP, P1·P2T]: the power-of-two transform per row of that view, the K×K mix
+        H_Kᵀ @ · accumulated over blocks of 16 input rows (so no dot operand exceeds
+        [KP, 16] or [16, P1·P2T]); then normalise, round to x's dtype (as the reference's
+        separate Hadamard op does) and quantize."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         if K > 1:
-            y = tl.zeros((KP, P1 * P2), tl.float32)
+            y = tl.zeros((KP, P1 * P2T), tl.float32)
             for r0 in range(0, K, 16):
-                part = _pow2_hadamard(x_row, hp1_ptr, hp2_ptr, r0, 16, K, P, P1, P2, PREC)
+                part = _pow2_hadamard(x_row, hp1_ptr, hp2_ptr, r0, 16, K, P, P1, P2, P2T,
+                                      PREC)
                 hk = tl.load(hk_ptr + tl.arange(0, KP)[:, None] * KP
                              + (r0 + tl.arange(0, 16))[None, :])
                 y += tl.dot(hk, part, input_precision=PREC)
         else:
-            y = _pow2_hadamard(x_row, hp1_ptr, hp2_ptr, 0, KP, K, P, P1, P2, PREC)
-        y = _round_to(y * norm, ROUND)
+            y = _pow2_hadamard(x_row, hp1_ptr, hp2_ptr, 0, KP, K, P, P1, P2, P2T, PREC)
+        y = _round_to(y * norm, ROUND)  # padding stays 0: it does not move the max
         scale = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0) * mult, 1e-12)
         tl.store(scale_ptr + row, scale)
-        a = tl.arange(0, KP)[:, None]
-        p = tl.arange(0, P1 * P2)[None, :]
-        tl.store(codes_ptr + row * stride_c + a * P + p, _round_quant(y, scale, qmax),
-                 mask=(a < K) & (p < P))
+        q = tl.reshape(_round_quant(y, scale, qmax), (KP, P1, P2T))
+        a = tl.arange(0, KP)[:, None, None]
+        p2 = tl.arange(0, P2T)[None, None, :]
+        col = a * P + tl.arange(0, P1)[None, :, None] * P2 + p2
+        tl.store(codes_ptr + row * stride_c + col, q, mask=(a < K) & (p2 < P2))
 
     @triton.jit
     def _gemm_kernel(
@@ -252,37 +257,37 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.cache
-def hadamard_plan(n: int) -> tuple[int, int, int, int]:
-    """(K, KP, P1, P2) for n = K·P1·P2: P2 ≥ 16 the dense block of the first dot, P1
-    the second (1 when P ≤ 128), KP ≥ 16 the padded K of the mix (1 when K = 1)."""
+def hadamard_plan(n: int) -> tuple[int, int, int, int, int]:
+    """(K, KP, P1, P2, P2T) for n = K·P1·P2: P2 the dense block of the first dot (held
+    as a P2T ≥ 16 tile), P1 ≥ 16 that of the second (1 when 2^k ≤ 64), KP ≥ 16 the padded
+    K of the mix (1 when K = 1). Blocks stay ≤ 128 (the 128 × 128 float32 operand of
+    a single-block 2^k = 128 made ptxas spill: 128 = 16 × 8 instead)."""
     k = hadamard_factor(n).shape[0]
     p = n // k
     if p > 16384:
         raise HadamardSizeError(f"the Triton Hadamard takes 2^k ≤ 16384, got {p} (n={n})")
-    if p <= 128:
-        p1, p2 = 1, max(p, 16)
+    if p <= 64:
+        p1, p2 = 1, p
+    elif p == 128:
+        p1, p2 = 16, 8
     else:
         bits = p.bit_length() - 1
         p1, p2 = 1 << (bits // 2), 1 << (bits - bits // 2)
     kp = 1 if k == 1 else max(16, _next_pow2(k))
     if k == 1 and p1 == 1:
-        kp = 16  # a dot needs ≥ 16 rows: pad (only tiny n ≤ 128 get here)
-    return k, kp, p1, p2
+        kp = 16  # a dot needs ≥ 16 rows: pad (only tiny n ≤ 64 get here)
+    return k, kp, p1, p2, max(p2, 16)
 
 
 @functools.cache
 def hadamard_tiles(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The ±1 blocks of hadamard_plan(n), zero-padded, float32 on device."""
-    k, kp, p1, p2 = hadamard_plan(n)
-    p = n // k
+    k, kp, p1, p2, p2t = hadamard_plan(n)
     hk = torch.zeros(max(kp, 1), max(kp, 1))
     hk[:k, :k] = hadamard_factor(n).t()
-    if p1 == 1:
-        h2 = torch.zeros(p2, p2)
-        h2[:p, :p] = fwht(torch.eye(p))
-        h1 = torch.ones(1, 1)
-    else:
-        h1, h2 = fwht(torch.eye(p1)), fwht(torch.eye(p2))
+    h2 = torch.zeros(p2t, p2t)
+    h2[:p2, :p2] = fwht(torch.eye(p2))
+    h1 = fwht(torch.eye(p1)) if p1 > 1 else torch.ones(1, 1)
     return tuple(t.contiguous().to(device) for t in (hk, h1, h2))
 
 
@@ -315,12 +320,12 @@ def quantize_impl(
     return codes, scales
 
 
-def fused_hadamard_fits(n: int, device: torch.device) -> bool:
-    """Launch the fused Hadamard + quantize once on a random row: False (with the reason
-    logged by the caller) when this GPU lacks the resources for order n, e.g. the
+def fused_hadamard_fits(n: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Launch the fused Hadamard + quantize once on a random row (compiling the variant
+    the model will use): False when this GPU lacks the resources for order n, e.g. the
     136 KiB of shared memory 28·1024 needs on an sm_86/89 part."""
     try:
-        quantize_impl(torch.randn(1, n, device=device), True, 4, 1.0)
+        quantize_impl(torch.randn(1, n, device=device).to(dtype), True, 4, 1.0)
     except triton.runtime.errors.OutOfResources:
         return False
     return True
@@ -328,8 +333,8 @@ def fused_hadamard_fits(n: int, device: torch.device) -> bool:
 
 def hadamard_quantize_meta(n: int, bits: int, dtype: torch.dtype) -> dict:
     """Compile-time arguments of _hadamard_quantize_kernel (shared with the compile test)."""
-    k, kp, p1, p2 = hadamard_plan(n)
-    return {"K": k, "KP": kp, "P": n // k, "P1": p1, "P2": p2, "qmax": _qmax(bits),
+    k, kp, p1, p2, p2t = hadamard_plan(n)
+    return {"K": k, "KP": kp, "P": n // k, "P1": p1, "P2": p2, "P2T": p2t, "qmax": _qmax(bits),
             "ROUND": _ROUND[dtype], "PREC": "ieee", "num_warps": 8}
 
 
