@@ -4,8 +4,9 @@ Registered as ``torch.ops.quarot_triton.*`` (with fake impls for torch.compile):
 
 * ``quantize``: per-token symmetric quantization, optionally fused with the online
   Hadamard x @ (H_K ⊗ H_2^k)/√n (R4 before down_proj). The power-of-two part is one or
-  two dense Sylvester blocks and the K×K mix one more, all as ``tl.dot`` on tiles, so
-  every order K·2^k that ``hadamard_factor`` knows is served by one kernel.
+  two dense Sylvester blocks and the K×K mix is accumulated over blocks of 16 rows, all
+  as ``tl.dot`` on tiles, so every order K·2^k that ``hadamard_factor`` knows (2^k ≤
+  16384) is served by one kernel.
 * ``gemm``: int8 activation codes × 4-/8-bit weight codes, int32 accumulation on the
   tensor cores (``tl.dot`` int8 -> int32: mma on sm80–89, wgmma on sm90, which has no
   s4 MMA), per-channel or group-wise weight scales, per-token activation scales, bias.
@@ -41,8 +42,6 @@ except ImportError:  # triton is optional: the reference ops serve without it
     AVAILABLE = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_EPS = 1e-12
-_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds half to even for |y| < 2^22
 
 
 def usable(device: torch.device) -> bool:
@@ -71,6 +70,8 @@ if AVAILABLE:
 
     @triton.jit
     def _round_quant(y, scale, qmax: tl.constexpr):
+        """round(y / scale) half to even, clamped, as int8: IEEE division, then + 1.5·2^23
+        and back (exact for |q| < 2^22; the interpreter has no rint), like torch.round."""
         q = tl.math.div_rn(y, scale)
         q = (q + 12582912.0) - 12582912.0
         q = tl.minimum(tl.maximum(q, -qmax - 1.0), qmax * 1.0)
