@@ -8,7 +8,8 @@ M it times, with CUDA events (median of --iters runs):
   * Triton (the path the plugin serves with on GPUs, vllm_quarot/triton_kernels.py):
     quarot_triton.quantize (online Hadamard only for 11008 -> 4096: down_proj, R4,
     K = 172 x 64) and quarot_triton.gemm (int8 tensor cores on 4-bit weights) -> bf16;
-    also the W4A16 GEMM (codes dequantized in the kernel);
+    the quantize once more with the Hadamard's dots on tensor cores (3xTF32) instead of
+    FMA units; and the W4A16 GEMM (codes dequantized in the kernel);
   * CUDA C++ (csrc/cuda, experimental): hadamard_quantize + w4a4_gemm, when the
     extension builds (torch.utils.cpp_extension.load unless vllm_quarot._C_cuda exists);
 and prints each W4A4 layer time (quant + gemm), its speedup over bf16 and the share of
@@ -89,6 +90,8 @@ def bench_shape(cuda_ops, k: int, n: int, m: int, iters: int, had: bool,
     ws_t = tk.repack_scale(w_scale).to(dev)
     codes, scales = tk.quantize_impl(x, had, 4, 1.0)
     r["tq"] = time_ms(lambda: tk.quantize_impl(x, had, 4, 1.0), iters)
+    # the Hadamard's float32 dots on tensor cores (3×TF32) instead of FMA units
+    r["tq3"] = time_ms(lambda: tk.quantize_impl(x, had, 4, 1.0, "tf32x3"), iters)
     r["tg"] = time_ms(lambda: tk.gemm_impl(codes, scales, w_t, ws_t, None, 4, torch.bfloat16),
                       iters)
 
@@ -126,16 +129,19 @@ def markdown(rows: list[dict], device: str) -> str:
         "W4A4 layer = quant + gemm, timed together; W4A16 = weight-only GEMM.",
         "",
         "| in -> out | M | bf16 ms | Triton quant ms | Triton gemm ms | Triton W4A4 layer ms "
-        "| Triton vs bf16 | gemm-only vs bf16 | quant share | Triton W4A16 vs bf16 |"
+        "| Triton vs bf16 | gemm-only vs bf16 | quant share | quant ms, tf32x3 "
+        "| Triton W4A16 vs bf16 |"
         + (" CUDA C++ layer ms | CUDA C++ vs bf16 | CUDA C++ quant share |" if cuda else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if cuda else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|---:|" if cuda else ""),
     ]
     for r in rows:
         name = f"{r['k']} -> {r['n']}" + (" (+Had)" if r["had"] else "")
         line = (
             f"| {name} | {r['m']} | {r['bf16']:.4f} | {r['tq']:.4f} | {r['tg']:.4f} "
             f"| {r['tl']:.4f} | {r['bf16'] / r['tl']:.2f}x | {r['bf16'] / r['tg']:.2f}x "
-            f"| {100 * r['tq'] / (r['tq'] + r['tg']):.0f}% | {r['bf16'] / r['w16']:.2f}x |"
+            f"| {100 * r['tq'] / (r['tq'] + r['tg']):.0f}% | {r['tq3']:.4f} "
+            f"| {r['bf16'] / r['w16']:.2f}x |"
         )
         if cuda:
             line += (f" {r['cl']:.4f} | {r['bf16'] / r['cl']:.2f}x "

@@ -42,9 +42,14 @@ def test_quantize_equals_reference(dtype, m, k, bits, clip):
 HAD_SIZES = [8, 64, 172, 1376, 11008, 1536, 128, 5120, 4096, 14336]
 
 
+# the interpreter ignores a dot's precision; on a GPU the 3xTF32 variant is checked too
+PRECISIONS = ["ieee", "tf32x3"] if DEV == "cuda" else ["ieee"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("n", HAD_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_hadamard_quantize_equals_reference(n, dtype):
+def test_hadamard_quantize_equals_reference(n, dtype, precision):
     """Fused R4 + quantize == quarot::hadamard then quarot::quantize_per_token. The
     Hadamard sums in another order, so a value on a rounding tie (a 16-bit rounding, or
     x/scale ≈ k + 0.5 in float32) may rarely land on its neighbour: codes may then differ
@@ -54,7 +59,7 @@ def test_hadamard_quantize_equals_reference(n, dtype):
     x[0, 0] = 40.0  # an outlier: the case the rotation is for
     y = ops.hadamard(x, hadamard_factor(n))
     ref_q, ref_s = ops.quantize_per_token(y, 4, 0.95)
-    q, s = tk.quantize_impl(x.to(DEV), True, 4, 0.95)
+    q, s = tk.quantize_impl(x.to(DEV), True, 4, 0.95, precision)
     q, s = q.cpu(), s.cpu()
     diff = (q.int() - ref_q.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3

@@ -297,9 +297,14 @@ def _mult(bits: int, clip_ratio: float) -> float:
 
 
 def quantize_impl(
-    x: torch.Tensor, online_hadamard: bool, bits: int, clip_ratio: float
+    x: torch.Tensor, online_hadamard: bool, bits: int, clip_ratio: float,
+    precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Hadamard +) per-token quantization of x [M, K]: (int8 codes, float32 scales [M, 1])."""
+    """(Hadamard +) per-token quantization of x [M, K]: (int8 codes, float32 scales [M, 1]).
+
+    ``precision`` of the Hadamard's float32 dots: "ieee" (FMA units; what the plugin
+    uses) or "tf32x3" (tensor cores, ≈ float32), for benchmarks/cuda_kernels.py to
+    compare on a GPU."""
     m, n = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty((m, n), dtype=torch.int8, device=x.device)
@@ -311,7 +316,7 @@ def quantize_impl(
         _hadamard_quantize_kernel[(m,)](
             x, codes, scales, hk, h1, h2, x.stride(0), codes.stride(0),
             1.0 / math.sqrt(n), _mult(bits, clip_ratio),
-            **hadamard_quantize_meta(n, bits, x.dtype), **_no_fma(),
+            **hadamard_quantize_meta(n, bits, x.dtype, precision), **_no_fma(),
         )
     else:
         _quantize_kernel[(m,)](
@@ -332,11 +337,13 @@ def fused_hadamard_fits(n: int, device: torch.device, dtype: torch.dtype) -> boo
     return True
 
 
-def hadamard_quantize_meta(n: int, bits: int, dtype: torch.dtype) -> dict:
+def hadamard_quantize_meta(
+    n: int, bits: int, dtype: torch.dtype, precision: str = "ieee"
+) -> dict:
     """Compile-time arguments of _hadamard_quantize_kernel (shared with the compile test)."""
     k, kp, p1, p2, p2t = hadamard_plan(n)
     return {"K": k, "KP": kp, "P": n // k, "P1": p1, "P2": p2, "P2T": p2t, "qmax": _qmax(bits),
-            "ROUND": _ROUND[dtype], "PREC": "ieee", "num_warps": 8}
+            "ROUND": _ROUND[dtype], "PREC": precision, "num_warps": 8}
 
 
 def quantize_meta(n: int, bits: int) -> dict:
