@@ -1,4 +1,5 @@
-"""Per-layer CPU speed: our native W4A4 linear vs bf16 and vLLM's int8 W8A8, side by side.
+"""Per-layer CPU speed: our native W4A4 linear vs bf16 and vLLM's int8 W8A8, side by side;
+also QuaRot W4A16 as the plugin serves it on CPU (vLLM's cpu_gemm_wna16 on repacked codes).
 
 Llama-2-7B shapes (4096→4096 q/k/v/o, 4096→11008 gate/up, 11008→4096 down_proj with
 the online R4 Hadamard of 11008 = 172·64 fused into quantization). Every contender's
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import vllm._custom_ops as vops
 
-from vllm_quarot import cpu_kernels, ops
+from vllm_quarot import cpu_kernels, cpu_wna16, ops
 from vllm_quarot.hadamard import hadamard_factor
 
 SHAPES = [("q/k/v/o", 4096, 4096), ("gate/up", 4096, 11008), ("down (+R4)", 11008, 4096)]
@@ -48,7 +49,8 @@ def contenders(k: int, n: int, copies: int, r4: bool):
     g = torch.Generator().manual_seed(0)
     had = hadamard_factor(k, torch.float32) if r4 else None
     out = {"torch bf16": [], "vLLM oneDNN bf16": [], "vLLM W8A8 (int8)": [],
-           "QuaRot W4A4 torch ops": [], "QuaRot W4A4 native": []}
+           "QuaRot W4A4 torch ops": [], "QuaRot W4A4 native": [],
+           "QuaRot W4A16 (vLLM wna16)": []}
     for _ in range(copies):
         w = torch.randn(n, k, generator=g, dtype=torch.bfloat16) * 0.02
         out["torch bf16"].append(lambda x, w=w: torch.nn.functional.linear(x, w))
@@ -75,6 +77,12 @@ def contenders(k: int, n: int, copies: int, r4: bool):
         out["QuaRot W4A4 native"].append(
             lambda x, wp=wp, st=st: torch.ops.quarot_cpu.linear(x, had, wp, st, None, n, 4, 4,
                                                                 1.0, None))
+        w16, s16 = cpu_wna16.repack(w4, s4, torch.bfloat16)
+
+        def w4a16(x, w16=w16, s16=s16):  # what linear_method runs for W4A16 in bf16
+            xr = torch.ops.quarot_cpu.hadamard(x, had) if r4 else x
+            return cpu_wna16.linear(xr, w16, s16, None)
+        out["QuaRot W4A16 (vLLM wna16)"].append(w4a16)
     return out
 
 
@@ -104,13 +112,15 @@ def main() -> None:
                                                       for nm, v in t.items()), flush=True)
     names = list(rows[0][2])
     lines = ["| layer | M | " + " | ".join(f"{nm} ms" for nm in names)
-             + " | W4A4 native vs torch bf16 | vs vLLM oneDNN bf16 | vs vLLM W8A8 |",
-             "|---|---:|" + "---:|" * (len(names) + 3)]
+             + " | W4A4 native vs torch bf16 | vs vLLM oneDNN bf16 | vs vLLM W8A8 "
+             "| W4A16 vs torch bf16 |",
+             "|---|---:|" + "---:|" * (len(names) + 4)]
     for shape, m, t, base in rows:
         ours = t["QuaRot W4A4 native"]
         lines.append(f"| {shape} | {m} | " + " | ".join(f"{t[nm]:.3f}" for nm in names)
                      + f" | {base / ours:.2f}× | {t['vLLM oneDNN bf16'] / ours:.2f}× | "
-                     f"{t['vLLM W8A8 (int8)'] / ours:.2f}× |")
+                     f"{t['vLLM W8A8 (int8)'] / ours:.2f}× "
+                     f"| {base / t['QuaRot W4A16 (vLLM wna16)']:.2f}× |")
     table = "\n".join(lines)
     print()
     print(table)

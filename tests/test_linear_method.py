@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_quarot import cpu_kernels
+from vllm_quarot import cpu_kernels, cpu_wna16
 from vllm_quarot import linear_method as lm
 from vllm_quarot.format import (
     ActivationSpec,
@@ -39,22 +39,28 @@ def single_process_group():
         cleanup_dist_env_and_memory()
 
 
-N, K = 48, 344  # K = 172·2: down_proj with the online R4 of order 172·2
+# K = 172·2: down_proj with the online R4 of order 172·2 (ragged for every kernel);
+# vLLM's W4A16 kernel wants multiples of 32: 12·32
+SHAPES = {"ragged": (48, 344), "x32": (64, 384)}
 
 
-def _layer(fmt: QuaRotFormat, online: bool, backend: str, monkeypatch) -> tuple:
+def _layer(fmt: QuaRotFormat, online: bool, backend: str, shape: str, dtype: torch.dtype,
+           monkeypatch) -> tuple:
     """A loaded layer whose method chose `backend` (the others are switched off)."""
+    n, k = SHAPES[shape]
     monkeypatch.setattr(lm.cpu_kernels, "can_run", lambda *a: backend == "native" and
                         cpu_kernels.AVAILABLE)
+    monkeypatch.setattr(lm.cpu_wna16, "can_run", lambda *a: backend == "vllm_wna16" and
+                        cpu_wna16.AVAILABLE)
     monkeypatch.setattr(lm.triton_kernels, "usable", lambda dev: backend.startswith("triton"))
     monkeypatch.setattr(lm.triton_kernels, "fused_hadamard_fits",
                         lambda *a: backend == "triton")
     method = lm.QuaRotLinearMethod(fmt, online_hadamard=online, prefix="model.mlp.down_proj")
     layer = torch.nn.Module()
-    method.create_weights(layer, K, [N], K, N, torch.float32,
+    method.create_weights(layer, k, [n], k, n, dtype,
                           weight_loader=lambda p, w: p.data.copy_(w))
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(N, K, generator=g)
+    w = torch.randn(n, k, generator=g)
     codes, scale = quantize_weight_rtn(w, fmt.weight.bits, fmt.weight.group_size)
     layer.weight_packed.data.copy_(pack_weight(codes, fmt.weight.bits))
     layer.weight_scale.data.copy_(scale)
@@ -62,33 +68,40 @@ def _layer(fmt: QuaRotFormat, online: bool, backend: str, monkeypatch) -> tuple:
     return method, layer
 
 
-def _fmt(w_bits: int, a_bits: int | None, group_size: int) -> QuaRotFormat:
+def _fmt(w_bits: int, a_bits: int | None, group_size: int, k: int) -> QuaRotFormat:
     act = None if a_bits is None else ActivationSpec(bits=a_bits, clip_ratio=0.9)
     return QuaRotFormat(
         scheme="test", weight=WeightSpec(bits=w_bits, group_size=group_size), activation=act,
-        kv_cache=None, rotation=RotationSpec(r4_size=K, r4_hadamard=(172, 2)))
+        kv_cache=None, rotation=RotationSpec(r4_size=k))
 
 
 LAYERS = [(4, 4, -1, True), (4, 4, -1, False), (8, 8, -1, True), (4, None, -1, True)]
 BACKENDS = ["reference", "triton", "triton-unfused"] + (
     ["native"] if cpu_kernels.AVAILABLE else [])
-# the native CPU path has no weight-only GEMM (W4A16 layers take the reference)
-CASES = [(b, *layer) for b in BACKENDS for layer in LAYERS
-         if not (b == "native" and layer[1] is None)]
+# (backend, w_bits, a_bits, group size, online R4, shape, dtype); the native CPU path has
+# no weight-only GEMM: W4A16 takes vLLM's (bf16/fp16 only, sizes multiple of 32)
+CASES = [(b, *layer, "ragged", torch.float32) for b in BACKENDS for layer in LAYERS
+         if not (b == "native" and layer[1] is None)] + (
+    [("vllm_wna16", 4, None, gs, online, "x32", torch.bfloat16)
+     for gs, online in ((-1, True), (64, False), (128, True))] if cpu_wna16.AVAILABLE else [])
 
 
-@pytest.mark.parametrize(("backend", "w_bits", "a_bits", "gs", "online"), CASES)
-def test_backends_serve_the_same_layer(monkeypatch, backend, w_bits, a_bits, gs, online):
-    fmt = _fmt(w_bits, a_bits, gs)
-    ref_method, ref_layer = _layer(fmt, online, "reference", monkeypatch)
-    method, layer = _layer(fmt, online, backend, monkeypatch)
+@pytest.mark.parametrize(("backend", "w_bits", "a_bits", "gs", "online", "shape", "dtype"),
+                         CASES)
+def test_backends_serve_the_same_layer(monkeypatch, backend, w_bits, a_bits, gs, online,
+                                       shape, dtype):
+    n, k = SHAPES[shape]
+    fmt = _fmt(w_bits, a_bits, gs, k)
+    ref_method, ref_layer = _layer(fmt, online, "reference", shape, dtype, monkeypatch)
+    method, layer = _layer(fmt, online, backend, shape, dtype, monkeypatch)
     assert layer.quarot_backend == backend.removesuffix("-unfused")
     if online and a_bits is not None and backend.startswith("triton"):
         assert layer.quarot_fused_hadamard == (backend == "triton")
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(1))
-    bias = torch.randn(N)
-    ref = ref_method.apply(ref_layer, x, bias)
-    out = method.apply(layer, x, bias)
-    # equal codes give equal outputs; a rounding tie in the Hadamard may move one code
-    tol = 1e-5 if a_bits is None else 0.05
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    ref = ref_method.apply(ref_layer, x, bias).float()
+    out = method.apply(layer, x, bias).float()
+    # equal codes give equal outputs; a rounding tie in the Hadamard may move one code;
+    # in bf16 the outputs round (2^-8) after different float orders
+    tol = 0.05 if a_bits is not None else (1e-5 if dtype == torch.float32 else 1e-2)
     assert torch.allclose(out, ref, rtol=tol, atol=tol * ref.abs().max().item())

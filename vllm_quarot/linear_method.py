@@ -19,7 +19,7 @@ from vllm.model_executor.parameter import (
 )
 
 import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
-from vllm_quarot import cpu_kernels, triton_kernels
+from vllm_quarot import cpu_kernels, cpu_wna16, triton_kernels
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import HadamardSizeError, hadamard_factor
 from vllm_quarot.quant import unpack_weight
@@ -95,15 +95,21 @@ class QuaRotLinearMethod(LinearMethodBase):
             ))
         layer.quarot_in_features = k
         layer.quarot_out_features = n
+        layer.quarot_params_dtype = params_dtype
 
     def _backend(self, layer: torch.nn.Module, device: torch.device) -> str:
-        """'native' (csrc/cpu), 'triton' (GPU, or CPU under TRITON_INTERPRET=1 when the
-        native library is off) or 'reference' (the torch ops, anywhere)."""
+        """'native' (csrc/cpu), 'vllm_wna16' (vLLM's CPU W4A16 kernel), 'triton' (GPU, or
+        CPU under TRITON_INTERPRET=1 when the native library is off) or 'reference'
+        (the torch ops, anywhere)."""
         w = self.fmt.weight
         k = layer.quarot_in_features
         if (device.type == "cpu" and self.fmt.activation is not None
                 and cpu_kernels.can_run(w.bits, k, w.group_size)):
             return "native"
+        if (device.type == "cpu" and self.fmt.activation is None and cpu_wna16.can_run(
+                w.bits, k, layer.quarot_out_features, w.group_size,
+                layer.quarot_params_dtype)):
+            return "vllm_wna16"
         if triton_kernels.usable(device) and triton_kernels.can_run(w.bits, k, w.group_size):
             if not self.online_hadamard:
                 return "triton"
@@ -125,6 +131,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         layer.quarot_backend = self._backend(layer, codes.device)
         logger.info_once("QuaRot linear layers run on %s", {
             "native": f"native CPU kernels ({cpu_kernels.isa()})",
+            "vllm_wna16": "vLLM's CPU W4A16 kernel (cpu_gemm_wna16)",
             "triton": "Triton kernels" + (" (interpreted)" if triton_kernels.INTERPRET else ""),
             "reference": "the reference torch ops",
         }[layer.quarot_backend])
@@ -135,6 +142,11 @@ class QuaRotLinearMethod(LinearMethodBase):
             layer.weight_scale_t = torch.nn.Parameter(
                 torch.ops.quarot_cpu.repack_scale(scale), requires_grad=False
             )
+            del layer.weight_scale
+        elif layer.quarot_backend == "vllm_wna16":
+            w_vllm, scale_vllm = cpu_wna16.repack(codes, scale, layer.quarot_params_dtype)
+            layer.weight_repacked = torch.nn.Parameter(w_vllm, requires_grad=False)
+            layer.weight_scale_t = torch.nn.Parameter(scale_vllm, requires_grad=False)
             del layer.weight_scale
         elif layer.quarot_backend == "triton":
             layer.weight_repacked = torch.nn.Parameter(
@@ -183,6 +195,13 @@ class QuaRotLinearMethod(LinearMethodBase):
             return out.reshape(*shape[:-1], out.shape[-1])
         if layer.quarot_backend == "triton":
             out = self._apply_triton(layer, x2, bias)
+            return out.reshape(*shape[:-1], out.shape[-1])
+        if layer.quarot_backend == "vllm_wna16":
+            if self.online_hadamard:
+                had = torch.ops.quarot_cpu.hadamard if cpu_kernels.AVAILABLE else (
+                    torch.ops.quarot.hadamard)
+                x2 = had(x2.contiguous(), layer.quarot_had_k)
+            out = cpu_wna16.linear(x2, layer.weight_repacked, layer.weight_scale_t, bias)
             return out.reshape(*shape[:-1], out.shape[-1])
         if self.online_hadamard:
             x2 = torch.ops.quarot.hadamard(x2, layer.quarot_had_k)
