@@ -81,24 +81,6 @@ __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, flo
   load8_pairs<__nv_bfloat162>(p, v);
 }
 
-// Butterflies of strides 1..R/2 over R values held in registers (Sylvester order:
-// (a, b) -> (a + b, a - b), a the lower index). `limit` skips strides >= limit.
-template <int R>
-__device__ __forceinline__ void butterflies(float (&v)[R], int limit) {
-#pragma unroll
-  for (int s = 1; s < R; s <<= 1) {
-    if (s >= limit) break;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      if ((j & s) == 0) {
-        const float a = v[j], b = v[j + s];
-        v[j] = a + b;
-        v[j + s] = a - b;
-      }
-    }
-  }
-}
-
 // One radix-R pass over every chunk of P = 2^log2P values: strides h, 2h, ..., (R/2)h.
 template <int R, int THREADS>
 __device__ __forceinline__ void fwht_pass(float* buf, int n, int log2P, int logh) {

@@ -20,17 +20,7 @@ namespace quarot_cuda {
 // In-warp normalised-later FWHT of D = 32·E values (lane-major, E contiguous per lane).
 template <int E>
 __device__ __forceinline__ void fwht_warp(float (&v)[E]) {
-#pragma unroll
-  for (int s = 1; s < E; s <<= 1) {
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      if ((j & s) == 0) {
-        const float a = v[j], b = v[j + s];
-        v[j] = a + b;
-        v[j + s] = a - b;
-      }
-    }
-  }
+  butterflies<E>(v, E);
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int m = 1; m < 32; m <<= 1) {

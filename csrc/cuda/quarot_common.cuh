@@ -209,4 +209,22 @@ __device__ __forceinline__ int s4_hi(uint32_t byte) {
   return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(byte))) >> 4;
 }
 
+// Butterflies of strides 1..R/2 over R values held in registers (Sylvester order:
+// (a, b) -> (a + b, a - b), a the lower index). `limit` skips strides >= limit.
+template <int R>
+__device__ __forceinline__ void butterflies(float (&v)[R], int limit) {
+#pragma unroll
+  for (int s = 1; s < R; s <<= 1) {
+    if (s >= limit) break;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if ((j & s) == 0) {
+        const float a = v[j], b = v[j + s];
+        v[j] = a + b;
+        v[j + s] = a - b;
+      }
+    }
+  }
+}
+
 }  // namespace quarot_cuda
