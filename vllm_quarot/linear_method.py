@@ -135,26 +135,17 @@ class QuaRotLinearMethod(LinearMethodBase):
             "triton": "Triton kernels" + (" (interpreted)" if triton_kernels.INTERPRET else ""),
             "reference": "the reference torch ops",
         }[layer.quarot_backend])
-        if layer.quarot_backend == "native":
-            layer.weight_repacked = torch.nn.Parameter(
-                torch.ops.quarot_cpu.repack_weight(codes, w.bits), requires_grad=False
-            )
-            layer.weight_scale_t = torch.nn.Parameter(
-                torch.ops.quarot_cpu.repack_scale(scale), requires_grad=False
-            )
-            del layer.weight_scale
-        elif layer.quarot_backend == "vllm_wna16":
-            w_vllm, scale_vllm = cpu_wna16.repack(codes, scale, layer.quarot_params_dtype)
-            layer.weight_repacked = torch.nn.Parameter(w_vllm, requires_grad=False)
-            layer.weight_scale_t = torch.nn.Parameter(scale_vllm, requires_grad=False)
-            del layer.weight_scale
-        elif layer.quarot_backend == "triton":
-            layer.weight_repacked = torch.nn.Parameter(
-                triton_kernels.repack_weight(codes, w.bits), requires_grad=False
-            )
-            layer.weight_scale_t = torch.nn.Parameter(
-                triton_kernels.repack_scale(scale), requires_grad=False
-            )
+        repack = {
+            "native": lambda: (torch.ops.quarot_cpu.repack_weight(codes, w.bits),
+                               torch.ops.quarot_cpu.repack_scale(scale)),
+            "vllm_wna16": lambda: cpu_wna16.repack(codes, scale, layer.quarot_params_dtype),
+            "triton": lambda: (triton_kernels.repack_weight(codes, w.bits),
+                               triton_kernels.repack_scale(scale)),
+        }.get(layer.quarot_backend)
+        if repack is not None:
+            w_rep, scale_rep = repack()
+            layer.weight_repacked = torch.nn.Parameter(w_rep, requires_grad=False)
+            layer.weight_scale_t = torch.nn.Parameter(scale_rep, requires_grad=False)
             del layer.weight_scale
         else:
             layer.weight_q = torch.nn.Parameter(codes, requires_grad=False)
@@ -181,42 +172,41 @@ class QuaRotLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        out = self._apply_2d(layer, x.reshape(-1, x.shape[-1]), bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _apply_2d(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         act = self.fmt.activation
         if layer.quarot_backend == "native":
             # one native call: (R4 Hadamard +) quantize + integer GEMM + dequant
-            out = torch.ops.quarot_cpu.linear(
-                x2, layer.quarot_had_k if self.online_hadamard else None,
+            return torch.ops.quarot_cpu.linear(
+                x, layer.quarot_had_k if self.online_hadamard else None,
                 layer.weight_repacked, layer.weight_scale_t, bias,
                 layer.quarot_out_features, self.fmt.weight.bits, act.bits, act.clip_ratio,
                 layer.input_scale if self.static else None,
             )
-            return out.reshape(*shape[:-1], out.shape[-1])
         if layer.quarot_backend == "triton":
-            out = self._apply_triton(layer, x2, bias)
-            return out.reshape(*shape[:-1], out.shape[-1])
+            return self._apply_triton(layer, x, bias)
         if layer.quarot_backend == "vllm_wna16":
             if self.online_hadamard:
                 had = torch.ops.quarot_cpu.hadamard if cpu_kernels.AVAILABLE else (
                     torch.ops.quarot.hadamard)
-                x2 = had(x2.contiguous(), layer.quarot_had_k)
-            out = cpu_wna16.linear(x2, layer.weight_repacked, layer.weight_scale_t, bias)
-            return out.reshape(*shape[:-1], out.shape[-1])
+                x = had(x.contiguous(), layer.quarot_had_k)
+            return cpu_wna16.linear(x, layer.weight_repacked, layer.weight_scale_t, bias)
         if self.online_hadamard:
-            x2 = torch.ops.quarot.hadamard(x2, layer.quarot_had_k)
+            x = torch.ops.quarot.hadamard(x, layer.quarot_had_k)
         if act is None:
-            out = torch.ops.quarot.wna16_linear(x2, layer.weight_q, layer.weight_scale, bias)
-            return out.reshape(*shape[:-1], out.shape[-1])
+            return torch.ops.quarot.wna16_linear(x, layer.weight_q, layer.weight_scale, bias)
         if self.static:
-            x_q = torch.ops.quarot.quantize_static(x2, layer.input_scale, act.bits)
-            x_s = layer.input_scale.expand(x2.shape[0], 1)
+            x_q = torch.ops.quarot.quantize_static(x, layer.input_scale, act.bits)
+            x_s = layer.input_scale.expand(x.shape[0], 1)
         else:
-            x_q, x_s = torch.ops.quarot.quantize_per_token(x2, act.bits, act.clip_ratio)
-        out = torch.ops.quarot.int_linear(
+            x_q, x_s = torch.ops.quarot.quantize_per_token(x, act.bits, act.clip_ratio)
+        return torch.ops.quarot.int_linear(
             x_q, x_s, layer.weight_q, layer.weight_scale, bias, x.dtype
         )
-        return out.reshape(*shape[:-1], out.shape[-1])
 
     def _apply_triton(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None

@@ -292,7 +292,10 @@ def hadamard_tiles(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(t.contiguous().to(device) for t in (hk, h1, h2))
 
 
+@functools.cache
 def _mult(bits: int, clip_ratio: float) -> float:
+    """clip_ratio / qmax rounded to float32, as the reference multiplies by it (cached:
+    it is on every quantize call)."""
     return float(torch.tensor(clip_ratio / _qmax(bits), dtype=torch.float32))
 
 
@@ -326,10 +329,12 @@ def quantize_impl(
     return codes, scales
 
 
+@functools.cache
 def fused_hadamard_fits(n: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Launch the fused Hadamard + quantize once on a random row (compiling the variant
-    the model will use): False when this GPU lacks the resources for order n, e.g. the
-    136 KiB of shared memory 28·1024 needs on an sm_86/89 part."""
+    the model will use; once per order, not per layer): False when this GPU lacks the
+    resources for order n, e.g. the 136 KiB of shared memory 28·1024 needs on an
+    sm_86/89 part."""
     try:
         quantize_impl(torch.randn(1, n, device=device).to(dtype), True, 4, 1.0)
     except triton.runtime.errors.OutOfResources:
