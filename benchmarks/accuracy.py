@@ -51,7 +51,7 @@ MODELS = {
 
 def model_dir(name: str) -> Path:
     if name == "smollm2":
-        from vllm_quarot.fetch import smollm2_dir
+        from models import smollm2_dir
 
         return smollm2_dir()
     return DATA / "stories260K" / "hf"
@@ -76,11 +76,16 @@ def main() -> None:
                     "('all' for every row); rows vLLM cannot serve always are")
     a = ap.parse_args()
 
+    from models import default_cache_dir
     from transformers import AutoTokenizer
 
-    from vllm_quarot.evaluate import hf_perplexity, load_reference, serve_perplexity, token_windows
-    from vllm_quarot.fetch import default_cache_dir
-    from vllm_quarot.quantizer import QuantizeOptions, quantize
+    from vllm_quarot.eval.perplexity import (
+        hf_perplexity,
+        load_reference,
+        serve_perplexity,
+        token_windows,
+    )
+    from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     text, seqlen, servable, calib = MODELS[a.model]
     base = model_dir(a.model)

@@ -37,8 +37,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from vllm_quarot.evaluate import hf_perplexity, token_windows
-    from vllm_quarot.simulate import load_simulated
+    from vllm_quarot.eval.perplexity import hf_perplexity, token_windows
+    from vllm_quarot.eval.simulate import load_simulated
 
     ckpt = Path(a.ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)

@@ -57,7 +57,7 @@ def make_model(out: Path) -> Path:
 def quantize_model(src: Path, out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
-    from vllm_quarot.quantizer import QuantizeOptions, quantize
+    from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     print(f"quantizing {src} -> {out} (QuaRot W4A4, RTN) ...", flush=True)
     print(quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn")).format())
@@ -137,7 +137,7 @@ def main() -> None:
         print("RESULT_JSON " + json.dumps(worker(a.worker, q, a.compile)), flush=True)
         return
 
-    from vllm_quarot import cpu_kernels
+    from vllm_quarot.runtime.ops import cpu as cpu_ops
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
@@ -165,7 +165,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"cpu_e2e_{'compile' if a.compile else 'eager'}_{a.threads}threads.md").write_text(
         f"# End to end through vLLM (CPU, {mode}, {a.threads} compute threads, kernels "
-        f"{cpu_kernels.isa()})\n\n"
+        f"{cpu_ops.isa()})\n\n"
         f"Command: `.venv/bin/python benchmarks/cpu_e2e.py{' --compile' if a.compile else ''}`"
         f"\n\n{table}\n")
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 import vllm._custom_ops as vops
 
-from vllm_quarot import cpu_kernels, cpu_wna16, ops
 from vllm_quarot.hadamard import hadamard_factor
+from vllm_quarot.runtime.kernels import vllm_wna16
+from vllm_quarot.runtime.ops import cpu as cpu_ops
+from vllm_quarot.runtime.ops import reference as ops
 
 SHAPES = [("q/k/v/o", 4096, 4096), ("gate/up", 4096, 11008), ("down (+R4)", 11008, 4096)]
 CACHE_BYTES = 160 << 20  # > 32 MiB L3 several times over
@@ -77,11 +79,11 @@ def contenders(k: int, n: int, copies: int, r4: bool):
         out["QuaRot W4A4 native"].append(
             lambda x, wp=wp, st=st: torch.ops.quarot_cpu.linear(x, had, wp, st, None, n, 4, 4,
                                                                 1.0, None))
-        w16, s16 = cpu_wna16.repack(w4, s4, torch.bfloat16)
+        w16, s16 = vllm_wna16.repack(w4, s4, torch.bfloat16)
 
         def w4a16(x, w16=w16, s16=s16):  # what linear_method runs for W4A16 in bf16
             xr = torch.ops.quarot_cpu.hadamard(x, had) if r4 else x
-            return cpu_wna16.linear(xr, w16, s16, None)
+            return vllm_wna16.linear(xr, w16, s16, None)
         out["QuaRot W4A16 (vLLM wna16)"].append(w4a16)
     return out
 
@@ -92,11 +94,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="time budget per cell")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if not cpu_kernels.AVAILABLE:
+    if not cpu_ops.AVAILABLE:
         raise SystemExit("the native CPU kernels are not built (vllm_quarot/_C_cpu missing)")
     torch.manual_seed(0)
     print(f"# CPU per-layer benchmark: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, kernels: {cpu_kernels.isa()}")
+          f"{torch.get_num_threads()} threads, kernels: {cpu_ops.isa()}")
     rows, speedups = [], {}
     for label, k, n in SHAPES:
         copies = max(2, math.ceil(CACHE_BYTES / (2 * k * n)))
@@ -127,7 +129,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_layers.md").write_text(
         f"# CPU per-layer benchmark ({torch.get_num_threads()} threads, "
-        f"kernels {cpu_kernels.isa()})\n\nCommand: `.venv/bin/python benchmarks/cpu_layers.py`"
+        f"kernels {cpu_ops.isa()})\n\nCommand: `.venv/bin/python benchmarks/cpu_layers.py`"
         f"\n\nTimes are medians; each includes the activation quantization (and the R4 "
         f"Hadamard for down_proj).\n\n{table}\n")
     _plot(speedups, args.m, args.out / "cpu_layers.png")

@@ -5,7 +5,7 @@
 Needs a CUDA GPU (exits with status 1 without one). For each (in -> out) shape and batch
 M it times, with CUDA events (median of --iters runs):
   * bf16: torch.nn.functional.linear(x, w) with x, w in bfloat16;
-  * Triton (the path the plugin serves with on GPUs, vllm_quarot/triton_kernels.py):
+  * Triton (the path the plugin serves with on GPUs, vllm_quarot/triton_ops.py):
     quarot_triton.quantize (online Hadamard only for 11008 -> 4096: down_proj, R4,
     K = 172 x 64) and quarot_triton.gemm (int8 tensor cores on 4-bit weights) -> bf16;
     the quantize once more with the Hadamard's dots on tensor cores (3xTF32) instead of
@@ -75,8 +75,8 @@ def time_ms(fn, iters: int) -> float:
 def bench_shape(cuda_ops, k: int, n: int, m: int, iters: int, had: bool,
                 dev: str = "cuda", time_ms=time_ms) -> dict:
     """One row of the table (dev/time_ms are swapped for a CPU smoke test in tests/)."""
-    from vllm_quarot import triton_kernels as tk
     from vllm_quarot.hadamard import hadamard_factor
+    from vllm_quarot.runtime.ops import triton as tk
 
     torch.manual_seed(0)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)

@@ -26,7 +26,7 @@ DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 def measure(model: Path, kv_dtype: str, windows: list[list[int]], n_dec: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_quarot.evaluate import vllm_perplexity
+    from vllm_quarot.eval.perplexity import vllm_perplexity
 
     llm = LLM(str(model), dtype="bfloat16", kv_cache_dtype=kv_dtype, enforce_eager=True,
               max_model_len=2048, max_num_seqs=32, seed=0)
@@ -57,10 +57,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     a = ap.parse_args()
 
+    from models import smollm2_dir
     from transformers import AutoTokenizer
 
-    from vllm_quarot.evaluate import token_windows
-    from vllm_quarot.fetch import smollm2_dir
+    from vllm_quarot.eval.perplexity import token_windows
 
     base = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(base)

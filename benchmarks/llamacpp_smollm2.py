@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from cpu_e2e import CACHE, run_engine
+from models import smollm2_dir, smollm2_gguf
 
-from vllm_quarot import cpu_kernels
-from vllm_quarot.fetch import smollm2_dir, smollm2_gguf
+from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 
 def llama_cpp(gguf: Path, threads: int) -> dict:
@@ -79,7 +79,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"llamacpp_smollm2_{mode.replace('.', '_')}.md").write_text(
         f"# SmolLM2-135M: llama.cpp vs vLLM (CPU, {a.threads} threads, vLLM {mode}, "
-        f"kernels {cpu_kernels.isa()})\n\nCommand: `.venv/bin/python "
+        f"kernels {cpu_ops.isa()})\n\nCommand: `.venv/bin/python "
         f"benchmarks/llamacpp_smollm2.py{' --compile' if a.compile else ''}`\n\n{table}\n")
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # models.py: SmolLM2
 
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 PROMPTS = [
@@ -35,7 +37,7 @@ def dir_bytes(d: Path) -> int:
 def run(model: Path, quantization: str | None, windows: list[list[int]], n_gen: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_quarot.evaluate import vllm_perplexity
+    from vllm_quarot.eval.perplexity import vllm_perplexity
 
     llm = LLM(str(model), quantization=quantization, dtype="bfloat16", enforce_eager=True,
               max_model_len=2048, max_num_seqs=32, seed=0)
@@ -67,11 +69,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     a = ap.parse_args()
 
+    from models import default_cache_dir, smollm2_dir
     from transformers import AutoTokenizer
 
-    from vllm_quarot.evaluate import token_windows
-    from vllm_quarot.fetch import default_cache_dir, smollm2_dir
-    from vllm_quarot.quantizer import QuantizeOptions, quantize
+    from vllm_quarot.eval.perplexity import token_windows
+    from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     base = smollm2_dir()
     out = default_cache_dir() / f"{base.name}-quarot-{a.scheme}-{a.weight_method}"

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from tiny_models import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
 
-from vllm_quarot.quantizer import QuantizeOptions, quantize  # noqa: E402
+from vllm_quarot.offline.quantize import QuantizeOptions, quantize  # noqa: E402
 
 TINYSTORIES = DATA_DIR / "tinystories" / "validation_head.txt"
 WIKITEXT = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"

@@ -9,23 +9,24 @@ import sys
 import pytest
 import torch
 
-from vllm_quarot import cpu_kernels, ops
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
+from vllm_quarot.runtime.ops import cpu as cpu_ops
+from vllm_quarot.runtime.ops import reference as ops
 
-if not cpu_kernels.AVAILABLE:
+if not cpu_ops.AVAILABLE:
     if os.environ.get("VLLM_QUAROT_NO_EXT") == "1":
         pytest.skip("VLLM_QUAROT_NO_EXT=1: native kernels disabled", allow_module_level=True)
     raise RuntimeError("vllm_quarot/_C_cpu was not built: run scripts/setup.sh with a compiler")
 
-ISAS = cpu_kernels.supported_isas()
+ISAS = cpu_ops.supported_isas()
 Q = torch.ops.quarot_cpu
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    previous = cpu_kernels.set_isa(request.param)
+    previous = cpu_ops.set_isa(request.param)
     yield request.param
-    cpu_kernels.set_isa(previous)
+    cpu_ops.set_isa(previous)
 
 
 def test_this_machine_has_a_vector_path():
@@ -144,11 +145,11 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(RuntimeError, match="not a power of two"):
         Q.hadamard(torch.randn(2, 24 * 3), torch.ones(3, 3))
     with pytest.raises(RuntimeError, match="unknown ISA 'sse9'"):
-        cpu_kernels.set_isa("sse9")
+        cpu_ops.set_isa("sse9")
 
 
 def test_environment_variable_forces_the_path():
-    code = "from vllm_quarot import cpu_kernels; print(cpu_kernels.isa())"
+    code = "from vllm_quarot.runtime.ops import cpu; print(cpu.isa())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, VLLM_QUAROT_CPU_ISA="scalar"), check=True)
     assert out.stdout.strip() == "scalar"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_quarot import ops
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
 from vllm_quarot.quant import pack_kv, unpack_kv
+from vllm_quarot.runtime.ops import reference as ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"

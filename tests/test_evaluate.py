@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_quarot.evaluate import hf_perplexity, token_windows
+from vllm_quarot.eval.perplexity import hf_perplexity, token_windows
 
 
 class Uniform(torch.nn.Module):

@@ -10,16 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_quarot import cpu_kernels
 from vllm_quarot.hadamard import hadamard_factor, hadamard_matrix
-from vllm_quarot.kv_attention import (
+from vllm_quarot.quant import fake_quantize_asym
+from vllm_quarot.runtime.kv_attention import (
     KV4_DTYPE,
     QuaRotCPUAttentionImpl,
     pack_kv,
     slot_bytes,
     unpack_kv,
 )
-from vllm_quarot.quant import fake_quantize_asym
+from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 
 @pytest.mark.parametrize("d", [8, 64, 128])
@@ -37,7 +37,7 @@ def test_pack_unpack_is_the_asymmetric_4bit_quantizer(d):
 
 
 # "reference" = the PyTorch code; "native-<isa>" = csrc/cpu/kv4_attention.cpp on that path
-PATHS = ["reference"] + [f"native-{isa}" for isa in cpu_kernels.supported_isas()]
+PATHS = ["reference"] + [f"native-{isa}" for isa in cpu_ops.supported_isas()]
 
 
 @pytest.fixture(params=PATHS)
@@ -45,9 +45,9 @@ def path(request):
     if request.param == "reference":
         yield request.param
         return
-    previous = cpu_kernels.set_isa(request.param.removeprefix("native-"))
+    previous = cpu_ops.set_isa(request.param.removeprefix("native-"))
     yield request.param
-    cpu_kernels.set_isa(previous)
+    cpu_ops.set_isa(previous)
 
 
 def _impl(r3: bool, heads=4, kv_heads=2, d=64, path="reference"):
@@ -101,7 +101,7 @@ def test_attention_over_paged_kv4_matches_float64(r3, d, path):
         start += tq
 
 
-@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="native kernels not built")
+@pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="native kernels not built")
 @pytest.mark.parametrize("r3", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_cache_bytes_equal_the_reference(r3, dtype):

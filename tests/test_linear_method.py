@@ -6,15 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_quarot import cpu_kernels, cpu_wna16
-from vllm_quarot import linear_method as lm
 from vllm_quarot.format import (
     ActivationSpec,
+    OnlineHadamard,
     QuaRotFormat,
     RotationSpec,
     WeightSpec,
 )
 from vllm_quarot.quant import pack_weight, quantize_weight_rtn
+from vllm_quarot.runtime import linear_method as lm
+from vllm_quarot.runtime.kernels import vllm_wna16
+from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,12 +50,12 @@ def _layer(fmt: QuaRotFormat, online: bool, backend: str, shape: str, dtype: tor
            monkeypatch) -> tuple:
     """A loaded layer whose method chose `backend` (the others are switched off)."""
     n, k = SHAPES[shape]
-    monkeypatch.setattr(lm.cpu_kernels, "can_run", lambda *a: backend == "native" and
-                        cpu_kernels.AVAILABLE)
+    monkeypatch.setattr(lm.cpu_ops, "can_run", lambda *a: backend == "native" and
+                        cpu_ops.AVAILABLE)
     monkeypatch.setattr(lm.cpu_wna16, "can_run", lambda *a: backend == "vllm_wna16" and
-                        cpu_wna16.AVAILABLE)
-    monkeypatch.setattr(lm.triton_kernels, "usable", lambda dev: backend.startswith("triton"))
-    monkeypatch.setattr(lm.triton_kernels, "fused_hadamard_fits",
+                        vllm_wna16.AVAILABLE)
+    monkeypatch.setattr(lm.triton_ops, "usable", lambda dev: backend.startswith("triton"))
+    monkeypatch.setattr(lm.triton_ops, "fused_hadamard_fits",
                         lambda *a: backend == "triton")
     method = lm.QuaRotLinearMethod(fmt, online_hadamard=online, prefix="model.mlp.down_proj")
     layer = torch.nn.Module()
@@ -72,18 +74,18 @@ def _fmt(w_bits: int, a_bits: int | None, group_size: int, k: int) -> QuaRotForm
     act = None if a_bits is None else ActivationSpec(bits=a_bits, clip_ratio=0.9)
     return QuaRotFormat(
         scheme="test", weight=WeightSpec(bits=w_bits, group_size=group_size), activation=act,
-        kv_cache=None, rotation=RotationSpec(r4_size=k))
+        kv_cache=None, rotation=RotationSpec(r4=OnlineHadamard.of_size(k)))
 
 
 LAYERS = [(4, 4, -1, True), (4, 4, -1, False), (8, 8, -1, True), (4, None, -1, True)]
 BACKENDS = ["reference", "triton", "triton-unfused"] + (
-    ["native"] if cpu_kernels.AVAILABLE else [])
+    ["native"] if cpu_ops.AVAILABLE else [])
 # (backend, w_bits, a_bits, group size, online R4, shape, dtype); the native CPU path has
 # no weight-only GEMM: W4A16 takes vLLM's (bf16/fp16 only, sizes multiple of 32)
 CASES = [(b, *layer, "ragged", torch.float32) for b in BACKENDS for layer in LAYERS
          if not (b == "native" and layer[1] is None)] + (
     [("vllm_wna16", 4, None, gs, online, "x32", torch.bfloat16)
-     for gs, online in ((-1, True), (64, False), (128, True))] if cpu_wna16.AVAILABLE else [])
+     for gs, online in ((-1, True), (64, False), (128, True))] if vllm_wna16.AVAILABLE else [])
 
 
 @pytest.mark.parametrize(("backend", "w_bits", "a_bits", "gs", "online", "shape", "dtype"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vllm_quarot.ops  # noqa: F401
+import vllm_quarot.runtime.ops.reference  # noqa: F401
 from vllm_quarot.hadamard import hadamard_factor, hadamard_matrix
 from vllm_quarot.quant import pack_weight, qmax, quantize_weight_rtn, unpack_weight
 

@@ -12,9 +12,9 @@ from conftest import TINYSTORIES
 from tiny_models import STORIES_HF, make_random_model
 
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
-from vllm_quarot.gptq import HessianAccumulator, gptq_quantize
+from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
+from vllm_quarot.offline.quantize import QuantizeError, QuantizeOptions, quantize
 from vllm_quarot.quant import dequantize_weight, quantize_weight_rtn
-from vllm_quarot.quantizer import QuantizeError, QuantizeOptions, quantize
 
 RANDOM_ARCHS = [
     # arch, hidden, intermediate, heads, kv heads, tie

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_quarot import ops
-from vllm_quarot import triton_kernels as tk
 from vllm_quarot.hadamard import HadamardSizeError, hadamard_factor
+from vllm_quarot.runtime.ops import reference as ops
+from vllm_quarot.runtime.ops import triton as tk
 
 pytestmark = pytest.mark.skipif(not tk.AVAILABLE, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

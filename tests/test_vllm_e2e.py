@@ -17,9 +17,9 @@ import torch
 from conftest import TINYSTORIES
 from transformers import AutoTokenizer
 
-from vllm_quarot import cpu_kernels
-from vllm_quarot.quantizer import QuantizeOptions, quantize
-from vllm_quarot.simulate import load_simulated
+from vllm_quarot.eval.simulate import load_simulated
+from vllm_quarot.offline.quantize import QuantizeOptions, quantize
+from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 pytestmark = pytest.mark.vllm
 
@@ -112,12 +112,12 @@ def simulate(model: Path, results: list[dict], distinct: bool = True,
 def test_eager_matches_simulation(quarot_w4a4):
     out = run_vllm(quarot_w4a4, "--quantization", "quarot")
     assert out["quantization"] == "quarot"
-    if cpu_kernels.AVAILABLE:
-        assert f"run on native CPU kernels ({cpu_kernels.isa()})" in out["log"]
+    if cpu_ops.AVAILABLE:
+        assert f"run on native CPU kernels ({cpu_ops.isa()})" in out["log"]
     simulate(quarot_w4a4, out["results"])
 
 
-@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="covered by the test above")
+@pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="covered by the test above")
 def test_reference_ops_match_simulation(quarot_w4a4):
     """VLLM_QUAROT_NO_EXT=1: the pure-PyTorch ops serve the same tokens."""
     out = run_vllm(quarot_w4a4, VLLM_QUAROT_NO_EXT="1")

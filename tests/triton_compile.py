@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_quarot import triton_kernels as tk
+from vllm_quarot.runtime.ops import triton as tk
 
 # opt-in shared memory per block (bytes): A100, RTX 30xx/A10, RTX 40xx/L4/L40S, H100
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

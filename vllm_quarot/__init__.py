@@ -16,7 +16,7 @@ def register() -> None:
 
     if "quarot" in QUANTIZATION_METHODS:
         return
-    from vllm_quarot.quant_config import QuaRotConfig
+    from vllm_quarot.runtime.config import QuaRotConfig
 
     register_quantization_config("quarot")(QuaRotConfig)
 
@@ -28,4 +28,4 @@ def register() -> None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
         register_backend(AttentionBackendEnum.CPU_ATTN,
-                         "vllm_quarot.kv_attention.QuaRotCPUAttentionBackend")
+                         "vllm_quarot.runtime.kv_attention.QuaRotCPUAttentionBackend")

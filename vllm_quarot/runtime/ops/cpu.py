@@ -4,7 +4,7 @@ They register ``torch.ops.quarot_cpu.*``: a fused (online Hadamard +) per-token
 quantize, an integer GEMM over weights repacked once at load, the two in one
 ``linear`` call, and the KV4 cache write and attention. Without the extension (no
 compiler at install time, or VLLM_QUAROT_NO_EXT=1 at run time) the reference ops of
-``vllm_quarot.ops`` and ``vllm_quarot.kv_attention`` serve.
+``vllm_quarot.ops`` and ``vllm_quarot.runtime.kv_attention`` serve.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import os
 
 import torch
 
-_LIB = glob.glob(os.path.join(os.path.dirname(__file__), "_C_cpu*.so"))
+from vllm_quarot import envs
+
+_LIB = glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "_C_cpu*.so"))
 
 
 def _load() -> bool:
-    if os.environ.get("VLLM_QUAROT_NO_EXT") == "1" or not _LIB:
+    if envs.VLLM_QUAROT_NO_EXT or not _LIB:
         return False
     try:
         torch.ops.load_library(_LIB[0])

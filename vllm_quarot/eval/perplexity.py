@@ -69,7 +69,7 @@ def is_quarot_checkpoint(model_dir: str | Path) -> bool:
 def load_reference(model_dir: str | Path) -> torch.nn.Module:
     """The simulation of a QuaRot checkpoint, or the plain model in float32."""
     if is_quarot_checkpoint(model_dir):
-        from vllm_quarot.simulate import load_simulated
+        from vllm_quarot.eval.simulate import load_simulated
 
         return load_simulated(model_dir)
     from transformers import AutoModelForCausalLM

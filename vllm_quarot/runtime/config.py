@@ -69,7 +69,7 @@ class QuaRotConfig(QuantizationConfig):
         layer reads it); another explicit dtype is an error."""
         from vllm.config import get_current_vllm_config
 
-        from vllm_quarot.kv_attention import KV4_DTYPE
+        from vllm_quarot.runtime.kv_attention import KV4_DTYPE
 
         cache = get_current_vllm_config().cache_config
         if self.fmt.kv_cache is None or cache is None:
@@ -95,7 +95,7 @@ class QuaRotConfig(QuantizationConfig):
         name = prefix.rsplit(".", 1)[-1]
         if self.fmt.weight.bits >= 16 or name in self.fmt.ignore or prefix in self.fmt.ignore:
             return UnquantizedLinearMethod()  # kv4 scheme: 16-bit (rotated) weights
-        from vllm_quarot.linear_method import QuaRotLinearMethod
+        from vllm_quarot.runtime.linear_method import QuaRotLinearMethod
 
         online = name == "down_proj" and self.fmt.rotation.r4_size > 0
         return QuaRotLinearMethod(self.fmt, online_hadamard=online, prefix=prefix)

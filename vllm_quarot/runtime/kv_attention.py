@@ -32,9 +32,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import KVQuantMode
 
-from vllm_quarot import cpu_kernels
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
 from vllm_quarot.quant import pack_kv, slot_bytes, unpack_kv
+from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 KV4_DTYPE = "int4_per_token_head"
 
@@ -113,7 +113,7 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         if r3 and r3 != self.head_size:
             raise ValueError(f"checkpoint R3 size {r3} != head_dim {self.head_size}")
         self.had = hadamard_factor(self.head_size, torch.float32) if r3 else None
-        self.native = cpu_kernels.AVAILABLE
+        self.native = cpu_ops.AVAILABLE
 
     def _r3(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.had is None else hadamard_transform(x.float(), self.had)

@@ -18,11 +18,13 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-import vllm_quarot.ops  # noqa: F401  (registers torch.ops.quarot.*)
-from vllm_quarot import cpu_kernels, cpu_wna16, triton_kernels
+import vllm_quarot.runtime.ops.reference  # noqa: F401  (registers torch.ops.quarot.*)
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import HadamardSizeError, hadamard_factor
 from vllm_quarot.quant import unpack_weight
+from vllm_quarot.runtime.kernels import vllm_wna16
+from vllm_quarot.runtime.ops import cpu as cpu_ops
+from vllm_quarot.runtime.ops import triton as triton_ops
 
 logger = init_logger("vllm.quarot")  # under "vllm": printed with its log config
 
@@ -104,17 +106,17 @@ class QuaRotLinearMethod(LinearMethodBase):
         w = self.fmt.weight
         k = layer.quarot_in_features
         if (device.type == "cpu" and self.fmt.activation is not None
-                and cpu_kernels.can_run(w.bits, k, w.group_size)):
+                and cpu_ops.can_run(w.bits, k, w.group_size)):
             return "native"
-        if (device.type == "cpu" and self.fmt.activation is None and cpu_wna16.can_run(
+        if (device.type == "cpu" and self.fmt.activation is None and vllm_wna16.can_run(
                 w.bits, k, layer.quarot_out_features, w.group_size,
                 layer.quarot_params_dtype)):
             return "vllm_wna16"
-        if triton_kernels.usable(device) and triton_kernels.can_run(w.bits, k, w.group_size):
+        if triton_ops.usable(device) and triton_ops.can_run(w.bits, k, w.group_size):
             if not self.online_hadamard:
                 return "triton"
             try:
-                triton_kernels.hadamard_plan(k)
+                triton_ops.hadamard_plan(k)
                 return "triton"
             except HadamardSizeError:
                 pass
@@ -130,17 +132,17 @@ class QuaRotLinearMethod(LinearMethodBase):
         scale = layer.weight_scale.data.float().contiguous()
         layer.quarot_backend = self._backend(layer, codes.device)
         logger.info_once("QuaRot linear layers run on %s", {
-            "native": f"native CPU kernels ({cpu_kernels.isa()})",
+            "native": f"native CPU kernels ({cpu_ops.isa()})",
             "vllm_wna16": "vLLM's CPU W4A16 kernel (cpu_gemm_wna16)",
-            "triton": "Triton kernels" + (" (interpreted)" if triton_kernels.INTERPRET else ""),
+            "triton": "Triton kernels" + (" (interpreted)" if triton_ops.INTERPRET else ""),
             "reference": "the reference torch ops",
         }[layer.quarot_backend])
         repack = {
             "native": lambda: (torch.ops.quarot_cpu.repack_weight(codes, w.bits),
                                torch.ops.quarot_cpu.repack_scale(scale)),
-            "vllm_wna16": lambda: cpu_wna16.repack(codes, scale, layer.quarot_params_dtype),
-            "triton": lambda: (triton_kernels.repack_weight(codes, w.bits),
-                               triton_kernels.repack_scale(scale)),
+            "vllm_wna16": lambda: vllm_wna16.repack(codes, scale, layer.quarot_params_dtype),
+            "triton": lambda: (triton_ops.repack_weight(codes, w.bits),
+                               triton_ops.repack_scale(scale)),
         }.get(layer.quarot_backend)
         if repack is not None:
             w_rep, scale_rep = repack()
@@ -158,7 +160,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         layer.quarot_fused_hadamard = False
         dynamic = self.fmt.activation is not None and not self.static
         if self.online_hadamard and dynamic and layer.quarot_backend == "triton":
-            layer.quarot_fused_hadamard = triton_kernels.fused_hadamard_fits(
+            layer.quarot_fused_hadamard = triton_ops.fused_hadamard_fits(
                 layer.quarot_in_features, codes.device, torch.get_default_dtype())
             if not layer.quarot_fused_hadamard:
                 logger.warning_once(
@@ -191,10 +193,10 @@ class QuaRotLinearMethod(LinearMethodBase):
             return self._apply_triton(layer, x, bias)
         if layer.quarot_backend == "vllm_wna16":
             if self.online_hadamard:
-                had = torch.ops.quarot_cpu.hadamard if cpu_kernels.AVAILABLE else (
+                had = torch.ops.quarot_cpu.hadamard if cpu_ops.AVAILABLE else (
                     torch.ops.quarot.hadamard)
                 x = had(x.contiguous(), layer.quarot_had_k)
-            return cpu_wna16.linear(x, layer.weight_repacked, layer.weight_scale_t, bias)
+            return vllm_wna16.linear(x, layer.weight_repacked, layer.weight_scale_t, bias)
         if self.online_hadamard:
             x = torch.ops.quarot.hadamard(x, layer.quarot_had_k)
         if act is None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from vllm_quarot.checkpoint import TensorSource
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
+from vllm_quarot.offline.checkpoint import TensorSource
 from vllm_quarot.quant import (
     dequantize_weight,
     fake_quantize_asym,

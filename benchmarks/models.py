@@ -7,7 +7,7 @@ transformers de-quantize it, and save an ordinary bfloat16 safetensors checkpoin
 (plus tokenizer and generation config) that vLLM and transformers can load.
 
 The result is cached; building it happens only once.  Run
-``python -m vllm_quarot.fetch`` to build (if needed) and print the directory.
+``python benchmarks/models.py`` to build (if needed) and print the directory.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _STALE_STAGING_S = 6 * 3600
 def _log(msg: str) -> None:
     """Report progress on stderr (and to logging) since a first build takes a while."""
     logger.info(msg)
-    print(f"[vllm_quarot.fetch] {msg}", file=sys.stderr, flush=True)
+    print(f"[benchmarks/models] {msg}", file=sys.stderr, flush=True)
 
 
 def default_cache_dir() -> Path:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_quarot.fetch", description=__doc__.splitlines()[0]
+        prog="python benchmarks/models.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--cache-dir",
