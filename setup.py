@@ -1,9 +1,10 @@
 """Builds the C++/CUDA kernels in csrc/ when a toolchain is present.
 
 csrc/cpu/*.cpp -> vllm_quarot/_C_cpu (any compiler; ISA chosen at run time);
-csrc/cuda/*.cu -> vllm_quarot/_C_cuda (only with nvcc and a CUDA build of torch).
+csrc/cuda/*.cu -> vllm_quarot/_C_cuda: experimental, nothing calls it yet, so built only
+when asked for (VLLM_QUAROT_CUDA_EXT=1, with nvcc and a CUDA build of torch).
 Without them (or with VLLM_QUAROT_NO_EXT=1) the package installs pure Python and the
-torch reference ops in vllm_quarot/ops.py serve every layer.
+torch reference ops in vllm_quarot/runtime/ops/reference.py serve every layer.
 """
 
 import glob
@@ -33,7 +34,8 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    if cuda_sources and torch.version.cuda and shutil.which("nvcc"):
+    want_cuda = os.environ.get("VLLM_QUAROT_CUDA_EXT") == "1"
+    if want_cuda and cuda_sources and torch.version.cuda and shutil.which("nvcc"):
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
         exts.append(CUDAExtension(
             "vllm_quarot._C_cuda",

@@ -1,5 +1,6 @@
-"""Per-layer CPU speed: our native W4A4 linear vs bf16 and vLLM's int8 W8A8, side by side;
-also QuaRot W4A16 as the plugin serves it on CPU (vLLM's cpu_gemm_wna16 on repacked codes).
+"""Per-layer CPU speed: our native W4A4 and W8A8 linears vs bf16 and vLLM's int8 W8A8,
+side by side; also QuaRot W4A16 as the plugin serves it on this CPU (the kernel its
+chooser picks: vLLM's CPUWNA16 where this vLLM build has it, else the reference ops).
 
 Llama-2-7B shapes (4096→4096 q/k/v/o, 4096→11008 gate/up, 11008→4096 down_proj with
 the online R4 Hadamard of 11008 = 172·64 fused into quantization). Every contender's
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 import vllm._custom_ops as vops
+from common import kernel_layer, single_process_group
 
 from vllm_quarot.hadamard import hadamard_factor
-from vllm_quarot.runtime.kernels import vllm_wna16
+from vllm_quarot.runtime.kernels import LinearConfig, NativeCPULinearKernel
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 from vllm_quarot.runtime.ops import reference as ops
 
@@ -51,8 +53,13 @@ def contenders(k: int, n: int, copies: int, r4: bool):
     g = torch.Generator().manual_seed(0)
     had = hadamard_factor(k, torch.float32) if r4 else None
     out = {"torch bf16": [], "vLLM oneDNN bf16": [], "vLLM W8A8 (int8)": [],
-           "QuaRot W4A4 torch ops": [], "QuaRot W4A4 native": [],
-           "QuaRot W4A16 (vLLM wna16)": []}
+           "QuaRot W8A8 native": [], "QuaRot W4A4 torch ops": [], "QuaRot W4A4 native": [],
+           "QuaRot W4A16": []}
+
+    def cfg(w_bits: int, a_bits: int | None) -> LinearConfig:
+        return LinearConfig(w_bits, -1, a_bits, 1.0, False, k, n, torch.bfloat16,
+                            k if r4 else 0, "cpu")
+    w16_kernel = ""
     for _ in range(copies):
         w = torch.randn(n, k, generator=g, dtype=torch.bfloat16) * 0.02
         out["torch bf16"].append(lambda x, w=w: torch.nn.functional.linear(x, w))
@@ -68,6 +75,8 @@ def contenders(k: int, n: int, copies: int, r4: bool):
             vops.onednn_scaled_mm(h8, xq, o, xs, None, None, None)
             return o
         out["vLLM W8A8 (int8)"].append(w8a8)
+        out["QuaRot W8A8 native"].append(kernel_layer(
+            NativeCPULinearKernel, cfg(8, 8), w8, s8.reshape(n, 1).float())[0])
         w4 = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
         s4 = torch.rand(n, 1, generator=g) * 1e-2
 
@@ -79,12 +88,9 @@ def contenders(k: int, n: int, copies: int, r4: bool):
         out["QuaRot W4A4 native"].append(
             lambda x, wp=wp, st=st: torch.ops.quarot_cpu.linear(x, had, wp, st, None, n, 4, 4,
                                                                 1.0, None))
-        w16, s16 = vllm_wna16.repack(w4, s4, torch.bfloat16)
-
-        def w4a16(x, w16=w16, s16=s16):  # what linear_method runs for W4A16 in bf16
-            xr = torch.ops.quarot_cpu.hadamard(x, had) if r4 else x
-            return vllm_wna16.linear(xr, w16, s16, None)
-        out["QuaRot W4A16 (vLLM wna16)"].append(w4a16)
+        w4a16, w16_kernel = kernel_layer(None, cfg(4, None), w4, s4)  # as the plugin serves
+        out["QuaRot W4A16"].append(w4a16)
+    print(f"{k}→{n}: QuaRot W4A16 runs on {w16_kernel}", flush=True)
     return out
 
 
@@ -96,6 +102,11 @@ def main() -> None:
     args = ap.parse_args()
     if not cpu_ops.AVAILABLE:
         raise SystemExit("the native CPU kernels are not built (vllm_quarot/_C_cpu missing)")
+    with single_process_group():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     print(f"# CPU per-layer benchmark: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, kernels: {cpu_ops.isa()}")
@@ -115,14 +126,15 @@ def main() -> None:
     names = list(rows[0][2])
     lines = ["| layer | M | " + " | ".join(f"{nm} ms" for nm in names)
              + " | W4A4 native vs torch bf16 | vs vLLM oneDNN bf16 | vs vLLM W8A8 "
-             "| W4A16 vs torch bf16 |",
-             "|---|---:|" + "---:|" * (len(names) + 4)]
+             "| QuaRot W8A8 native vs vLLM W8A8 | W4A16 vs torch bf16 |",
+             "|---|---:|" + "---:|" * (len(names) + 5)]
     for shape, m, t, base in rows:
         ours = t["QuaRot W4A4 native"]
         lines.append(f"| {shape} | {m} | " + " | ".join(f"{t[nm]:.3f}" for nm in names)
                      + f" | {base / ours:.2f}× | {t['vLLM oneDNN bf16'] / ours:.2f}× | "
                      f"{t['vLLM W8A8 (int8)'] / ours:.2f}× "
-                     f"| {base / t['QuaRot W4A16 (vLLM wna16)']:.2f}× |")
+                     f"| {t['vLLM W8A8 (int8)'] / t['QuaRot W8A8 native']:.2f}× "
+                     f"| {base / t['QuaRot W4A16']:.2f}× |")
     table = "\n".join(lines)
     print()
     print(table)

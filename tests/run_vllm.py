@@ -25,6 +25,8 @@ if __name__ == "__main__":
     ap.add_argument("--sequential", action="store_true",
                     help="one request at a time (later ones hit the prefix cache)")
     ap.add_argument("--prompt-file", default=None, help="JSON list of prompts (replaces args)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
     a = ap.parse_args()
     prompts = json.load(open(a.prompt_file)) if a.prompt_file else a.prompts
 
@@ -41,6 +43,9 @@ if __name__ == "__main__":
         kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=True,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        tensor_parallel_size=a.tp,
+        pipeline_parallel_size=a.pp,
+        distributed_executor_backend="mp" if a.tp * a.pp > 1 else None,
     )
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True, prompt_logprobs=0

@@ -1,6 +1,6 @@
 """vllm-quarot: serve QuaRot-rotated low-bit checkpoints with vLLM."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def register() -> None:
@@ -14,6 +14,9 @@ def register() -> None:
         register_quantization_config,
     )
 
+    from vllm_quarot.runtime import vllm_patches  # vLLM fixes, in every process
+
+    vllm_patches.apply()
     if "quarot" in QUANTIZATION_METHODS:
         return
     from vllm_quarot.runtime.config import QuaRotConfig

@@ -13,7 +13,8 @@ from typing import Any
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 
 QUANT_METHOD = "quarot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor_parallel_blocks (block-diagonal R4); 1 reads as 1 block
+READABLE_VERSIONS = (1, 2)
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -23,8 +24,15 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
-class CheckpointFormatError(ValueError):
-    """The checkpoint's quantization_config is not a valid QuaRot format v1 section."""
+class CheckpointFormatError(Exception):
+    """The checkpoint is not a valid QuaRot format v1 checkpoint (its quantization_config,
+    or its tensors: ``vllm_quarot.validate``).
+
+    Deliberately not a ValueError: vLLM's config classes are pydantic dataclasses, and
+    pydantic turns a ValueError raised in a config hook (``from_config``,
+    ``maybe_update_config``, ``override_quantization_method``) into a multi-line
+    ValidationError that dumps every engine argument; any other exception reaches
+    ``LLM(...)`` / ``vllm serve`` as it is, one line."""
 
 
 @dataclass(frozen=True)
@@ -58,39 +66,73 @@ R1_KINDS = ("randomized-hadamard", "none")
 
 
 @dataclass(frozen=True)
+class SchemeSpec:
+    """What a scheme name promises about the sections (checked against them on load)."""
+
+    weight_bits: int
+    activation_bits: int | None  # None: 16-bit activations
+    activation_mode: str | None  # "per-token" | "static-per-tensor" | None
+    kv_bits: int | None  # None: 16-bit KV cache
+
+    def describe(self) -> str:
+        act = ("activation none" if self.activation_bits is None
+               else f"activation {self.activation_bits}-bit {self.activation_mode}")
+        kv = "kv_cache none" if self.kv_bits is None else f"kv_cache {self.kv_bits}-bit"
+        return f"weight {self.weight_bits}-bit, {act}, {kv}"
+
+
+# The schemes the quantizer writes (``vllm-quarot quantize --scheme``).
+SCHEMES: dict[str, SchemeSpec] = {
+    "w4a4kv4": SchemeSpec(4, 4, "per-token", 4),
+    "w4a4": SchemeSpec(4, 4, "per-token", None),
+    "w8a8": SchemeSpec(8, 8, "per-token", None),
+    "w8a8-static": SchemeSpec(8, 8, "static-per-tensor", None),
+    "w4a16": SchemeSpec(4, None, None, None),
+    "kv4": SchemeSpec(16, None, None, 4),
+}
+
+
+@dataclass(frozen=True)
 class OnlineHadamard:
     """An online rotation (R3, R4) as the quantizer built it (``hadamard.fingerprint``):
     the runtime rebuilds the matrix and refuses a checkpoint whose stored one differs."""
 
-    size: int
-    factors: tuple[int, int]  # (K, 2^k), K·2^k == size
+    size: int  # the whole dimension it rotates
+    factors: tuple[int, int]  # (K, 2^k) of one block: K·2^k·blocks == size
     construction: str | None = None  # None / "": written by a version that did not store it
     sha256: str | None = None  # of the ±1 K×K factor
+    blocks: int = 1  # block-diagonal I_blocks ⊗ H_{size/blocks} (tensor-parallel R4)
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
 
     @classmethod
-    def of_size(cls, size: int) -> OnlineHadamard:
-        fp = fingerprint(size)
-        return cls(size, tuple(fp["hadamard"]), fp["construction"], fp["sha256"])  # type: ignore[arg-type]
+    def of_size(cls, size: int, blocks: int = 1) -> OnlineHadamard:
+        fp = fingerprint(size // blocks)
+        return cls(size, tuple(fp["hadamard"]), fp["construction"], fp["sha256"],  # type: ignore[arg-type]
+                   blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "hadamard": list(self.factors),
+        return {"size": self.size, "blocks": self.blocks, "hadamard": list(self.factors),
                 "construction": self.construction, "sha256": self.sha256}
 
     def check(self, name: str) -> None:
-        """The Hadamard this version builds for ``size`` is the stored one."""
+        """The Hadamard this version builds for ``size / blocks`` is the stored one."""
         k, pow2 = self.factors
-        if k * pow2 != self.size:
+        if self.blocks < 1 or k * pow2 * self.blocks != self.size:
             raise CheckpointFormatError(
-                f"{name}.hadamard {list(self.factors)} does not multiply to {self.size}")
+                f"{name}.hadamard {list(self.factors)} × {self.blocks} blocks does not "
+                f"multiply to {self.size}")
         try:
-            fp = fingerprint(self.size)
+            fp = fingerprint(self.block_size)
         except HadamardSizeError as e:
             raise CheckpointFormatError(f"{name}: {e}") from e
         stored = (list(self.factors), self.construction or fp["construction"],
                   self.sha256 or fp["sha256"])
         if stored != (fp["hadamard"], fp["construction"], fp["sha256"]):
             raise CheckpointFormatError(
-                f"{name}: the checkpoint's online Hadamard of order {self.size} "
+                f"{name}: the checkpoint's online Hadamard of order {self.block_size} "
                 f"({self.construction or '?'} {list(self.factors)}, sha256 "
                 f"{(self.sha256 or '?')[:12]}) is not the one this vllm-quarot builds "
                 f"({fp['construction']} {fp['hadamard']}, sha256 {fp['sha256'][:12]}): its "
@@ -126,6 +168,10 @@ class QuaRotFormat:
     rotation: RotationSpec
     ignore: tuple[str, ...] = ("lm_head",)
     quantizer: dict[str, Any] = field(default_factory=dict)
+    # N: the checkpoint serves at tensor parallelism T for every T dividing N with the same
+    # numbers: R4 is I_N ⊗ H_{n/N} and the inputs of the row-parallel linears (o_proj,
+    # down_proj) are quantized per (token, block of in_features/N)
+    tp_blocks: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         r = self.rotation
@@ -133,6 +179,7 @@ class QuaRotFormat:
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
             "scheme": self.scheme,
+            "tensor_parallel_blocks": self.tp_blocks,
             "weight": dataclasses.asdict(self.weight),
             "activation": None if self.activation is None else dataclasses.asdict(self.activation),
             "kv_cache": None if self.kv_cache is None else dataclasses.asdict(self.kv_cache),
@@ -155,10 +202,10 @@ class QuaRotFormat:
             raise CheckpointFormatError(
                 f"not a QuaRot checkpoint: quant_method is {cfg.get('quant_method')!r}"
             )
-        if cfg.get("format_version") != FORMAT_VERSION:
+        if cfg.get("format_version") not in READABLE_VERSIONS:
             raise CheckpointFormatError(
                 f"unsupported QuaRot format_version {cfg.get('format_version')!r}; "
-                f"this vllm-quarot reads version {FORMAT_VERSION}"
+                f"this vllm-quarot reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             weight = WeightSpec(**_section(cfg, "weight"))
@@ -180,14 +227,18 @@ class QuaRotFormat:
             raise
         except (TypeError, ValueError, KeyError) as e:  # unknown, missing or mistyped keys
             raise CheckpointFormatError(f"malformed quantization_config: {e}") from e
+        scheme = cfg.get("scheme")
+        if scheme is None:  # hand-written section: named after what it says
+            scheme = _scheme_of(weight, activation, kv_cache) or "custom"
         fmt = cls(
-            scheme=str(cfg.get("scheme", "custom")),
+            scheme=str(scheme),
             weight=weight,
             activation=activation,
             kv_cache=kv_cache,
             rotation=rotation,
             ignore=tuple(cfg.get("ignore", ("lm_head",))),
             quantizer=dict(cfg.get("quantizer") or {}),
+            tp_blocks=cfg.get("tensor_parallel_blocks", 1),
         )
         fmt.validate()
         return fmt
@@ -223,9 +274,88 @@ class QuaRotFormat:
         if r.r1_kind not in R1_KINDS:
             raise CheckpointFormatError(
                 f"rotation.r1.kind must be one of {', '.join(R1_KINDS)}, got {r.r1_kind!r}")
+        if not isinstance(self.tp_blocks, int) or self.tp_blocks < 1:
+            raise CheckpointFormatError(
+                f"tensor_parallel_blocks must be a positive integer, got {self.tp_blocks!r}")
+        if r.r4 is not None and r.r4.blocks != self.tp_blocks:
+            raise CheckpointFormatError(
+                f"rotation.r4.blocks is {r.r4.blocks} but tensor_parallel_blocks is "
+                f"{self.tp_blocks}: the two must agree")
+        if r.r3 is not None and r.r3.blocks != 1:
+            raise CheckpointFormatError("rotation.r3 is one Hadamard per head: blocks must be 1")
         for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
             if online is not None:
                 online.check(name)
+        self._check_scheme()
+        self._check_rotation_record()
+
+    def sections(self) -> SchemeSpec:
+        """The scheme the weight / activation / kv_cache sections describe."""
+        return _sections(self.weight, self.activation, self.kv_cache)
+
+    def _check_scheme(self) -> None:
+        """The scheme is one we know, and it names what the sections say."""
+        spec = SCHEMES.get(self.scheme)
+        if self.scheme == "custom" and spec is None:
+            raise CheckpointFormatError(
+                f"quantization_config has no scheme, and its sections "
+                f"({self.sections().describe()}) match none this vllm-quarot serves: "
+                f"{', '.join(SCHEMES)}")
+        if spec is None:
+            raise CheckpointFormatError(
+                f"unknown scheme {self.scheme!r}; this vllm-quarot serves "
+                f"{', '.join(SCHEMES)}")
+        got = self.sections()
+        if got != spec:
+            raise CheckpointFormatError(
+                f"scheme {self.scheme!r} means {spec.describe()}, but the sections say "
+                f"{got.describe()}: quantization_config was edited or damaged "
+                "(re-quantize, or restore the section)")
+
+    def _check_rotation_record(self) -> None:
+        """The online rotations agree with what the quantizer recorded doing.
+
+        ``quantizer.rotate`` (quarot | r1r2 | none) and ``quantizer.online_hadamard``
+        (bool; absent in checkpoints of vllm-quarot <= 0.1, then only contradictions
+        provable without it are refused) tell whether the down_proj weights carry R4
+        and whether keys were calibrated behind R3.
+        """
+        q, r = self.quantizer, self.rotation
+        rotate = q.get("rotate")
+        if rotate is None:
+            return  # not recorded (another tool): nothing to compare with
+        act, kv = self.activation is not None, self.kv_cache is not None
+        if rotate in ("none", "r1r2"):
+            for name, present in (("rotation.r3", r.r3 is not None),
+                                  ("rotation.r4", r.r4 is not None)):
+                if present:
+                    raise CheckpointFormatError(
+                        f"{name} is set but quantizer.rotate is {rotate!r}: the weights "
+                        "carry no online Hadamard, the runtime would apply one anyway")
+            if rotate == "none" and r.r1_kind != "none":
+                raise CheckpointFormatError(
+                    f"rotation.r1.kind is {r.r1_kind!r} but quantizer.rotate is 'none'")
+            return
+        if rotate != "quarot":
+            return
+        recorded = q.get("online_hadamard")
+        # not recorded (vllm-quarot <= 0.1): R3 proves the online Hadamards were on
+        online = recorded if recorded is not None else (True if r.r3 else None)
+        for name, used, present, what in (
+            ("rotation.r4", act, r.r4 is not None, "down_proj's weights carry R4"),
+            ("rotation.r3", kv, r.r3 is not None, "keys were calibrated behind R3"),
+        ):
+            if present and (online is False or not used):
+                raise CheckpointFormatError(
+                    f"{name} is set, but the quantizer did not rotate for it (rotate "
+                    f"'quarot', online_hadamard {str(recorded).lower()}, scheme "
+                    f"{self.scheme!r}): the runtime would apply a Hadamard the weights "
+                    "do not carry")
+            if used and online and not present:
+                raise CheckpointFormatError(
+                    f"{name} is null, but the quantizer applied it (rotate 'quarot' with "
+                    f"online Hadamards, scheme {self.scheme!r}): {what}, so the runtime "
+                    f"must apply it online; restore {name} from the original config.json")
 
     def check_model(self, hf_config: Any) -> None:
         """The checkpoint was made for this architecture and these sizes."""
@@ -250,6 +380,43 @@ class QuaRotFormat:
                     f"{name} is {got} but the model has size {want}: checkpoint and "
                     "config.json do not match"
                 )
+        n, attn = self.tp_blocks, hf_config.num_attention_heads * head_dim
+        if attn % n or hf_config.intermediate_size % n:
+            raise CheckpointFormatError(
+                f"tensor_parallel_blocks {n} does not divide the inputs of o_proj ({attn}) "
+                f"and down_proj ({hf_config.intermediate_size})")
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Serving at tensor parallelism tp_size gives this checkpoint's numbers: each
+        rank holds whole blocks of the row-parallel inputs (and of R4). Weight-only and
+        static-activation checkpoints without R4 compute the same at any size."""
+        if tp_size == 1 or self.tp_blocks % tp_size == 0:
+            return
+        dynamic = self.activation is not None and not self.activation.static
+        if self.rotation.r4 is None and not dynamic:
+            return
+        what = ("its online R4 Hadamard spans the whole intermediate size"
+                if self.tp_blocks == 1 and self.rotation.r4 is not None else
+                f"it was quantized for tensor parallelism up to {self.tp_blocks} "
+                f"(tensor_parallel_blocks {self.tp_blocks})")
+        raise CheckpointFormatError(
+            f"--tensor-parallel-size {tp_size} cannot serve this checkpoint: {what}. "
+            f"Quantize it with `vllm-quarot quantize ... --tp {tp_size}` (or a multiple "
+            f"of {tp_size}), or serve it at a tensor-parallel size dividing "
+            f"{self.tp_blocks}")
+
+
+def _sections(weight: WeightSpec, activation: ActivationSpec | None,
+              kv_cache: KVCacheSpec | None) -> SchemeSpec:
+    return SchemeSpec(weight.bits, activation.bits if activation else None,
+                      activation.dynamic if activation else None,
+                      kv_cache.bits if kv_cache else None)
+
+
+def _scheme_of(weight: WeightSpec, activation: ActivationSpec | None,
+               kv_cache: KVCacheSpec | None) -> str | None:
+    got = _sections(weight, activation, kv_cache)
+    return next((name for name, spec in SCHEMES.items() if spec == got), None)
 
 
 def _online_hadamard(rot: dict[str, Any], key: str) -> OnlineHadamard | None:
@@ -259,9 +426,10 @@ def _online_hadamard(rot: dict[str, Any], key: str) -> OnlineHadamard | None:
     size = int(sec["size"])
     # v1 checkpoints before 0.3 stored R3 as {"size"} only (a power of two or a K·2^k
     # whose factors this version derives the same way)
-    factors = sec.get("hadamard") or _factors(size)
+    blocks = int(sec.get("blocks", 1))
+    factors = sec.get("hadamard") or _factors(size // max(blocks, 1))
     return OnlineHadamard(size, (int(factors[0]), int(factors[1])),
-                          sec.get("construction"), sec.get("sha256"))
+                          sec.get("construction"), sec.get("sha256"), blocks)
 
 
 def _factors(size: int) -> list[int]:

@@ -10,6 +10,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
 from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, QuaRotFormat
 
@@ -57,11 +58,19 @@ class QuaRotConfig(QuantizationConfig):
     ) -> str | None:
         if hf_quant_cfg.get("quant_method") == QUANT_METHOD:
             return QUANT_METHOD
+        from vllm_quarot.validate import check_quant_method
+
+        check_quant_method(hf_quant_cfg)  # ours, but quant_method lost: say so
         return None
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision=None):
         if hf_config is not None:
             self.fmt.check_model(hf_config)
+            # runs in the process that builds VllmConfig (LLM / vllm serve), before the
+            # engine starts: a damaged checkpoint is refused with one line
+            from vllm_quarot.validate import validate_model
+
+            validate_model(model_name, hf_config, self.fmt)
 
     def _select_kv_cache_dtype(self) -> None:
         """A checkpoint with a kv_cache section runs with the 4-bit cache it was
@@ -92,10 +101,14 @@ class QuaRotConfig(QuantizationConfig):
         self._select_kv_cache_dtype()
         if not isinstance(layer, LinearBase):
             return None
-        name = prefix.rsplit(".", 1)[-1]
-        if self.fmt.weight.bits >= 16 or name in self.fmt.ignore or prefix in self.fmt.ignore:
+        if self.fmt.weight.bits >= 16 or is_layer_skipped(
+                prefix, list(self.fmt.ignore), self.packed_modules_mapping, match_mode="suffix"):
             return UnquantizedLinearMethod()  # kv4 scheme: 16-bit (rotated) weights
         from vllm_quarot.runtime.linear_method import QuaRotLinearMethod
+        from vllm_quarot.runtime.schemes import scheme_for
+        from vllm_quarot.runtime.transform import HadamardTransform
 
-        online = name == "down_proj" and self.fmt.rotation.r4_size > 0
-        return QuaRotLinearMethod(self.fmt, online_hadamard=online, prefix=prefix)
+        r4 = self.fmt.rotation.r4
+        down = prefix.rsplit(".", 1)[-1] == "down_proj"
+        return QuaRotLinearMethod(scheme_for(self.fmt),
+                                  HadamardTransform(r4) if down and r4 else None, prefix)

@@ -20,9 +20,12 @@ blocks, then softmax attention) is their reference and the fallback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
+import vllm.v1.attention.backends.cpu_attn as cpu_attn
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -70,8 +73,30 @@ class QuaRotCPUAttentionBackend(CPUAttentionBackend):
         return QuaRotCPUAttentionMetadataBuilder
 
 
+@contextlib.contextmanager
+def _isa_probe_as_16bit() -> Iterator[None]:
+    """vLLM's CPU ISA probe (``_get_attn_isa``) refuses every quantized cache dtype on
+    CPUs without AVX-512 or AMX (its fp8 kernels need them); the 4-bit cache runs this
+    backend's own kernels, so the probe is asked about a 16-bit cache instead."""
+    probe = cpu_attn._get_attn_isa
+
+    def as_16bit(dtype, block_size, head_size=None, kv_cache_dtype=None):
+        return probe(dtype, block_size, head_size, None)
+
+    cpu_attn._get_attn_isa = as_16bit
+    try:
+        yield
+    finally:
+        cpu_attn._get_attn_isa = probe
+
+
 class QuaRotCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     """The stock builder, minus the C++ scheduler metadata that KV4 does not use."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        kv4 = vllm_config.cache_config.cache_dtype == KV4_DTYPE
+        with _isa_probe_as_16bit() if kv4 else contextlib.nullcontext():
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if self.kv_cache_dtype != KV4_DTYPE:

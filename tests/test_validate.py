@@ -1,0 +1,321 @@
+"""Damaged QuaRot checkpoints are refused at load with one line naming what is wrong
+(vllm_quarot/validate.py, the scheme checks of vllm_quarot/format.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINYSTORIES
+from safetensors.torch import load_file, save_file
+from tiny_models import make_random_model
+from transformers import AutoConfig
+
+from vllm_quarot.format import CheckpointFormatError, OnlineHadamard, QuaRotFormat
+from vllm_quarot.offline.quantize import QuantizeOptions, quantize
+from vllm_quarot.validate import check_quant_method, validate_checkpoint
+
+L0 = "model.layers.0."
+
+
+@pytest.fixture(scope="module")
+def rtn_w4a4(tmp_path_factory, random_llama) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "w4a4-rtn"
+    quantize(random_llama, out, QuantizeOptions(scheme="w4a4", weight_method="rtn"))
+    return out
+
+
+def damaged(src: Path, dst: Path, edit: Callable[[dict], None] | None = None,
+            cfg: Callable[[dict], None] | None = None) -> Path:
+    """A copy of checkpoint src: unchanged files symlinked, the tensors passed through
+    ``edit`` (a dict name -> tensor changed in place), config.json's
+    quantization_config through ``cfg``."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == "config.json" or (edit and f.suffix == ".safetensors"):
+            continue
+        (dst / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    if cfg:
+        cfg(config["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(config))
+    if edit:
+        tensors = load_file(src / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def validate(model_dir: Path) -> None:
+    """What maybe_update_config runs: the section, then the tensors."""
+    hf = AutoConfig.from_pretrained(model_dir)
+    fmt = QuaRotFormat.from_dict(hf.quantization_config)
+    fmt.check_model(hf)
+    validate_checkpoint(model_dir, fmt, hf)
+
+
+def refused(model_dir: Path) -> str:
+    with pytest.raises(CheckpointFormatError) as e:
+        validate(model_dir)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ----------------------------------------------------------------- valid checkpoints
+
+def test_valid_checkpoint_passes_in_under_a_second(quarot_w4a4):
+    t0 = time.perf_counter()
+    validate(quarot_w4a4)
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(("arch", "scheme", "group_size"), [
+    ("qwen2", "w4a16", 64), ("qwen3", "w4a4kv4", -1), ("llama", "kv4", -1),
+    ("mistral", "w8a8-static", 64)])
+def test_other_schemes_and_architectures_pass(tmp_path, shared_data, arch, scheme,
+                                              group_size):
+    """Qwen2's q/k/v biases, Qwen3's q_norm/k_norm, 16-bit weights (kv4), static
+    input scales, group-wise scales."""
+    src = make_random_model(tmp_path / "m", arch, layers=1)
+    out = tmp_path / "q"
+    quantize(src, out, QuantizeOptions(scheme=scheme, weight_method="rtn",
+                                       group_size=group_size, calib=str(TINYSTORIES),
+                                       nsamples=2, seqlen=32))
+    validate(out)
+    if arch == "qwen2":
+        bad = damaged(out, tmp_path / "bad", edit=lambda t: t.pop(f"{L0}self_attn.v_proj.bias"))
+        assert f"tensor {L0}self_attn.v_proj.bias is missing (bias" in refused(bad)
+    if arch == "qwen3":
+        bad = damaged(out, tmp_path / "bad", edit=lambda t: t.pop(f"{L0}self_attn.k_norm.weight"))
+        assert f"tensor {L0}self_attn.k_norm.weight is missing" in refused(bad)
+
+
+# ------------------------------------------------------------------- tensor damage
+
+@pytest.mark.parametrize("name", [f"{L0}mlp.down_proj.weight_scale",
+                                  f"{L0}self_attn.q_proj.weight_packed", "lm_head.weight"])
+def test_missing_tensor(tmp_path, rtn_w4a4, name):
+    bad = damaged(rtn_w4a4, tmp_path / "bad", edit=lambda t: t.pop(name))
+    msg = refused(bad)
+    assert f": tensor {name} is missing (" in msg
+    assert "(and" not in msg  # exactly one problem
+
+
+def test_packed_codes_stored_as_float32(tmp_path, rtn_w4a4):
+    name = f"{L0}mlp.up_proj.weight_packed"
+
+    def edit(t):
+        t[name] = t[name].view(torch.float32)  # same bytes, wrong dtype
+    msg = refused(damaged(rtn_w4a4, tmp_path / "bad", edit=edit))
+    assert f"tensor {name} in model.safetensors is F32, expected I32 (4-bit codes" in msg
+
+
+def test_wrong_shape_names_the_tensor(tmp_path, rtn_w4a4):
+    name = f"{L0}self_attn.k_proj.weight_scale"
+
+    def edit(t):
+        t[name] = torch.cat([t[name], t[name][:1]])
+    msg = refused(damaged(rtn_w4a4, tmp_path / "bad", edit=edit))
+    assert f"tensor {name} in model.safetensors has shape [65, 1], expected [64, 1]" in msg
+
+
+def test_tensor_of_another_scheme_and_unknown_tensors(tmp_path, rtn_w4a4):
+    w = f"{L0}mlp.gate_proj.weight"
+
+    def edit(t):
+        t[w] = torch.zeros(320, 192, dtype=torch.bfloat16)
+    msg = refused(damaged(rtn_w4a4, tmp_path / "a", edit=edit))
+    assert f"unexpected tensor {w}: 16-bit weights of another scheme next to" in msg
+
+    def edit2(t):
+        t["model.layers.7.mlp.up_proj.weight_scale"] = torch.ones(320, 1)
+        t["model.extra.weight"] = torch.ones(3, dtype=torch.bfloat16)
+    msg = refused(damaged(rtn_w4a4, tmp_path / "b", edit=edit2))
+    assert "unexpected tensor model.layers.7.mlp.up_proj.weight_scale: config.json has " \
+           "num_hidden_layers 2 (and 1 more problems)" in msg
+
+    def edit3(t):
+        t[f"{L0}self_attn.q_proj.input_scale"] = torch.ones(1)
+    msg = refused(damaged(rtn_w4a4, tmp_path / "c", edit=edit3))
+    assert "static activation scales belong to static-per-tensor schemes" in msg
+
+
+# ------------------------------------------------------------------- files and index
+
+def _shard(src: Path, dst: Path) -> None:
+    """dst gets src's tensors as two shards + index (as an older export would)."""
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    parts = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, dst / fname)
+        weight_map.update({k: fname for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_stale_shards_beside_a_new_single_file(tmp_path, rtn_w4a4):
+    bad = damaged(rtn_w4a4, tmp_path / "bad")
+    _shard(rtn_w4a4, bad)
+    msg = refused(bad)
+    assert "model.safetensors is not listed in model.safetensors.index.json (which names " \
+           "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors)" in msg
+
+
+def test_sharded_checkpoint_passes_and_its_index_is_checked(tmp_path, rtn_w4a4):
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    (ok / "config.json").symlink_to(rtn_w4a4 / "config.json")
+    _shard(rtn_w4a4, ok)
+    validate(ok)
+    (ok / "model-00002-of-00002.safetensors").unlink()
+    assert "model.safetensors.index.json lists model-00002-of-00002.safetensors, which " \
+           "is not in" in refused(ok)
+
+
+def test_two_files_without_index(tmp_path, rtn_w4a4):
+    bad = damaged(rtn_w4a4, tmp_path / "bad")
+    (bad / "old.safetensors").symlink_to(rtn_w4a4 / "model.safetensors")
+    assert "holds 2 safetensors files (model.safetensors, old.safetensors) and no " \
+           "model.safetensors.index.json: vLLM would load all of them" in refused(bad)
+
+
+# -------------------------------------------------------------------- config damage
+
+def _section(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())["quantization_config"]
+
+
+def test_activation_section_removed(rtn_w4a4):
+    cfg = _section(rtn_w4a4)
+    cfg["activation"] = None
+    with pytest.raises(CheckpointFormatError, match=r"^scheme 'w4a4' means weight 4-bit, "
+                       r"activation 4-bit per-token, kv_cache none, but the sections say "
+                       r"weight 4-bit, activation none, kv_cache none"):
+        QuaRotFormat.from_dict(cfg)
+    del cfg["scheme"]  # now reads as w4a16, but down_proj carries R4 for quantized inputs
+    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is set, but the quantizer "
+                       r"did not rotate for it"):
+        QuaRotFormat.from_dict(cfg)
+
+
+def test_r4_removed(rtn_w4a4):
+    cfg = _section(rtn_w4a4)
+    cfg["rotation"]["r4"] = None
+    # checkpoints of vllm-quarot <= 0.1 do not record online_hadamard: tolerated, since a
+    # --no-online-hadamard checkpoint looks the same
+    QuaRotFormat.from_dict(copy.deepcopy(cfg))
+    cfg["quantizer"]["online_hadamard"] = True
+    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is null, but the "
+                       r"quantizer applied it .*down_proj's weights carry R4"):
+        QuaRotFormat.from_dict(cfg)
+    # a KV4 checkpoint's R3 proves the online Hadamards were on, recorded or not
+    del cfg["quantizer"]["online_hadamard"]
+    cfg.update(scheme="w4a4kv4", kv_cache={"bits": 4})
+    cfg["rotation"]["r3"] = OnlineHadamard.of_size(64).to_dict()
+    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is null"):
+        QuaRotFormat.from_dict(cfg)
+
+
+@pytest.mark.parametrize(("patch", "msg"), [
+    ({"scheme": "w5a5-foo"}, r"^unknown scheme 'w5a5-foo'; this vllm-quarot serves w4a4kv4, "),
+    ({"kv_cache": {"bits": 4}}, r"^scheme 'w4a4' means .*kv_cache none, but the sections "
+                                r"say .*kv_cache 4-bit"),
+    ({"weight": {"bits": 8}}, r"^scheme 'w4a4' means weight 4-bit"),
+])
+def test_scheme_must_be_known_and_agree(rtn_w4a4, patch, msg):
+    with pytest.raises(CheckpointFormatError, match=msg):
+        QuaRotFormat.from_dict(_section(rtn_w4a4) | patch)
+
+
+def test_no_scheme_is_named_after_the_sections(rtn_w4a4):
+    cfg = _section(rtn_w4a4)
+    del cfg["scheme"]
+    assert QuaRotFormat.from_dict(cfg).scheme == "w4a4"
+    cfg["weight"] = {"bits": 8}
+    with pytest.raises(CheckpointFormatError, match=r"^quantization_config has no scheme, "
+                       r"and its sections \(weight 8-bit, activation 4-bit per-token"):
+        QuaRotFormat.from_dict(cfg)
+
+
+@pytest.mark.parametrize(("weight", "msg"), [
+    ({"bits": 8}, r"weight_packed in model.safetensors has shape \[192, 24\], expected "
+                  r"\[192, 48\]"),
+    ({"bits": 4, "group_size": 64}, r"weight_scale in model.safetensors has shape "
+                                    r"\[192, 1\], expected \[192, 3\]"),
+])
+def test_bits_or_group_size_over_other_tensors(tmp_path, rtn_w4a4, weight, msg):
+    """Sections edited consistently (scheme included): the tensors still tell."""
+    def cfg(q):
+        q["weight"] = weight
+        if weight["bits"] == 8:
+            q.update(scheme="w8a8", activation={"bits": 8, "clip_ratio": 1.0})
+    with pytest.raises(CheckpointFormatError, match=f"tensor {L0}self_attn.q_proj.{msg}"):
+        validate(damaged(rtn_w4a4, tmp_path / "bad", cfg=cfg))
+
+
+def test_quant_method_missing_is_named():
+    with pytest.raises(CheckpointFormatError, match=r"QuaRot section without quant_method; "
+                       r"add \"quant_method\": \"quarot\""):
+        check_quant_method({"format_version": 1, "weight": {"bits": 4}, "rotation": {},
+                            "quantizer": {"name": "vllm-quarot"}})
+    check_quant_method({"quant_method": "gptq", "bits": 4})  # others pass through
+    check_quant_method({"quant_method": "", "bits": 4})
+
+
+# --------------------------------------------------------------- through real vLLM
+
+LLM_SCRIPT = """
+import sys
+from vllm import LLM
+try:
+    LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256)
+except Exception as e:
+    print("LLM_RAISED", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    sys.exit(3)
+print("LLM_STARTED")
+"""
+
+
+def llm_error(model: Path) -> str:
+    """LLM(model) in a fresh process: the exception LLM(...) itself raised."""
+    from test_vllm_e2e import engine_env
+
+    proc = subprocess.run([sys.executable, "-c", LLM_SCRIPT, str(model)],
+                          capture_output=True, text=True, env=engine_env(), timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("LLM_")), None)
+    assert line and line.startswith("LLM_RAISED"), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return line
+
+
+@pytest.mark.vllm
+def test_llm_raises_the_missing_tensor(tmp_path, rtn_w4a4):
+    name = f"{L0}mlp.down_proj.weight_scale"
+    bad = damaged(rtn_w4a4, tmp_path / "bad", edit=lambda t: t.pop(name))
+    line = llm_error(bad)
+    assert line.startswith(f"LLM_RAISED CheckpointFormatError {bad}: tensor {name} is missing")
+
+
+@pytest.mark.vllm
+def test_llm_raises_the_stale_shards(tmp_path, rtn_w4a4):
+    bad = damaged(rtn_w4a4, tmp_path / "bad")
+    _shard(rtn_w4a4, bad)
+    line = llm_error(bad)
+    assert "CheckpointFormatError model.safetensors is not listed in " \
+           "model.safetensors.index.json" in line
+
+
+@pytest.mark.vllm
+def test_llm_raises_the_missing_quant_method(tmp_path, rtn_w4a4):
+    bad = damaged(rtn_w4a4, tmp_path / "bad", cfg=lambda q: q.pop("quant_method"))
+    line = llm_error(bad)
+    assert "QuaRot section without quant_method" in line

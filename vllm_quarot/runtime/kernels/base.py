@@ -1,0 +1,84 @@
+"""The interface every QuaRot linear kernel implements (as vLLM's ``MPLinearKernel``).
+
+A kernel is chosen per layer at load (``choose_kernel``): the first class of the
+platform's priority list whose ``can_implement`` accepts the layer's ``LinearConfig``.
+It receives the checkpoint's integer codes once, repacks them into its own layout in
+``process_weights_after_loading``, and computes ``y = x Ŵᵀ + b`` in ``apply_weights``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """What one linear layer (this rank's partition) computes."""
+
+    w_bits: int  # 4 or 8: symmetric integer codes
+    group_size: int  # -1: one scale per output channel, else per group of inputs
+    a_bits: int | None  # None: 16-bit activations (weight-only)
+    clip_ratio: float  # activation clip ratio of the per-token quantizer
+    static: bool  # activations use a calibrated per-tensor scale (``input_scale``)
+    in_features: int
+    out_features: int
+    params_dtype: torch.dtype  # the model's activation dtype
+    online_hadamard: int  # order of the online R4 applied to the input first; 0: none
+    device_type: str  # "cpu" or "cuda"
+
+    def describe(self) -> str:
+        """E.g. 'W4A4 per-channel + R4' (the engine log names layers by it)."""
+        act = "16" if self.a_bits is None else f"{self.a_bits}"
+        mode = " static" if self.static else ""
+        group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        r4 = " + R4" if self.online_hadamard else ""
+        return f"W{self.w_bits}A{act}{mode} {group}{r4}"
+
+
+class QuaRotLinearKernel(ABC):
+    """One way to compute a QuaRot linear layer.
+
+    ``fuses_hadamard`` is a capability: True when ``apply_weights`` applies the online R4
+    itself (the input arrives unrotated, ``layer.quarot_had_k`` holds the K×K factor);
+    otherwise the linear method's Hadamard transform runs before the kernel.
+    """
+
+    fuses_hadamard: bool = False
+
+    def __init__(self, config: LinearConfig):
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
+        """(True, None), or (False, why not) for the engine log."""
+
+    @classmethod
+    def describe(cls) -> str:
+        """What the engine log says the layers run on."""
+        return cls.__name__
+
+    @abstractmethod
+    def process_weights_after_loading(
+        self, layer: torch.nn.Module, codes: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        """Take the codes (int8 [N, K]) and float32 scales ([N, G]) into this kernel's
+        layout, as parameters of ``layer``. A static activation scale is already in
+        ``layer.input_scale`` (float32 [1])."""
+
+    @abstractmethod
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] in the model dtype -> [M, N] in the same dtype."""
+
+
+def register(layer: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Replace or add a frozen parameter (kernels keep their repacked tensors on the layer
+    so that vLLM moves and accounts for them like any weight)."""
+    if hasattr(layer, name):
+        delattr(layer, name)
+    layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))

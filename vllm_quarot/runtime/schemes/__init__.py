@@ -1,0 +1,26 @@
+"""QuaRot schemes: what a checkpoint's linear layers store and compute, one file each.
+
+A scheme declares its parameters (``create_weights``) and turns them, after loading,
+into the ``LinearConfig`` a kernel is chosen for. Adding a scheme: one file here and
+one line in ``scheme_for``.
+"""
+
+from __future__ import annotations
+
+from vllm_quarot.format import QuaRotFormat
+from vllm_quarot.runtime.schemes.base import QuaRotScheme
+from vllm_quarot.runtime.schemes.w8a8_static import QuaRotW8A8Static
+from vllm_quarot.runtime.schemes.wna16 import QuaRotWnA16
+from vllm_quarot.runtime.schemes.wnan_dynamic import QuaRotWnAnDynamic
+
+__all__ = ["QuaRotScheme", "scheme_for"]
+
+
+def scheme_for(fmt: QuaRotFormat) -> QuaRotScheme:
+    """The scheme of the checkpoint's quantized linear layers."""
+    act = fmt.activation
+    if act is None:
+        return QuaRotWnA16(fmt)
+    if act.static:
+        return QuaRotW8A8Static(fmt)
+    return QuaRotWnAnDynamic(fmt)
