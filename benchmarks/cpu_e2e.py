@@ -54,24 +54,26 @@ def make_model(out: Path) -> Path:
     return out
 
 
-def quantize_model(src: Path, out: Path) -> Path:
+def quantize_model(src: Path, out: Path, tp: int = 1) -> Path:
     if (out / "config.json").is_file():
         return out
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
-    print(f"quantizing {src} -> {out} (QuaRot W4A4, RTN) ...", flush=True)
-    print(quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn")).format())
+    print(f"quantizing {src} -> {out} (QuaRot W4A4, RTN, --tp {tp}) ...", flush=True)
+    print(quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn",
+                                             tp=tp)).format())
     return out
 
 
-def worker(model: str, quantization: str | None, compile_: bool) -> dict:
+def worker(model: str, quantization: str | None, compile_: bool, tp: int = 1) -> dict:
     """Runs inside the subprocess: one engine, all measurements."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model, quantization=quantization, dtype="bfloat16", enforce_eager=not compile_,
               skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=32,
-              max_num_batched_tokens=2048, seed=0)
+              max_num_batched_tokens=2048, seed=0, tensor_parallel_size=tp,
+              distributed_executor_backend="mp" if tp > 1 else None)
 
     def prompt(i: int, n: int = 16) -> TokensPrompt:
         return TokensPrompt(prompt_token_ids=[(37 * i + 11 * j) % 31000 + 100 for j in range(n)])
@@ -92,11 +94,11 @@ def worker(model: str, quantization: str | None, compile_: bool) -> dict:
     return {"decode_b1": b1, "decode_b32": b32, "prefill": prefill}
 
 
-def run_engine(model: Path, quantization: str | None, compile_: bool) -> dict:
+def run_engine(model: Path, quantization: str | None, compile_: bool, tp: int = 1) -> dict:
     import psutil
 
     cmd = [sys.executable, __file__, "--worker", str(model), "--quantization",
-           quantization or "none"] + (["--compile"] if compile_ else [])
+           quantization or "none", "--tp", str(tp)] + (["--compile"] if compile_ else [])
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
@@ -131,10 +133,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", help=argparse.SUPPRESS)
+    ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         q = None if a.quantization == "none" else a.quantization
-        print("RESULT_JSON " + json.dumps(worker(a.worker, q, a.compile)), flush=True)
+        print("RESULT_JSON " + json.dumps(worker(a.worker, q, a.compile, a.tp)), flush=True)
         return
 
     from vllm_quarot.runtime.ops import cpu as cpu_ops

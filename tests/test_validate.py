@@ -211,8 +211,12 @@ def test_activation_section_removed(rtn_w4a4):
 def test_r4_removed(rtn_w4a4):
     cfg = _section(rtn_w4a4)
     cfg["rotation"]["r4"] = None
-    # checkpoints of vllm-quarot <= 0.1 do not record online_hadamard: tolerated, since a
+    # the quantizer records online_hadamard: a null r4 contradicts it
+    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is null"):
+        QuaRotFormat.from_dict(copy.deepcopy(cfg))
+    # checkpoints of vllm-quarot <= 0.2 do not record online_hadamard: tolerated, since a
     # --no-online-hadamard checkpoint looks the same
+    del cfg["quantizer"]["online_hadamard"]
     QuaRotFormat.from_dict(copy.deepcopy(cfg))
     cfg["quantizer"]["online_hadamard"] = True
     with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is null, but the "
@@ -319,3 +323,54 @@ def test_llm_raises_the_missing_quant_method(tmp_path, rtn_w4a4):
     bad = damaged(rtn_w4a4, tmp_path / "bad", cfg=lambda q: q.pop("quant_method"))
     line = llm_error(bad)
     assert "QuaRot section without quant_method" in line
+
+
+# ------------------------------------------- R4 bound to the matrix it was made with
+
+
+def _r4(qc: dict) -> dict:
+    return qc["rotation"]["r4"]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("sha256", "0" * 64), ("construction", "paley2"), ("hadamard", [4, 80])])
+def test_stored_r4_that_this_version_does_not_build_is_refused(rtn_w4a4, tmp_path, field,
+                                                                value):
+    """A checkpoint whose stored R4 (construction, factors, digest of H_K) differs from
+    what this version rebuilds for its size: its down_proj weights were rotated with
+    another matrix, so it is refused instead of served with the wrong online R4."""
+    ckpt = damaged(rtn_w4a4, tmp_path / field, cfg=lambda qc: _r4(qc).update({field: value}))
+    with pytest.raises(CheckpointFormatError,
+                       match="(is not the one this vllm-quarot builds|does not multiply)"):
+        validate(ckpt)
+
+
+def test_changed_construction_in_this_version_refuses_old_checkpoints(rtn_w4a4,
+                                                                      monkeypatch):
+    """The other way round: a future change to a Hadamard construction (another GF(q)
+    element order, a new K) changes the fingerprint this version computes; the
+    checkpoint's stored one then no longer matches."""
+    import vllm_quarot.format as fmt_mod
+
+    real = fmt_mod.fingerprint
+
+    def changed(n: int) -> dict:
+        fp = dict(real(n))
+        fp["sha256"] = "f" * 64
+        return fp
+
+    validate(rtn_w4a4)
+    monkeypatch.setattr(fmt_mod, "fingerprint", changed)
+    with pytest.raises(CheckpointFormatError, match="rotated with another matrix"):
+        validate(rtn_w4a4)
+
+
+def test_checkpoint_without_r4_fingerprint_still_loads(rtn_w4a4, tmp_path):
+    """Checkpoints of vllm-quarot <= 0.2 stored only R4's size and factors."""
+    def strip(qc: dict) -> None:
+        for key in ("construction", "sha256", "blocks"):
+            _r4(qc).pop(key)
+        qc["format_version"] = 1
+        qc.pop("tensor_parallel_blocks")
+
+    validate(damaged(rtn_w4a4, tmp_path / "v1", cfg=strip))

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
-from vllm_quarot.offline.quantize import SCHEMES, QuantizeError, QuantizeOptions, quantize
+from vllm_quarot.format import CheckpointFormatError
+from vllm_quarot.hadamard import HadamardSizeError
+from vllm_quarot.offline.checkpoint import MissingTensorError
+from vllm_quarot.offline.options import SCHEMES, QuantizeError, QuantizeOptions
+
+# Errors reported as one line "vllm-quarot CMD: error: ..." (exit 2), never a traceback.
+USER_ERRORS = (CheckpointFormatError, HadamardSizeError, QuantizeError, ValueError,
+               FileNotFoundError, OSError, MissingTensorError)
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -33,26 +55,39 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="activation clip ratio (default 0.9 at 4 bits, 1.0 at 8)")
     p.add_argument("--kv-clip", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-online-hadamard", action="store_true",
+    p.add_argument("--no-online-hadamard", dest="online_hadamard", action="store_false",
                    help="no online R4 (down_proj) / R3 (query, key) rotation")
     p.add_argument("--rotate", choices=("quarot", "r1r2", "none"), default="quarot",
                    help="ablations: r1r2 = offline rotations only, none = plain RTN/GPTQ")
     p.add_argument("--act-order", action="store_true", help="GPTQ activation order")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel-ready: block-diagonal online R4 (N blocks) and "
+                   "per-(token, 1/N slice) activation scales on o_proj/down_proj, so the "
+                   "checkpoint serves with the same numbers at every TP size dividing N")
     p.add_argument("--verify", action="store_true",
                    help="check that the rotated fp64 model gives the original logits")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT_DIR (only once the new one is complete)")
+    p.set_defaults(parser=p)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> NoReturn:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _run_quantize(a: argparse.Namespace) -> int:
-    opts = QuantizeOptions(
-        scheme=a.scheme, weight_method=a.weight_method, calib=a.calib,
-        calib_self=a.calib_self, nsamples=a.nsamples, seqlen=a.seqlen,
-        group_size=a.group_size, w_clip=a.w_clip, act_clip=a.act_clip, kv_clip=a.kv_clip,
-        seed=a.seed, device=a.device, online_hadamard=not a.no_online_hadamard,
-        rotate=a.rotate, act_order=a.act_order, damp=a.damp, verify=a.verify,
-    )
-    summary = quantize(a.model_dir, a.out_dir, opts)
+    from vllm_quarot.offline.quantize import quantize
+
+    opts = QuantizeOptions.from_namespace(a)
+    if threading.current_thread() is not threading.main_thread():
+        summary = quantize(a.model_dir, a.out_dir, opts)
+    else:  # SIGTERM unwinds like Ctrl-C, so the staged output directory is deleted
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            summary = quantize(a.model_dir, a.out_dir, opts)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print(summary.format())
     return 0
 
@@ -69,6 +104,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", help="vLLM model dtype")
     p.add_argument("--backend", choices=("both", "vllm", "sim"), default="both",
                    help="vLLM, the pure-PyTorch simulation (float32), or both")
+    p.set_defaults(parser=p)
     s = ev.add_parser("stats", help="activation statistics before/after rotation + PNG")
     s.add_argument("model", help="the original (unrotated) Hugging Face model")
     s.add_argument("--text", required=True)
@@ -76,6 +112,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--layers", default=None, help="comma-separated; default first/mid/last")
     s.add_argument("--seed", type=int, default=0, help="R1 seed")
     s.add_argument("--png", default="activation_stats.png")
+    s.set_defaults(parser=s)
 
 
 def _run_eval(a: argparse.Namespace) -> int:
@@ -115,20 +152,36 @@ def _run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[vllm-quarot] %(message)s")
-    ap = argparse.ArgumentParser(prog="vllm-quarot", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="vllm-quarot", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
     _add_eval(sub)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 on a bad option or input (one line on stderr),
+    128 + the signal when interrupted (130: Ctrl-C, 143: SIGTERM)."""
+    logging.basicConfig(level=logging.INFO, format="[vllm-quarot] %(message)s")
+    try:
+        a, extra = build_parser().parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser: "vllm-quarot quantize: error: ..."
+            a.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    cmd = f"vllm-quarot {a.cmd}" + (f" {a.what}" if a.cmd == "eval" else "")
     try:
         if a.cmd == "quantize":
             return _run_quantize(a)
         return _run_eval(a)
-    except (QuantizeError, FileNotFoundError) as e:
-        print(f"vllm-quarot {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        print(f"{cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt as e:
+        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"
+        print(f"{cmd}: interrupted ({name})", file=sys.stderr)
+        return 128 + signal.Signals[name].value
 
 
 if __name__ == "__main__":

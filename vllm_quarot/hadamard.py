@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "HadamardSizeError",
+    "block_hadamard_transform",
     "factorize",
     "fingerprint",
     "hadamard_matrix",
@@ -319,6 +320,22 @@ def hadamard_transform(
         y = torch.matmul(had_k.to(y.dtype).t(), y)
     s = 1.0 / math.sqrt(n) if scale is None else scale
     return (y * s).reshape(x.shape)
+
+
+def block_hadamard_transform(
+    x: torch.Tensor, blocks: int = 1, had_k: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (I_blocks ⊗ M) over the last dim, M the normalised Hadamard of order
+    n / blocks (``had_k``: its dense factor, built when omitted): the tensor-parallel
+    R4, one block per rank's slice of the intermediate size. blocks == 1 is
+    hadamard_transform itself."""
+    if blocks == 1:
+        return hadamard_transform(x, had_k)
+    n = x.shape[-1]
+    if n % blocks:
+        raise HadamardSizeError(f"{blocks} blocks do not divide the size {n}")
+    y = hadamard_transform(x.reshape(*x.shape[:-1], blocks, n // blocks), had_k)
+    return y.reshape(x.shape)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ __all__ = [
     "dequantize_weight",
     "fake_quantize_asym",
     "fake_quantize_per_token",
+    "fake_quantize_per_token_blocks",
     "pack_kv",
     "pack_weight",
     "quantize_per_token",
@@ -57,6 +58,22 @@ def fake_quantize_per_token(
     """quantize_per_token followed by dequantization, in x's dtype."""
     q, scale = quantize_per_token(x, bits, clip_ratio)
     return (q.float() * scale).to(x.dtype)
+
+
+def fake_quantize_per_token_blocks(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, blocks: int = 1
+) -> torch.Tensor:
+    """fake_quantize_per_token with one scale per (token, block of K/blocks): the inputs
+    of the row-parallel linears of a tensor_parallel_blocks checkpoint (each rank
+    quantizes its own slice). blocks == 1 is fake_quantize_per_token itself."""
+    if blocks == 1:
+        return fake_quantize_per_token(x, bits, clip_ratio)
+    k = x.shape[-1]
+    if k % blocks:
+        raise ValueError(f"{blocks} blocks do not divide the input size {k}")
+    y = fake_quantize_per_token(x.reshape(*x.shape[:-1], blocks, k // blocks), bits,
+                                clip_ratio)
+    return y.reshape(x.shape)
 
 
 def quantize_kv(

@@ -77,9 +77,24 @@ def load_reference(model_dir: str | Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def shutdown_llm(llm: Any, timeout: float = 10.0) -> None:
+    """Stop an ``LLM``'s engine now: the engine-core process (and its workers) and the
+    client's output thread. Left to garbage collection, they may still be alive when
+    the interpreter exits, and a daemon thread torn down inside native code aborts the
+    process (SIGABRT, "terminate called without an active exception") after the work
+    is done. vLLM 0.32's ``LLM`` has no shutdown method: this is its engine client's."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is None:
+        return
+    engine_core.shutdown()
+    thread = getattr(engine_core, "output_queue_thread", None)
+    if thread is not None and thread.is_alive():
+        thread.join(timeout)
+
+
 def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantization: str | None,
                      dtype: str = "bfloat16", enforce_eager: bool = True) -> float:
-    """Start a vLLM engine on model_dir and score the windows with it."""
+    """Start a vLLM engine on model_dir, score the windows with it, and shut it down."""
     import gc
 
     from vllm import LLM
@@ -90,5 +105,6 @@ def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantizati
     try:
         return vllm_perplexity(llm, windows)
     finally:
+        shutdown_llm(llm)
         del llm
         gc.collect()

@@ -3,8 +3,10 @@
 The quantized weights are dequantized into an ordinary transformers model, and
 forward pre-hooks reproduce the runtime exactly: the online R4 Hadamard before
 down_proj and per-token activation fake-quantization before every quantized linear,
-using the same rounding code as the vLLM ops. It is the reference that vLLM's
-outputs are compared with (tests, ``vllm-quarot eval``).
+using the same rounding code as the vLLM ops. A tensor_parallel_blocks N checkpoint
+gets the block-diagonal R4 (I_N ⊗ H_{n/N}) and per-(token, block of in_features/N)
+activation scales on the row-parallel o_proj and down_proj, as every TP rank computes.
+It is the reference that vLLM's outputs are compared with (tests, ``vllm-quarot eval``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
-from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
+from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
 from vllm_quarot.offline.checkpoint import TensorSource
 from vllm_quarot.quant import (
     dequantize_weight,
     fake_quantize_asym,
-    fake_quantize_per_token,
+    fake_quantize_per_token_blocks,
     quantize_static,
     unpack_weight,
 )
+
+ROW_PARALLEL = ("o_proj", "down_proj")  # input dimension split across TP ranks
 
 
 def load_simulated(
@@ -100,8 +104,12 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
     static = act is not None and act.static
     for name in sorted(quantized):
         mod = model.get_submodule(name)
-        online = name.endswith("down_proj") and fmt.rotation.r4_size > 0
-        had_k = hadamard_factor(mod.in_features, torch.float32) if online else None
+        r4 = fmt.rotation.r4 if name.endswith("down_proj") else None
+        r4_blocks = r4.blocks if r4 is not None else 1
+        had_k = (hadamard_factor(mod.in_features // r4_blocks, torch.float32)
+                 if r4 is not None else None)
+        # the row-parallel linears: each TP rank quantizes its slice of the input
+        blocks = fmt.tp_blocks if name.endswith(ROW_PARALLEL) else 1
         if static and name not in input_scales:
             raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
         scale = input_scales.get(name)
@@ -110,16 +118,17 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
             if name.endswith(suffix):
                 bits = b
 
-        def hook(_m, args, had_k=had_k, scale=scale, bits=bits):
+        def hook(_m, args, had_k=had_k, r4_blocks=r4_blocks, scale=scale, bits=bits,
+                 blocks=blocks):
             x = args[0]
             if had_k is not None:
-                x = hadamard_transform(x.float(), had_k).to(x.dtype)
+                x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
             if bits is None:
                 pass
             elif static:
                 x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
             else:
-                x = fake_quantize_per_token(x, bits, act.clip_ratio)
+                x = fake_quantize_per_token_blocks(x, bits, act.clip_ratio, blocks)
             return (x,)
 
         mod.register_forward_pre_hook(hook)

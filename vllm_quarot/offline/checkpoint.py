@@ -1,16 +1,31 @@
 """Reading Hugging Face safetensors checkpoints tensor by tensor, and writing sharded
-ones: the quantizer streams a model layer by layer through these."""
+ones: the quantizer streams a model layer by layer through these. The output directory
+is staged beside OUT_DIR and renamed into place only once complete (``staged_dir``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_quarot.offline.options import QuantizeError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class MissingTensorError(KeyError):
+    """A tensor the quantizer needs is not in the input checkpoint."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class TensorSource:
@@ -43,7 +58,7 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint {self.dir}")
+            raise MissingTensorError(f"tensor {name!r} is missing from the checkpoint {self.dir}")
         f = self.where[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, "pt")
@@ -71,7 +86,11 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         idx = len(self.shards)
-        save_file(self.pending, self.dir / f".shard-{idx}.safetensors", metadata={"format": "pt"})
+        path = self.dir / f".shard-{idx}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        # safetensors writes through a NamedTempFile (mode 0600) that it renames into
+        # place: give the shard the mode any other file of this process gets
+        os.chmod(path, 0o666 & ~process_umask())
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -91,3 +110,121 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return [self.dir / n for n in names]
+
+
+def process_umask() -> int:
+    """This process's umask, read from /proc where possible (os.umask can only read it
+    by changing it, which races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class OutputDirError(QuantizeError):
+    """OUT_DIR cannot be written (non-empty without overwrite, not a directory, ...)."""
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, model_dir: Path | None = None) -> None:
+    """Refuse an OUT_DIR that is a file, is (or holds) the input model, or is non-empty
+    without ``overwrite``. Cheap: runs before any heavy work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"output {out_dir} exists and is not a directory")
+    if model_dir is not None and out_dir.exists():
+        src, dst = model_dir.resolve(), out_dir.resolve()
+        if src == dst or dst in src.parents:
+            raise OutputDirError(f"output {out_dir} is (or holds) the input model {model_dir}")
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        raise OutputDirError(f"output directory {out_dir} is not empty "
+                             "(give --overwrite to replace it)")
+
+
+def _stage_name(out_dir: Path, kind: str, pid: int) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{kind}-{pid}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stages(out_dir: Path) -> list[Path]:
+    """Delete the .OUT_DIR.tmp-<pid> directories that killed runs (dead pids) left."""
+    prefix = f".{out_dir.name}.tmp-"
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for p in out_dir.parent.iterdir():
+        pid = p.name[len(prefix):]
+        if (p.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid()
+                and not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _fsync_tree(d: Path) -> None:
+    """Flush the staged files and the directory, so the rename publishes their data."""
+    for f in d.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(stage: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the complete stage to OUT_DIR; an old non-empty OUT_DIR (overwrite only)
+    is moved aside first and deleted after the new one is in place."""
+    if out_dir.is_dir() and not out_dir.is_symlink() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutputDirError(f"output directory {out_dir} became non-empty while "
+                                 "quantizing (give --overwrite to replace it)")
+        old = _stage_name(out_dir, "old", os.getpid())
+        os.rename(out_dir, old)
+        try:
+            os.rename(stage, out_dir)
+        except OSError:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(stage, out_dir)  # an empty OUT_DIR is replaced atomically
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty directory .OUT_DIR.tmp-<pid> beside OUT_DIR (umask's mode) to write
+    into; on success it becomes OUT_DIR, on any error it is deleted. A killed process
+    leaves only the hidden stage, which the next run for this OUT_DIR deletes."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(out_dir)
+    stage = _stage_name(out_dir, "tmp", os.getpid())
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        yield stage
+        _fsync_tree(stage)
+        _publish(stage, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -31,25 +31,36 @@ from vllm_quarot.format import (
     RotationSpec,
     WeightSpec,
 )
-from vllm_quarot.hadamard import HadamardSizeError, factorize, hadamard_transform, random_signs
-from vllm_quarot.offline.checkpoint import ShardedWriter, TensorSource
+from vllm_quarot.hadamard import (
+    HadamardSizeError,
+    block_hadamard_transform,
+    factorize,
+    hadamard_factor,
+    random_signs,
+)
+from vllm_quarot.offline.calibration import calibration_ids
+from vllm_quarot.offline.checkpoint import (
+    ShardedWriter,
+    TensorSource,
+    check_output_dir,
+    staged_dir,
+)
 from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
+from vllm_quarot.offline.options import (
+    SCHEMES,
+    QuantizeError,
+    QuantizeOptions,
+    check_model_fits,
+    check_options,
+    tp_serving_warning,
+)
 from vllm_quarot.offline.rotation import LINEARS, fold_norms, rotate_layer, rotate_rows_in
 from vllm_quarot.quant import dequantize_weight, pack_weight, qmax, quantize_weight_rtn
 
 log = logging.getLogger("vllm_quarot.quantize")
 
-# scheme -> (weight bits, activation bits or None, kv bits or None)
-SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
-    "w4a4kv4": (4, 4, 4),
-    "w4a4": (4, 4, None),
-    "w8a8": (8, 8, None),
-    "w8a8-static": (8, 8, None),
-    "w4a16": (4, None, None),
-    "kv4": (16, None, 4),
-}
-STATIC_SCHEMES = ("w8a8-static",)  # per-tensor activation scales calibrated offline
-ROTATIONS = ("quarot", "r1r2", "none")
+__all__ = ["SCHEMES", "QuantizeError", "QuantizeOptions", "QuantizeSummary", "quantize"]
+
 COPY_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -60,31 +71,6 @@ COPY_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-class QuantizeError(ValueError):
-    """A bad option, model or calibration input for the quantizer."""
-
-
-@dataclasses.dataclass
-class QuantizeOptions:
-    scheme: str = "w4a4"
-    weight_method: str = "gptq"
-    calib: str | None = None
-    calib_self: int | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    group_size: int = -1
-    w_clip: bool = False
-    act_clip: float | None = None  # default: 0.9 at 4 bits, 1.0 at 8 bits
-    kv_clip: float = 0.95
-    seed: int = 0
-    device: str = "cpu"
-    online_hadamard: bool = True
-    rotate: str = "quarot"
-    act_order: bool = False
-    damp: float = 0.01
-    verify: bool = False
 
 
 @dataclasses.dataclass
@@ -110,30 +96,16 @@ class QuantizeSummary:
         return "\n".join(lines)
 
 
-def _check_options(o: QuantizeOptions) -> None:
-    if o.scheme not in SCHEMES:
-        raise QuantizeError(f"unknown scheme {o.scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if o.weight_method not in ("gptq", "rtn"):
-        raise QuantizeError(f"--weight-method must be gptq or rtn, got {o.weight_method!r}")
-    if o.rotate not in ROTATIONS:
-        raise QuantizeError(f"--rotate must be one of {ROTATIONS}, got {o.rotate!r}")
-    if o.group_size != -1 and o.group_size <= 0:
-        raise QuantizeError(f"--group-size must be -1 or positive, got {o.group_size}")
-    for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
-        if v is not None and not 0.0 < v <= 1.0:
-            raise QuantizeError(f"{name} must be in (0, 1], got {v}")
-    needs_calib = (o.weight_method == "gptq" and SCHEMES[o.scheme][0] < 16) or (
-        o.scheme in STATIC_SCHEMES)
-    if needs_calib and o.calib is None and not o.calib_self:
+def _check_tensors(src: TensorSource, cfg: Any) -> None:
+    """Every tensor the architecture needs is in the checkpoint (names only: cheap).
+    An untied model without lm_head falls back to the embedding, as transformers does."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))
+    missing = sorted(set(model.state_dict()) - {"lm_head.weight"} - set(src.keys()))
+    if missing:
         raise QuantizeError(
-            f"{'static activation scales' if o.scheme in STATIC_SCHEMES else 'GPTQ'} "
-            "need calibration text: give --calib FILE or --calib-self N")
-    if o.calib is not None and not Path(o.calib).is_file():
-        raise QuantizeError(f"calibration file {o.calib} does not exist")
-    if o.device != "cpu":
-        raise QuantizeError(
-            f"--device {o.device}: this version quantizes on the CPU only (--device cpu)"
-        )
+            f"{src.dir} lacks {len(missing)} tensor(s) of a {type(model).__name__}: "
+            + ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else ""))
 
 
 def _model_classes(cfg: Any) -> tuple[type, type]:
@@ -167,17 +139,21 @@ def _use_exact_norms(module: torch.nn.Module) -> None:
 class _LayerRunner:
     """Runs one transformers decoder layer in float64 over batches of hidden states."""
 
-    def __init__(self, cfg: Any, layer_cls: type, rotary: torch.nn.Module, idx: int):
+    def __init__(self, cfg: Any, layer_cls: type, rotary: torch.nn.Module, idx: int,
+                 r4_blocks: int = 1):
         self.module = layer_cls(cfg, layer_idx=idx).double().eval()
         _use_exact_norms(self.module)
         self.rotary = rotary
+        self.r4_blocks = r4_blocks
         self.r4_hook = None
 
     def load(self, sd: dict[str, torch.Tensor], online_r4: bool) -> None:
         self.module.load_state_dict({k: v.double() for k, v in sd.items()}, strict=True)
         if online_r4 and self.r4_hook is None:
+            n = self.module.mlp.down_proj.in_features // self.r4_blocks
+            had_k = hadamard_factor(n, torch.float64)
             self.r4_hook = self.module.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args: (hadamard_transform(args[0]),)
+                lambda _m, args: (block_hadamard_transform(args[0], self.r4_blocks, had_k),)
             )
 
     @torch.no_grad()
@@ -194,42 +170,12 @@ class _LayerRunner:
         return out
 
 
-def _calibration_ids(model_dir: Path, tok: Any, o: QuantizeOptions) -> torch.Tensor:
-    """[nsamples, seqlen] token windows: random windows of --calib, or self-generated."""
-    g = torch.Generator().manual_seed(o.seed)
-    if o.calib is not None:
-        ids = tok(Path(o.calib).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-        if ids.numel() <= o.seqlen:
-            raise QuantizeError(
-                f"calibration file {o.calib} has {ids.numel()} tokens, fewer than "
-                f"--seqlen {o.seqlen}"
-            )
-        starts = torch.randint(0, ids.numel() - o.seqlen, (o.nsamples,), generator=g)
-        return torch.stack([ids[s : s + o.seqlen] for s in starts.tolist()])
-    log.info("generating %d calibration samples from the full-precision model", o.calib_self)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    torch.manual_seed(o.seed)
-    samples = []
-    for _ in tqdm(range(o.calib_self or 0), desc="self-calibration"):
-        out = model.generate(
-            torch.tensor([[bos]]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_length=o.seqlen, min_length=o.seqlen, pad_token_id=bos,
-        )
-        samples.append(out[0, : o.seqlen])
-    del model
-    return torch.stack(samples)
-
-
 def _output_dtype(cfg: Any) -> torch.dtype:
     return torch.float16 if getattr(cfg, "dtype", None) == torch.float16 else torch.bfloat16
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> QuantizeSummary:
-    """Rotate and quantize model_dir into out_dir (checkpoint format v1)."""
-    t0 = time.time()
-    _check_options(o)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+def _load_config(model_dir: Path) -> Any:
+    """The model's config; refused unless it is a supported, not yet quantized model."""
     if not (model_dir / "config.json").is_file():
         raise QuantizeError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -241,28 +187,47 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
         )
     if getattr(cfg, "quantization_config", None):
         raise QuantizeError(f"{model_dir} is already quantized; start from a 16/32-bit model")
-    w_bits, a_bits, kv_bits = SCHEMES[o.scheme]
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the quantizer derives from the config and the options before reading a
+    tensor: the checkpoint's format section and the sizes and switches of the run."""
+
+    fmt: QuaRotFormat
+    w_bits: int
+    a_bits: int | None
+    hidden: int
+    head_dim: int
+    rotate: bool  # R1 (and R2) folded into the weights
+    online_r4: bool  # R4 folded into down_proj's input and applied online
+    act_clip: float
+    out_dtype: torch.dtype
+
+
+def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
+    """The QuaRotFormat this run writes; impossible Hadamard orders are refused here."""
+    w_bits, a_bits, kv_bits = o.bits
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
     rotate = o.rotate != "none"
-    online_r4 = o.rotate == "quarot" and o.online_hadamard and a_bits is not None
+    online_r4 = o.online_r4
     r3 = o.rotate == "quarot" and o.online_hadamard and kv_bits is not None
     try:
         if rotate:
             factorize(hidden)
             factorize(head_dim)
         if online_r4:
-            factorize(inter)
+            factorize(inter // o.tp)
     except HadamardSizeError as e:
         raise QuantizeError(str(e)) from e
     act_clip = o.act_clip if o.act_clip is not None else (0.9 if a_bits == 4 else 1.0)
-    static = o.scheme in STATIC_SCHEMES
     fmt = QuaRotFormat(
         scheme=o.scheme,
         weight=WeightSpec(w_bits, o.group_size, True, o.weight_method if w_bits < 16 else "none"),
         activation=None if a_bits is None else ActivationSpec(
-            a_bits, act_clip, "static-per-tensor" if static else "per-token"),
+            a_bits, act_clip, "static-per-tensor" if o.static else "per-token"),
         kv_cache=None if kv_bits is None else KVCacheSpec(kv_bits, -1, True, o.kv_clip),
         rotation=RotationSpec(
             r1_seed=o.seed,
@@ -270,8 +235,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
             r1_size=hidden if rotate else 0,
             r2_size=head_dim if rotate else 0,
             r3=OnlineHadamard.of_size(head_dim) if r3 else None,
-            r4=OnlineHadamard.of_size(inter) if online_r4 else None,
+            r4=OnlineHadamard.of_size(inter, o.tp) if online_r4 else None,
         ),
+        tp_blocks=o.tp,
         quantizer={
             "name": "vllm-quarot",
             "version": __version__,
@@ -285,115 +251,197 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
             "w_clip": o.w_clip,
             "act_order": o.act_order,
             "rotate": o.rotate,
+            "online_hadamard": o.online_hadamard,
         },
     )
     fmt.validate()
+    return _Plan(fmt, w_bits, a_bits, hidden, head_dim, rotate, online_r4, act_clip,
+                 _output_dtype(cfg))
 
-    src = TensorSource(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    use_gptq = o.weight_method == "gptq" and w_bits < 16
-    calib_ids = _calibration_ids(model_dir, tok, o) if use_gptq or static else None
-    layer_cls, rotary_cls = _model_classes(cfg)
-    cfg64 = copy.deepcopy(cfg)
-    cfg64._attn_implementation = "sdpa"
-    rotary = rotary_cls(config=cfg64)
-    out_dtype = _output_dtype(cfg)
-    signs = random_signs(hidden, o.seed) if rotate else None
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(out_dir)
-    embed = src.get("model.embed_tokens.weight").double()
-    embed_rot = rotate_rows_in(embed, signs) if rotate else embed
-    writer.add("model.embed_tokens.weight", embed_rot.to(out_dtype))
+class _Verifier:
+    """--verify: the original and the rotated full-precision models run side by side,
+    layer by layer in float64, on a short text; hidden states and logits must agree."""
 
-    h_cal = embed_rot[calib_ids].float() if calib_ids is not None else None
-    verify_ids = None
-    if o.verify:
-        text = "The quick brown fox jumps over the lazy dog. " * 4
-        verify_ids = tok(text, return_tensors="pt").input_ids[:, :32]
-        h_orig, h_rot = embed[verify_ids], embed_rot[verify_ids]
-    del embed
+    TOL = 1e-8
+    TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
-    layer_errors: dict[str, float] = {}
-    verify_err = 0.0
-    for i in tqdm(range(cfg.num_hidden_layers), desc=f"quantize {o.scheme}", unit="layer"):
-        prefix = f"model.layers.{i}."
-        sd = {k[len(prefix):]: src.get(k).double() for k in src.keys() if k.startswith(prefix)}
-        if o.verify:
-            runner = _LayerRunner(cfg64, layer_cls, rotary, i)
-            runner.load(sd, online_r4=False)
-            h_orig = runner(h_orig)
-        fold_norms(sd)
-        if rotate:
-            rotate_layer(sd, signs, head_dim, r2=True, r4=online_r4)
-        runner = _LayerRunner(cfg64, layer_cls, rotary, i)
-        runner.load(sd, online_r4=online_r4)
-        if o.verify:
-            h_rot = runner(h_rot)
-            ref = rotate_rows_in(h_orig, signs) if rotate else h_orig
-            verify_err = max(verify_err, _rel_err(h_rot, ref))
+    def __init__(self, tok: Any, embed: torch.Tensor, embed_rot: torch.Tensor,
+                 signs: torch.Tensor | None):
+        ids = tok(self.TEXT, return_tensors="pt").input_ids[:, :32]
+        self.h_orig, self.h_rot = embed[ids], embed_rot[ids]
+        self.signs = signs
+        self.max_err = 0.0
 
-        hessians = _collect_hessians(runner, h_cal) if h_cal is not None else {}
-        for name in LINEARS:
-            w = sd[f"{name}.weight"]
-            key = f"{prefix}{name}"
-            if w_bits >= 16:
-                writer.add(f"{key}.weight", w.to(out_dtype))
-            else:
-                if use_gptq:
-                    q, s = gptq_quantize(w, hessians[name].h, w_bits, o.group_size, o.w_clip,
-                                         o.damp, act_order=o.act_order)
-                else:
-                    q, s = quantize_weight_rtn(w, w_bits, o.group_size, o.w_clip)
-                deq = dequantize_weight(q, s, o.group_size, torch.float64)
-                layer_errors[key] = _weight_error(w, deq, hessians.get(name))
-                sd[f"{name}.weight"] = deq
-                writer.add(f"{key}.weight_packed", pack_weight(q, w_bits))
-                writer.add(f"{key}.weight_scale", s)
-                if static:  # max calibration, as AMD Quark's per-tensor static W8A8
-                    amax = torch.tensor([hessians[name].amax * act_clip], dtype=torch.float32)
-                    writer.add(f"{key}.input_scale", (amax / qmax(a_bits)).clamp(
-                        min=1e-12))
-            if f"{name}.bias" in sd:
-                writer.add(f"{key}.bias", sd[f"{name}.bias"].to(out_dtype))
-        for k, v in sd.items():
-            if not any(k.startswith(n + ".") for n in LINEARS):
-                writer.add(prefix + k, v.to(out_dtype))
-        if h_cal is not None:
-            runner.load(sd, online_r4=online_r4)  # quantized weights feed the next layer
-            h_cal = runner(h_cal)
+    def original_layer(self, runner: _LayerRunner) -> None:
+        self.h_orig = runner(self.h_orig)
 
-    g_final = src.get("model.norm.weight").double()
-    head = src.get("lm_head.weight") if "lm_head.weight" in src else src.get(
-        "model.embed_tokens.weight")
-    head = head.double()
-    head_rot = head * g_final
-    if rotate:
-        head_rot = rotate_rows_in(head_rot, signs)
-    writer.add("model.norm.weight", torch.ones_like(g_final).to(out_dtype))
-    writer.add("lm_head.weight", head_rot.to(out_dtype))
-    if o.verify:
-        norm = RMSNorm64(hidden, cfg.rms_norm_eps)
+    def rotated_layer(self, runner: _LayerRunner) -> None:
+        self.h_rot = runner(self.h_rot)
+        ref = rotate_rows_in(self.h_orig, self.signs) if self.signs is not None else self.h_orig
+        self.max_err = max(self.max_err, _rel_err(self.h_rot, ref))
+
+    def finish(self, eps: float, g_final: torch.Tensor, head: torch.Tensor,
+               head_rot: torch.Tensor) -> float:
+        """Compare the logits (final norm + head); raise above TOL; the max error."""
+        norm = RMSNorm64(g_final.shape[0], eps)
         with torch.no_grad():
             norm.weight.copy_(g_final)
-            logits_orig = norm(h_orig) @ head.t()
+            logits_orig = norm(self.h_orig) @ head.t()
             norm.weight.fill_(1.0)
-            logits_rot = norm(h_rot) @ head_rot.t()
-        verify_err = max(verify_err, _rel_err(logits_rot, logits_orig))
-        if verify_err > 1e-8:
+            logits_rot = norm(self.h_rot) @ head_rot.t()
+        self.max_err = max(self.max_err, _rel_err(logits_rot, logits_orig))
+        if self.max_err > self.TOL:
             raise QuantizeError(
                 f"--verify failed: the rotated full-precision model differs from the "
-                f"original by a relative error of {verify_err:.3e} (> 1e-8)"
+                f"original by a relative error of {self.max_err:.3e} (> {self.TOL:g})"
             )
-    files = writer.close()
-    _write_metadata(model_dir, out_dir, cfg, fmt, out_dtype, o)
+        return self.max_err
+
+
+class _Streamer:
+    """Streams one checkpoint through rotation and quantization into a ShardedWriter:
+    embedding, then each decoder layer (calibration activations carried from one layer
+    to the next through the already quantized weights), then norm and head."""
+
+    def __init__(self, cfg: Any, o: QuantizeOptions, plan: _Plan, src: TensorSource,
+                 writer: ShardedWriter):
+        self.cfg, self.o, self.plan, self.src, self.writer = cfg, o, plan, src, writer
+        self.layer_cls, rotary_cls = _model_classes(cfg)
+        self.cfg64 = copy.deepcopy(cfg)
+        self.cfg64._attn_implementation = "sdpa"
+        self.rotary = rotary_cls(config=self.cfg64)
+        self.signs = random_signs(plan.hidden, o.seed) if plan.rotate else None
+        self.verifier: _Verifier | None = None
+        self.layer_errors: dict[str, float] = {}
+
+    def run(self, tok: Any, calib_ids: torch.Tensor | None) -> None:
+        h_cal = self.embedding(tok, calib_ids)
+        for i in tqdm(range(self.cfg.num_hidden_layers), desc=f"quantize {self.o.scheme}",
+                      unit="layer"):
+            h_cal = self.layer(i, h_cal)
+        self.head()
+
+    def _runner(self, i: int, sd: dict[str, torch.Tensor], online_r4: bool) -> _LayerRunner:
+        runner = _LayerRunner(self.cfg64, self.layer_cls, self.rotary, i, self.o.tp)
+        runner.load(sd, online_r4=online_r4)
+        return runner
+
+    def embedding(self, tok: Any, calib_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Write the rotated embedding; return the calibration windows' hidden states
+        (float32) and start the --verify models."""
+        embed = self.src.get("model.embed_tokens.weight").double()
+        embed_rot = rotate_rows_in(embed, self.signs) if self.plan.rotate else embed
+        self.writer.add("model.embed_tokens.weight", embed_rot.to(self.plan.out_dtype))
+        if self.o.verify:
+            self.verifier = _Verifier(tok, embed, embed_rot, self.signs)
+        return embed_rot[calib_ids].float() if calib_ids is not None else None
+
+    def layer(self, i: int, h_cal: torch.Tensor | None) -> torch.Tensor | None:
+        """Fold norms, rotate, quantize and write decoder layer i; return the calibration
+        hidden states after it (computed with its quantized weights)."""
+        prefix = f"model.layers.{i}."
+        sd = {k[len(prefix):]: self.src.get(k).double()
+              for k in self.src.keys() if k.startswith(prefix)}
+        if self.verifier is not None:
+            self.verifier.original_layer(self._runner(i, sd, online_r4=False))
+        fold_norms(sd)
+        if self.plan.rotate:
+            rotate_layer(sd, self.signs, self.plan.head_dim, r2=True, r4=self.plan.online_r4,
+                         r4_blocks=self.o.tp)
+        runner = self._runner(i, sd, self.plan.online_r4)
+        if self.verifier is not None:
+            self.verifier.rotated_layer(runner)
+        hessians = _collect_hessians(runner, h_cal) if h_cal is not None else {}
+        for name in LINEARS:
+            self.linear(sd, prefix, name, hessians.get(name))
+        for k, v in sd.items():
+            if not any(k.startswith(n + ".") for n in LINEARS):
+                self.writer.add(prefix + k, v.to(self.plan.out_dtype))
+        if h_cal is None:
+            return None
+        runner.load(sd, online_r4=self.plan.online_r4)  # quantized weights feed the next layer
+        return runner(h_cal)
+
+    def linear(self, sd: dict[str, torch.Tensor], prefix: str, name: str,
+               hessian: HessianAccumulator | None) -> None:
+        """Quantize one linear (GPTQ or RTN) and write its packed codes, scales, static
+        input scale and bias; sd's weight becomes the dequantized one."""
+        o, plan, key = self.o, self.plan, f"{prefix}{name}"
+        w = sd[f"{name}.weight"]
+        if plan.w_bits >= 16:
+            self.writer.add(f"{key}.weight", w.to(plan.out_dtype))
+        else:
+            if o.uses_gptq:
+                assert hessian is not None
+                q, s = gptq_quantize(w, hessian.h, plan.w_bits, o.group_size, o.w_clip,
+                                     o.damp, act_order=o.act_order)
+            else:
+                q, s = quantize_weight_rtn(w, plan.w_bits, o.group_size, o.w_clip)
+            deq = dequantize_weight(q, s, o.group_size, torch.float64)
+            self.layer_errors[key] = _weight_error(w, deq, hessian)
+            sd[f"{name}.weight"] = deq
+            self.writer.add(f"{key}.weight_packed", pack_weight(q, plan.w_bits))
+            self.writer.add(f"{key}.weight_scale", s)
+            if o.static:  # max calibration, as AMD Quark's per-tensor static W8A8
+                assert hessian is not None and plan.a_bits is not None
+                amax = torch.tensor([hessian.amax * plan.act_clip], dtype=torch.float32)
+                self.writer.add(f"{key}.input_scale",
+                                (amax / qmax(plan.a_bits)).clamp(min=1e-12))
+        if f"{name}.bias" in sd:
+            self.writer.add(f"{key}.bias", sd[f"{name}.bias"].to(plan.out_dtype))
+
+    def head(self) -> None:
+        """Fold the final norm's gain into the (untied, rotated) lm_head and write both;
+        finish --verify on the logits."""
+        g_final = self.src.get("model.norm.weight").double()
+        name = "lm_head.weight" if "lm_head.weight" in self.src else "model.embed_tokens.weight"
+        head = self.src.get(name).double()
+        head_rot = head * g_final
+        if self.plan.rotate:
+            head_rot = rotate_rows_in(head_rot, self.signs)
+        self.writer.add("model.norm.weight", torch.ones_like(g_final).to(self.plan.out_dtype))
+        self.writer.add("lm_head.weight", head_rot.to(self.plan.out_dtype))
+        if self.verifier is not None:
+            self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot)
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> QuantizeSummary:
+    """Rotate and quantize model_dir into out_dir (checkpoint format v1).
+
+    Options, model and OUT_DIR are checked before anything heavy; the checkpoint is
+    written into a hidden stage beside OUT_DIR and renamed to OUT_DIR only once every
+    file is complete, so an interrupted run never leaves a checkpoint-looking OUT_DIR.
+    """
+    t0 = time.time()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_options(o)
+    cfg = _load_config(model_dir)
+    check_model_fits(cfg, o)
+    plan = _plan_format(cfg, o)
+    warning = tp_serving_warning(cfg, o.tp)
+    if warning:
+        log.warning(warning)
+    check_output_dir(out_dir, o.overwrite, model_dir)
+
+    src = TensorSource(model_dir)
+    _check_tensors(src, cfg)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib_ids = calibration_ids(model_dir, tok, o) if o.needs_calibration else None
+    with staged_dir(out_dir, o.overwrite) as stage:
+        writer = ShardedWriter(stage)
+        streamer = _Streamer(cfg, o, plan, src, writer)
+        streamer.run(tok, calib_ids)
+        files = writer.close()
+        checkpoint_bytes = sum(f.stat().st_size for f in files)
+        _write_metadata(model_dir, stage, cfg, plan.fmt, plan.out_dtype, o)
     return QuantizeSummary(
         out_dir=out_dir,
         seconds=time.time() - t0,
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        checkpoint_bytes=sum(f.stat().st_size for f in files),
-        layer_errors=layer_errors,
-        verify_max_rel_err=verify_err if o.verify else None,
+        checkpoint_bytes=checkpoint_bytes,
+        layer_errors=streamer.layer_errors,
+        verify_max_rel_err=streamer.verifier.max_err if streamer.verifier else None,
     )
 
 
@@ -428,6 +476,13 @@ def _weight_error(w: torch.Tensor, deq: torch.Tensor, h: HessianAccumulator | No
     return (num / den).clamp(min=0).sqrt().item()
 
 
+def _r4_text(fmt: QuaRotFormat) -> str:
+    r4 = fmt.rotation.r4
+    if r4 is None:
+        return "off"
+    return str(r4.size) if r4.blocks == 1 else f"{r4.blocks} blocks of {r4.block_size}"
+
+
 def _write_metadata(
     model_dir: Path, out_dir: Path, cfg: Any, fmt: QuaRotFormat, dtype: torch.dtype,
     o: QuantizeOptions,
@@ -452,7 +507,8 @@ Made by vllm-quarot {__version__} from `{model_dir.name}`.
 | weights | {fmt.weight.bits}-bit, {fmt.weight.method}, group size {fmt.weight.group_size} |
 | activations | {fmt.activation or "16-bit"} |
 | KV cache | {fmt.kv_cache or "16-bit"} |
-| rotation | {o.rotate}, R1 seed {o.seed}, online R4 {fmt.rotation.r4_size or "off"} |
+| rotation | {o.rotate}, R1 seed {o.seed}, online R4 {_r4_text(fmt)} |
+| tensor-parallel blocks | {fmt.tp_blocks} (same numbers at every TP size dividing it) |
 | calibration | {q["calibration"]} ({q["nsamples"]} × {q["seqlen"]} tokens) |
 
 Serve it with `vllm serve THIS_DIR --quantization quarot` (vllm-quarot installed).

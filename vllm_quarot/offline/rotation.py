@@ -6,7 +6,8 @@ Conventions (weights are [out, in], activations are row vectors):
 - R2 = per-head Hadamard of size head_dim on v_proj's output rows and o_proj's input
   columns (GQA: each KV head's block and each attention head's block).
 - R4 = Hadamard of size intermediate folded into down_proj's input; the runtime applies
-  the same transform online to down_proj's input.
+  the same transform online to down_proj's input. For a tensor-parallel checkpoint
+  (--tp N) R4 is block-diagonal, I_N ⊗ H_{intermediate/N}: one block per rank's slice.
 RMSNorm gains are folded into the following linears first (RMSNorm with unit gain
 commutes with any orthogonal R1), so norms are stored as ones.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_quarot.hadamard import hadamard_transform
+from vllm_quarot.hadamard import block_hadamard_transform, hadamard_transform
 
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -48,8 +49,11 @@ def rotate_layer(
     head_dim: int,
     r2: bool,
     r4: bool,
+    r4_blocks: int = 1,
 ) -> None:
-    """Apply R1 (when signs is given), R2 and R4 to one layer's folded tensors."""
+    """Apply R1 (when signs is given), R2 and R4 to one layer's folded tensors; R4 is
+    block-diagonal with r4_blocks blocks (down_proj's columns [out, N, n/N], each block
+    rotated by the Hadamard of order n/N)."""
     if signs is not None:
         for name in ATTN_IN + MLP_IN:
             sd[f"{name}.weight"] = rotate_rows_in(sd[f"{name}.weight"], signs)
@@ -73,4 +77,5 @@ def rotate_layer(
             hadamard_transform(wo.reshape(-1, n_h, head_dim)).reshape(wo.shape[0], -1)
         )
     if r4:
-        sd["mlp.down_proj.weight"] = rotate_rows_in(sd["mlp.down_proj.weight"], None)
+        sd["mlp.down_proj.weight"] = block_hadamard_transform(sd["mlp.down_proj.weight"],
+                                                              r4_blocks)

@@ -116,6 +116,7 @@ class QuaRotLinearMethod(LinearMethodBase):
                 f"{self.prefix}: {scale.shape[1]} weight groups do not split into "
                 f"{parts} blocks")
         g = scale.shape[1] // parts  # scale groups per part (0: per channel, shared)
+        self.parts = []
         for i, module in enumerate(modules):
             kernel = kernel_cls(config)
             if self.transform is not None:

@@ -43,6 +43,16 @@ buffer, ``self.intermediate_tensors``, that ``GPUModelRunner`` creates only in i
 fails with a bare ``AssertionError``, for any model (compiled mode happens to work: its
 warm-up runs the dummy pass). The fix creates the buffer on first use exactly as
 ``_dummy_run`` would (``make_empty_intermediate_tensors`` for ``max_num_tokens``).
+
+All platforms: checks that need the whole engine configuration
+----------------------------------------------------------------
+vLLM builds the quantization config with the model config alone
+(``VllmConfig._get_quantization_config``): no hook of ``QuantizationConfig`` sees the
+parallel configuration. So that ``LLM(..., tensor_parallel_size=T)`` and ``vllm serve
+--tensor-parallel-size T`` refuse a checkpoint that cannot serve at T with one line in
+the calling process (not "Engine core initialization failed" after the workers
+started), ``VllmConfig.__post_init__`` is wrapped to run
+``QuaRotFormat.check_tensor_parallel`` once the config is complete.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ def apply() -> None:
 
     if not vllm.__version__.startswith("0.32"):
         return
+    _patch_config_checks()
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -143,3 +154,20 @@ def _patch_cpu_pipeline_buffer() -> None:
 
     CPUModelRunner.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
     CPUModelRunner._quarot_pp_buffer_fix = True
+
+
+def _patch_config_checks() -> None:
+    from vllm.config import VllmConfig
+
+    if getattr(VllmConfig, "_quarot_checks", False):
+        return
+    post_init = VllmConfig.__post_init__
+
+    def __post_init__(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        fmt = getattr(self.quant_config, "fmt", None)
+        if fmt is not None and type(self.quant_config).__name__ == "QuaRotConfig":
+            fmt.check_tensor_parallel(self.parallel_config.tensor_parallel_size)
+
+    VllmConfig.__post_init__ = __post_init__
+    VllmConfig._quarot_checks = True

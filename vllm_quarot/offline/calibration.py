@@ -1,0 +1,54 @@
+"""Calibration token windows for GPTQ and static activation scales: random windows of
+a text file (``--calib``), or samples the full-precision model generates itself
+(``--calib-self``, data-free). Both are deterministic for a given ``--seed``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from vllm_quarot.offline.options import QuantizeError, QuantizeOptions
+
+log = logging.getLogger("vllm_quarot.quantize")
+
+
+def calibration_ids(model_dir: Path, tok: Any, o: QuantizeOptions) -> torch.Tensor:
+    """[samples, seqlen] token windows: --nsamples random windows of --calib, or
+    --calib-self sequences sampled from the model."""
+    if o.calib is not None:
+        return file_windows(Path(o.calib), tok, o.nsamples, o.seqlen, o.seed)
+    return self_generated(model_dir, tok, o.calib_self or 0, o.seqlen, o.seed)
+
+
+def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at seeded random offsets of the tokenized file."""
+    g = torch.Generator().manual_seed(seed)
+    ids = tok(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    if ids.numel() <= seqlen:
+        raise QuantizeError(
+            f"calibration file {path} has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
+        )
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def self_generated(model_dir: Path, tok: Any, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """n sequences of seqlen tokens sampled (temperature 1, no top-k/p) from BOS."""
+    log.info("generating %d calibration samples from the full-precision model", n)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    samples = []
+    for _ in tqdm(range(n), desc="self-calibration"):
+        out = model.generate(
+            torch.tensor([[bos]]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_length=seqlen, min_length=seqlen, pad_token_id=bos,
+        )
+        samples.append(out[0, :seqlen])
+    del model
+    return torch.stack(samples)

@@ -1,0 +1,205 @@
+"""The quantizer's options, their checks, and its error type.
+
+Every check here runs before any tensor is read or any file is written, so a bad
+option is a one-line error that costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
+from vllm_quarot.hadamard import HadamardSizeError, factorize
+
+# scheme -> (weight bits, activation bits or None, kv bits or None): the format's table
+SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
+    name: (s.weight_bits, s.activation_bits, s.kv_bits) for name, s in FORMAT_SCHEMES.items()}
+# per-tensor activation scales calibrated offline
+STATIC_SCHEMES = tuple(name for name, s in FORMAT_SCHEMES.items()
+                       if s.activation_mode == "static-per-tensor")
+ROTATIONS = ("quarot", "r1r2", "none")
+WEIGHT_METHODS = ("gptq", "rtn")
+
+
+class QuantizeError(ValueError):
+    """A bad option, model or calibration input for the quantizer."""
+
+
+@dataclasses.dataclass
+class QuantizeOptions:
+    """Everything ``vllm-quarot quantize`` takes besides its two directories. The CLI's
+    argparse destinations carry these names (see ``from_namespace``)."""
+
+    scheme: str = "w4a4"
+    weight_method: str = "gptq"
+    calib: str | None = None
+    calib_self: int | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    group_size: int = -1
+    w_clip: bool = False
+    act_clip: float | None = None  # default: 0.9 at 4 bits, 1.0 at 8 bits
+    kv_clip: float = 0.95
+    seed: int = 0
+    online_hadamard: bool = True
+    rotate: str = "quarot"
+    act_order: bool = False
+    damp: float = 0.01
+    verify: bool = False
+    overwrite: bool = False  # replace a non-empty OUT_DIR (once the new one is complete)
+    tp: int = 1  # tensor_parallel_blocks: block-diagonal R4, per-block row-parallel inputs
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
+        """Options from parsed arguments whose destinations are the field names; a
+        field the namespace lacks keeps its default."""
+        return cls(**{f.name: getattr(ns, f.name)
+                      for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    @property
+    def bits(self) -> tuple[int, int | None, int | None]:
+        """(weight bits, activation bits or None, KV bits or None) of the scheme."""
+        return SCHEMES[self.scheme]
+
+    @property
+    def static(self) -> bool:
+        """Per-tensor activation scales calibrated offline (w8a8-static)."""
+        return self.scheme in STATIC_SCHEMES
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.weight_method == "gptq" and self.bits[0] < 16
+
+    @property
+    def needs_calibration(self) -> bool:
+        """GPTQ or static activation scales: calibration activations are computed."""
+        return self.uses_gptq or self.static
+
+    @property
+    def online_r4(self) -> bool:
+        """R4 is folded into down_proj's input and applied online by the runtime."""
+        return self.rotate == "quarot" and self.online_hadamard and self.bits[1] is not None
+
+
+def check_options(o: QuantizeOptions) -> None:
+    """The checks that need neither the model nor the data."""
+    if o.scheme not in SCHEMES:
+        raise QuantizeError(f"unknown scheme {o.scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if o.weight_method not in WEIGHT_METHODS:
+        raise QuantizeError(f"--weight-method must be gptq or rtn, got {o.weight_method!r}")
+    if o.rotate not in ROTATIONS:
+        raise QuantizeError(f"--rotate must be one of {ROTATIONS}, got {o.rotate!r}")
+    if o.group_size != -1 and o.group_size <= 0:
+        raise QuantizeError(f"--group-size must be -1 or positive, got {o.group_size}")
+    w_bits = o.bits[0]
+    if o.group_size != -1 and w_bits < 16 and (o.group_size * w_bits) % 32:
+        raise QuantizeError(
+            f"--group-size {o.group_size} at {w_bits} bits: a group must fill whole "
+            f"32-bit words of packed codes (a multiple of {32 // w_bits})")
+    for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
+        if v is not None and not 0.0 < v <= 1.0:
+            raise QuantizeError(f"{name} must be in (0, 1], got {v}")
+    if o.nsamples <= 0:
+        raise QuantizeError(f"--nsamples must be positive, got {o.nsamples}")
+    if o.tp < 1:
+        raise QuantizeError(f"--tp must be a positive number of blocks, got {o.tp}")
+    if o.seqlen <= 0:
+        raise QuantizeError(f"--seqlen must be positive, got {o.seqlen}")
+    if o.calib_self is not None and o.calib_self <= 0:
+        raise QuantizeError(f"--calib-self must be a positive number of samples, got "
+                            f"{o.calib_self}")
+    if o.calib is not None and o.calib_self is not None:
+        raise QuantizeError("give either --calib FILE or --calib-self N, not both")
+    if not o.damp > 0:
+        raise QuantizeError(f"--damp must be positive, got {o.damp}")
+    if o.needs_calibration and o.calib is None and not o.calib_self:
+        raise QuantizeError(
+            f"{'static activation scales' if o.static else 'GPTQ'} "
+            "need calibration text: give --calib FILE or --calib-self N")
+    if o.calib is not None and not Path(o.calib).is_file():
+        raise QuantizeError(f"calibration file {o.calib} does not exist")
+
+
+def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
+    """The checks that need the model's config: group size vs the linears' input sizes,
+    calibration length vs the model's context."""
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
+    if o.group_size != -1 and o.bits[0] < 16:
+        sizes = {"hidden size": hidden, "intermediate size (down_proj)": inter,
+                 "heads × head_dim (o_proj)": n_heads * head_dim}
+        bad = [f"{name} {k}" for name, k in sizes.items() if k % o.group_size]
+        if bad:
+            raise QuantizeError(
+                f"--group-size {o.group_size} does not divide the {', '.join(bad)} of "
+                "this model")
+    _check_tp(o, inter, n_heads * head_dim)
+    if o.tp > 1 and o.group_size != -1 and o.bits[0] < 16:
+        sizes = {"o_proj": n_heads * head_dim // o.tp, "down_proj": inter // o.tp}
+        bad = [f"{name} {k}" for name, k in sizes.items() if k % o.group_size]
+        if bad:
+            raise QuantizeError(
+                f"--group-size {o.group_size} does not divide the per-block input size "
+                f"(in_features / --tp {o.tp}) of {', '.join(bad)}: a weight group may not "
+                "straddle two tensor-parallel ranks")
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if o.needs_calibration and max_pos is not None and o.seqlen > max_pos:
+        raise QuantizeError(
+            f"--seqlen {o.seqlen} is longer than the model's context "
+            f"(max_position_embeddings {max_pos})")
+
+
+def _block_hadamard_ok(inter: int, n: int) -> bool:
+    try:
+        factorize(inter // n)
+    except HadamardSizeError:
+        return False
+    return True
+
+
+def tp_choices(o: QuantizeOptions, inter: int, attn: int) -> list[int]:
+    """Every --tp this model allows with these options: N divides the inputs of o_proj
+    (heads × head_dim) and down_proj (intermediate), and with the online R4 a Hadamard
+    of order intermediate / N can be built."""
+    return [n for n in range(1, min(inter, attn) + 1)
+            if inter % n == 0 and attn % n == 0
+            and (not o.online_r4 or _block_hadamard_ok(inter, n))]
+
+
+def _check_tp(o: QuantizeOptions, inter: int, attn: int) -> None:
+    n = o.tp
+    if n == 1:
+        return  # the whole-size R4's order is checked (and explained) with the format
+    if inter % n == 0 and attn % n == 0:
+        if not o.online_r4 or _block_hadamard_ok(inter, n):
+            return
+        why = (f"its block-diagonal online R4 needs a Hadamard matrix of order "
+               f"intermediate {inter} / {n} = {inter // n}, which cannot be built here")
+    else:
+        why = (f"{n} does not divide both the inputs of o_proj (heads × head_dim "
+               f"{attn}) and down_proj (intermediate {inter})")
+    ok = tp_choices(o, inter, attn)
+    nearest = min(ok, key=lambda m: (abs(m - n), m)) if ok else None
+    raise QuantizeError(
+        f"--tp {n} does not fit this model: {why}; nearest --tp that works: "
+        f"{nearest if nearest is not None else 'none'}")
+
+
+def tp_serving_warning(cfg: Any, tp: int) -> str | None:
+    """Why vLLM will refuse --tensor-parallel-size tp on this model (it needs
+    heads % tp == 0 and kv_heads % tp == 0 or tp % kv_heads == 0), or None."""
+    if tp == 1:
+        return None
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0):
+        return None
+    ok = [t for t in range(2, tp) if tp % t == 0 and heads % t == 0
+          and (kv % t == 0 or t % kv == 0)]
+    also = f" and {', '.join(map(str, ok))}" if ok else ""
+    return (f"--tp {tp}: vLLM cannot serve this model ({heads} attention heads, {kv} KV "
+            f"heads) at tensor parallelism {tp}; the checkpoint still serves at TP=1{also}")
