@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import engine_env, health, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -35,12 +34,6 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
     rng = random.Random(seed)
     return [1] + [rng.randrange(3, 512) for _ in range(n - 1)]
-
-
-def engine_env() -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
 
 
 # ---------------------------------------------------------------- offline (subprocess)
@@ -118,12 +111,6 @@ def test_seeded_chunked_prefill_offline_is_reproducible(long_llama, tmp_path):
 
 # ---------------------------------------------------------------- OpenAI server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: dict, timeout: float = 300) -> tuple[int, dict | str]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
@@ -137,37 +124,14 @@ def _post(port: int, body: dict, timeout: float = 300) -> tuple[int, dict | str]
         return -1, repr(e)
 
 
-def _health(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return -1
-
-
 def test_openai_server_survives_concurrent_seeded_long_prompts(quarot_w4a4):
     """`vllm serve` on the W4A4 checkpoint (bf16 activations) with 256-token prefill
     chunks: 12 concurrent seeded requests with ~400-token prompts all succeed, and
     the server stays healthy and serves another request."""
-    vllm_cmd = Path(sys.executable).with_name("vllm")
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(vllm_cmd), "serve", str(quarot_w4a4), "--quantization", "quarot",
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-         "--max-num-batched-tokens", "256", "--max-num-seqs", "16", "--enforce-eager",
-         "--dtype", "bfloat16", "--served-model-name", "quarot-tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=engine_env())
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.time() + 600
-        while _health(port) != 200:
-            assert server.poll() is None and time.time() < deadline, "".join(log)[-6000:]
-            time.sleep(2)
-
+    with vllm_server(quarot_w4a4, "--quantization", "quarot", "--max-model-len", "512",
+                     "--max-num-batched-tokens", "256", "--max-num-seqs", "16",
+                     "--enforce-eager", "--dtype", "bfloat16", "--served-model-name",
+                     "quarot-tiny", env=engine_env()) as (port, log, server):
         def body(i: int) -> dict:
             b = {"model": "quarot-tiny", "prompt": prompt_ids(360 + 7 * i, i),
                  "max_tokens": 16, "temperature": 0.8, "seed": i, "ignore_eos": True}
@@ -189,17 +153,11 @@ def test_openai_server_survives_concurrent_seeded_long_prompts(quarot_w4a4):
         for i, (_, b) in results.items():
             assert len(b["choices"]) == (2 if i % 4 == 2 else 1)
             assert all(c["text"] for c in b["choices"])
-        assert server.poll() is None and _health(port) == 200
+        assert server.poll() is None and health(port) == 200
         status, b = _post(port, body(0), timeout=120)
         assert status == 200 and b["usage"]["completion_tokens"] == 16
         assert PATCH_LOG in "".join(log)
         assert "does not use offset" not in "".join(log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["offline"]:

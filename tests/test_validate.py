@@ -292,7 +292,7 @@ print("LLM_STARTED")
 
 def llm_error(model: Path) -> str:
     """LLM(model) in a fresh process: the exception LLM(...) itself raised."""
-    from test_vllm_e2e import engine_env
+    from servers import engine_env
 
     proc = subprocess.run([sys.executable, "-c", LLM_SCRIPT, str(model)],
                           capture_output=True, text=True, env=engine_env(), timeout=600)

@@ -4,17 +4,15 @@ computes what the pure-PyTorch simulation computes."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINYSTORIES
+from servers import engine_env, vllm_server
 from transformers import AutoTokenizer
 
 from vllm_quarot.eval.simulate import load_simulated
@@ -50,14 +48,6 @@ def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS, **env_vars: 
             out["log"] = proc.stdout + proc.stderr
             return out
     raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-
-
-def engine_env(**env_vars: str) -> dict:
-    """The environment of an engine subprocess: a small KV cache, and Triton's
-    interpreter (which conftest sets for in-process tests) only when asked for."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env | env_vars
 
 
 def run_vllm_failure(model: Path, *args: str) -> str:
@@ -198,32 +188,11 @@ def test_plain_checkpoint_with_quarot_flag_is_a_clear_error(random_llama):
                                                              "quarot")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_server_serves_completions(quarot_w4a4):
     """`vllm serve MODEL --quantization quarot` (the console command setup.sh fixes)."""
-    vllm_cmd = Path(sys.executable).with_name("vllm")
-    port = _free_port()
-    env = engine_env()
-    server = subprocess.Popen(
-        [str(vllm_cmd), "serve", str(quarot_w4a4), "--quantization", "quarot",
-         "--port", str(port), "--max-model-len", "256", "--enforce-eager",
-         "--dtype", "float32", "--served-model-name", "quarot-tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert server.poll() is None, server.stdout.read()[-6000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
+    with vllm_server(quarot_w4a4, "--quantization", "quarot", "--max-model-len", "256",
+                     "--enforce-eager", "--dtype", "float32", "--served-model-name",
+                     "quarot-tiny", env=engine_env()) as (port, _log, _server):
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions",
             data=json.dumps({"model": "quarot-tiny", "prompt": PROMPTS[0], "max_tokens": 8,
@@ -231,18 +200,12 @@ def test_openai_server_serves_completions(quarot_w4a4):
             headers={"Content-Type": "application/json"},
         )
         body = json.loads(urllib.request.urlopen(req, timeout=120).read())
-        choice = body["choices"][0]
-        assert body["usage"]["completion_tokens"] == 8 and choice["text"]
-        tok = AutoTokenizer.from_pretrained(quarot_w4a4)
-        ids = tok(PROMPTS[0], return_tensors="pt").input_ids
-        assert choice["prompt_token_ids"] == ids[0].tolist()
-        assert choice["token_ids"] == greedy(load_simulated(quarot_w4a4), ids, 8)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] == 8 and choice["text"]
+    tok = AutoTokenizer.from_pretrained(quarot_w4a4)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    assert choice["prompt_token_ids"] == ids[0].tolist()
+    assert choice["token_ids"] == greedy(load_simulated(quarot_w4a4), ids, 8)
 
 
 # ------------------------------------------------------------------ KV4 (4-bit cache)
@@ -306,8 +269,12 @@ def test_kv4_flag_on_a_16bit_checkpoint(quarot_w4a4):
         if f.name != "config.json" and not (sim_dir / f.name).exists():
             (sim_dir / f.name).symlink_to(f)
     cfg = json.loads((quarot_w4a4 / "config.json").read_text())
-    cfg["quantization_config"]["kv_cache"] = {"bits": 4, "group_size": -1,
-                                              "asymmetric": True, "clip_ratio": 1.0}
+    # the view is a hand-made KV4 checkpoint without R3: its scheme says so, and it
+    # records no rotation (which would promise R3 for a 4-bit cache)
+    qc = cfg["quantization_config"]
+    qc["kv_cache"] = {"bits": 4, "group_size": -1, "asymmetric": True, "clip_ratio": 1.0}
+    qc["scheme"] = "w4a4kv4"
+    del qc["quantizer"]["rotate"]
     (sim_dir / "config.json").write_text(json.dumps(cfg))
     simulate(sim_dir, out["results"])
 
