@@ -65,7 +65,8 @@ def quantize_model(src: Path, out: Path, tp: int = 1) -> Path:
     return out
 
 
-def worker(model: str, quantization: str | None, compile_: bool, tp: int = 1) -> dict:
+def worker(model: str, quantization: str | None, compile_: bool, tp: int = 1,
+           n_dec: int = 64, prefill: bool = True) -> dict:
     """Runs inside the subprocess: one engine, all measurements."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -86,19 +87,22 @@ def worker(model: str, quantization: str | None, compile_: bool, tp: int = 1) ->
         return time.perf_counter() - t
 
     gen([prompt(0)], 8)  # warm-up
-    n_dec = 64
     b1 = n_dec / gen([prompt(1)], n_dec)
     b32 = 32 * n_dec / gen([prompt(i) for i in range(2, 34)], n_dec)
-    gen([prompt(99, 1024)], 1)  # warm-up of the long-prompt path
-    prefill = 1024 / gen([prompt(100, 1024)], 1)
-    return {"decode_b1": b1, "decode_b32": b32, "prefill": prefill}
+    out = {"decode_b1": b1, "decode_b32": b32}
+    if prefill:
+        gen([prompt(99, 1024)], 1)  # warm-up of the long-prompt path
+        out["prefill"] = 1024 / gen([prompt(100, 1024)], 1)
+    return out
 
 
-def run_engine(model: Path, quantization: str | None, compile_: bool, tp: int = 1) -> dict:
+def run_engine(model: Path, quantization: str | None, compile_: bool, tp: int = 1,
+               n_dec: int = 64, prefill: bool = True) -> dict:
     import psutil
 
     cmd = [sys.executable, __file__, "--worker", str(model), "--quantization",
-           quantization or "none", "--tp", str(tp)] + (["--compile"] if compile_ else [])
+           quantization or "none", "--tp", str(tp), "--decode-tokens", str(n_dec)] + (
+        ["--compile"] if compile_ else []) + ([] if prefill else ["--no-prefill"])
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
@@ -134,10 +138,13 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--decode-tokens", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--no-prefill", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         q = None if a.quantization == "none" else a.quantization
-        print("RESULT_JSON " + json.dumps(worker(a.worker, q, a.compile, a.tp)), flush=True)
+        res = worker(a.worker, q, a.compile, a.tp, a.decode_tokens, not a.no_prefill)
+        print("RESULT_JSON " + json.dumps(res), flush=True)
         return
 
     from vllm_quarot.runtime.ops import cpu as cpu_ops

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -63,8 +64,11 @@ def contenders(k: int, n: int, copies: int, r4: bool):
     for _ in range(copies):
         w = torch.randn(n, k, generator=g, dtype=torch.bfloat16) * 0.02
         out["torch bf16"].append(lambda x, w=w: torch.nn.functional.linear(x, w))
-        h = vops.create_onednn_mm(w.t(), 32)
-        out["vLLM oneDNN bf16"].append(lambda x, h=h: vops.onednn_mm(h, x, None))
+        try:  # oneDNN has no bf16 matmul on CPUs without AVX-512 BF16 / AMX
+            h = vops.create_onednn_mm(w.t(), 32)
+            out["vLLM oneDNN bf16"].append(lambda x, h=h: vops.onednn_mm(h, x, None))
+        except RuntimeError:
+            out.pop("vLLM oneDNN bf16", None)
         w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s8 = torch.rand(n, generator=g) * 1e-3
         h8 = vops.create_onednn_scaled_mm(w8.t(), s8, torch.bfloat16, True, False, 32)
@@ -98,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 2048])
     ap.add_argument("--seconds", type=float, default=2.0, help="time budget per cell")
+    ap.add_argument("--shapes", nargs="+", default=[label for label, _, _ in SHAPES],
+                    help="subset of: " + ", ".join(label for label, _, _ in SHAPES))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if not cpu_ops.AVAILABLE:
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"# CPU per-layer benchmark: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, kernels: {cpu_ops.isa()}")
     rows, speedups = [], {}
-    for label, k, n in SHAPES:
+    for label, k, n in [sh for sh in SHAPES if sh[0] in args.shapes]:
         copies = max(2, math.ceil(CACHE_BYTES / (2 * k * n)))
         cands = contenders(k, n, copies, r4=label.startswith("down"))
         for m in args.m:
@@ -124,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{label:11s} M={m:<5d} " + "  ".join(f"{nm}: {v:8.3f} ms"
                                                       for nm, v in t.items()), flush=True)
     names = list(rows[0][2])
+    nan = float("nan")
     lines = ["| layer | M | " + " | ".join(f"{nm} ms" for nm in names)
              + " | W4A4 native vs torch bf16 | vs vLLM oneDNN bf16 | vs vLLM W8A8 "
              "| QuaRot W8A8 native vs vLLM W8A8 | W4A16 vs torch bf16 |",
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
     for shape, m, t, base in rows:
         ours = t["QuaRot W4A4 native"]
         lines.append(f"| {shape} | {m} | " + " | ".join(f"{t[nm]:.3f}" for nm in names)
-                     + f" | {base / ours:.2f}× | {t['vLLM oneDNN bf16'] / ours:.2f}× | "
+                     + f" | {base / ours:.2f}× | {t.get('vLLM oneDNN bf16', nan) / ours:.2f}× | "
                      f"{t['vLLM W8A8 (int8)'] / ours:.2f}× "
                      f"| {t['vLLM W8A8 (int8)'] / t['QuaRot W8A8 native']:.2f}× "
                      f"| {base / t['QuaRot W4A16']:.2f}× |")
@@ -141,7 +148,8 @@ def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_layers.md").write_text(
         f"# CPU per-layer benchmark ({torch.get_num_threads()} threads, "
-        f"kernels {cpu_ops.isa()})\n\nCommand: `.venv/bin/python benchmarks/cpu_layers.py`"
+        f"kernels {cpu_ops.isa()})\n\nCommand: `.venv/bin/python benchmarks/cpu_layers.py "
+        f"{' '.join(sys.argv[1:])}`"
         f"\n\nTimes are medians; each includes the activation quantization (and the R4 "
         f"Hadamard for down_proj).\n\n{table}\n")
     _plot(speedups, args.m, args.out / "cpu_layers.png")
