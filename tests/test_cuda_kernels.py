@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/cuda: compiled for sm_80 / sm_89 / sm_90a wherever nvcc exists,
-and checked against the PyTorch reference ops (vllm_quarot/ops.py, kv_attention.py) when
-a GPU is present.
+and checked against the PyTorch reference ops (vllm_quarot/runtime/ops/reference.py,
+runtime/kv_attention.py) when a GPU is present.
 """
 
 from __future__ import annotations

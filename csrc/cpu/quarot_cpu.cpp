@@ -1,7 +1,7 @@
 // Fast CPU kernels for QuaRot linear layers: fused online Hadamard + per-token
 // quantization, and an integer GEMM over 4- or 8-bit weights repacked at load time.
 //
-// Math (identical to the PyTorch reference ops in vllm_quarot/ops.py):
+// Math (identical to the PyTorch reference ops in vllm_quarot/runtime/ops/reference.py):
 //   codes = clamp(round_half_even(x / s), -qmax-1, qmax), s = max(amax|x|·clip/qmax, eps)
 //   out   = Σ_g (Σ_k codes·w)[g] · w_scale[n, g] · s[m] + bias[n]
 // The weights are stored unsigned (w + 8 for 4 bits, w + 128 for 8 bits) so that the

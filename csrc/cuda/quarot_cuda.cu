@@ -1,6 +1,6 @@
 // CUDA kernels of vllm_quarot, registered as torch.ops.quarot_cuda.*:
 //   hadamard_quantize, w4a4_gemm, kv4_cache_update, kv4_decode_attention.
-// They implement the math of the PyTorch reference ops (vllm_quarot/ops.py,
+// They implement the math of the PyTorch reference ops (vllm_quarot/runtime/ops/reference.py,
 // vllm_quarot/kv_attention.py); see csrc/cuda/README.md.
 #include <Python.h>
 
