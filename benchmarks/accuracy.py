@@ -13,6 +13,7 @@ Writes benchmarks/results/accuracy_<model>.md and prints the same table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -22,23 +23,28 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
-# (label, quantize options or None for the 16-bit original)
-ROWS: list[tuple[str, dict | None]] = [
-    ("bf16", None),
-    ("W8A8, no rotation", dict(scheme="w8a8", weight_method="rtn", rotate="none")),
-    ("W8A8, QuaRot", dict(scheme="w8a8", weight_method="rtn")),
-    ("W8A8 static, no rotation", dict(scheme="w8a8-static", weight_method="rtn",
-                                      rotate="none")),
-    ("W8A8 static, R1+R2", dict(scheme="w8a8-static", weight_method="rtn", rotate="r1r2")),
-    ("W8A8 static, QuaRot", dict(scheme="w8a8-static", weight_method="rtn")),
-    ("W4A16 RTN, QuaRot", dict(scheme="w4a16", weight_method="rtn", w_clip=True)),
-    ("W4A16 GPTQ, QuaRot", dict(scheme="w4a16", weight_method="gptq")),
-    ("W4A4KV4 RTN, no rotation", dict(scheme="w4a4kv4", weight_method="rtn",
-                                      rotate="none")),
-    ("W4A4KV4 QuaRot-RTN", dict(scheme="w4a4kv4", weight_method="rtn", w_clip=True)),
-    ("W4A4KV4 QuaRot-GPTQ", dict(scheme="w4a4kv4", weight_method="gptq")),
-    ("W4A4 (KV16) QuaRot-GPTQ", dict(scheme="w4a4", weight_method="gptq")),
-    ("KV4 only, QuaRot R3", dict(scheme="kv4", weight_method="rtn")),
+# (label, quantize options or None for the 16-bit original, seeded). Options not given
+# are the CLI's defaults (GPTQ: sequential in each layer, weight clip search, act-order,
+# damp 0.01), so a row shows what a user gets. Seeded rows are quantized once per R1
+# seed (--seeds) and reported as mean ± standard deviation: at 4 bits one seed's figure
+# moves by ~10 %, more than many method differences.
+ROWS: list[tuple[str, dict | None, bool]] = [
+    ("bf16", None, False),
+    ("W8A8, no rotation", dict(scheme="w8a8", weight_method="rtn", rotate="none"), False),
+    ("W8A8, QuaRot", dict(scheme="w8a8", weight_method="rtn"), False),
+    ("W8A8 static, QuaRot", dict(scheme="w8a8-static", weight_method="rtn"), False),
+    ("W4A16 GPTQ, QuaRot", dict(scheme="w4a16"), True),
+    ("W4A4KV4 RTN, no rotation", dict(scheme="w4a4kv4", weight_method="rtn", rotate="none"),
+     False),
+    ("W4A4KV4 QuaRot-RTN", dict(scheme="w4a4kv4", weight_method="rtn"), True),
+    ("W4A4KV4 QuaRot-GPTQ", dict(scheme="w4a4kv4"), True),
+    ("W4A4 (KV16) QuaRot-GPTQ", dict(scheme="w4a4"), True),
+    ("W4A4KV4 QuaRot-GPTQ, --a8-layers auto", dict(scheme="w4a4kv4", a8_layers="auto"), True),
+    ("W4A4KV4 SpinQuant-GPTQ", dict(scheme="w4a4kv4", rotate="spinquant"), True),
+    ("W4A8KV4 QuaRot-GPTQ", dict(scheme="w4a8kv4"), True),
+    ("W4A8KV4 QuaRot-GPTQ, group 64", dict(scheme="w4a8kv4", group_size=64), True),
+    ("W4A8 (KV16) QuaRot-GPTQ", dict(scheme="w4a8"), False),
+    ("KV4 only, QuaRot R3", dict(scheme="kv4", weight_method="rtn"), False),
 ]
 
 MODELS = {
@@ -61,19 +67,49 @@ def size_mib(d: Path) -> float:
     return sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20
 
 
+def _key(opts: object) -> str:
+    """Cache name: every quantizer option, defaults included (a changed default or row
+    never reuses a stale checkpoint)."""
+    import dataclasses
+    import hashlib
+
+    from vllm_quarot.offline.options import QuantizeOptions
+
+    def full(o: object) -> object:
+        return dataclasses.asdict(QuantizeOptions(**o)) if isinstance(o, dict) else o
+
+    resolved = [full(x) for x in opts] if isinstance(opts, list) else full(opts)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stat(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {sd:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    ap.add_argument("--max-windows", type=int, default=16,
+    ap.add_argument("--max-windows", type=int, default=8,
                     help="perplexity windows of seqlen tokens (None: the whole text)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--rows", default=None, help="comma-separated row numbers (default all)")
+    ap.add_argument("--seeds", type=int, default=3, help="R1 seeds of the seeded rows")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated row numbers (default all); ROW:N = N seeds")
     ap.add_argument("--work", default=None, help="where quantized checkpoints are cached")
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--sim-rows", default="2,10,11",
-                    help="rows also scored by the simulation when vLLM serves them "
-                    "('all' for every row); rows vLLM cannot serve always are")
+    ap.add_argument("--spinquant-steps", type=int, default=None,
+                    help="override the CLI default for the SpinQuant row")
+    ap.add_argument("--sim-rows", default="2,7",
+                    help="rows also scored by the simulation (seed 0) when vLLM serves "
+                    "them ('all' for every row); rows vLLM cannot serve always are")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="table of the rows (seeds) already quantized and scored; skip the rest")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/accuracy_<model>.md")
     a = ap.parse_args()
 
     from models import default_cache_dir
@@ -92,48 +128,80 @@ def main() -> None:
     work = Path(a.work) if a.work else default_cache_dir() / f"accuracy-{a.model}"
     tok = AutoTokenizer.from_pretrained(base)
     windows = token_windows(tok, DATA / text, seqlen, a.max_windows)
-    picked = [int(i) for i in a.rows.split(",")] if a.rows else range(len(ROWS))
+    # --rows 7,11,12:1 -> row 12 with one seed only
+    picked = ([(int(r.split(":")[0]), int(r.split(":")[1]) if ":" in r else None)
+               for r in a.rows.split(",")] if a.rows else [(i, None) for i in range(len(ROWS))])
     results = []
-    for i in picked:
-        label, opts = ROWS[i]
-        ckpt = base
-        if opts is not None:
-            ckpt = work / (f"row{i:02d}-" + "".join(c if c.isalnum() else "_" for c in label))
-            if not (ckpt / "config.json").is_file():
-                print(f"[accuracy] quantizing: {label}", flush=True)
-                t = time.time()
-                s = quantize(base, ckpt, QuantizeOptions(
-                    **opts, calib=str(DATA / calib), nsamples=a.nsamples,
-                    seqlen=a.calib_seqlen))
-                print(f"[accuracy]   {time.time() - t:.0f} s; worst layer error "
-                      f"{max(s.layer_errors.values(), default=0):.4f}", flush=True)
-        serve = servable and not a.no_vllm
-        v = serve_perplexity(ckpt, windows, "quarot" if opts else None) if serve else None
-        with_sim = v is None or a.sim_rows == "all" or str(i) in a.sim_rows.split(",")
-        sim = hf_perplexity(load_reference(ckpt), windows) if with_sim else None
-        results.append((i, label, v, sim, size_mib(ckpt)))
-        print(f"[accuracy] {label}: vLLM {v} sim {sim}", flush=True)
+    for i, n_seeds in picked:
+        label, opts, seeded = ROWS[i]
+        vals, sims, mib, secs = [], [], 0.0, []
+        for seed in range((n_seeds or a.seeds) if seeded else 1):
+            ckpt, row = base, None
+            if opts is not None:
+                row = {**opts, "seed": seed, "calib": str(DATA / calib),
+                       "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
+                if opts.get("rotate") == "spinquant" and a.spinquant_steps is not None:
+                    row["spinquant_steps"] = a.spinquant_steps
+                ckpt = work / f"row{i:02d}-seed{seed}-{_key(row)}"
+                if a.cached_only and not (ckpt / "config.json").is_file():
+                    continue
+                if not (ckpt / "config.json").is_file():
+                    print(f"[accuracy] quantizing: {label}, seed {seed}", flush=True)
+                    t = time.time()
+                    s = quantize(base, ckpt, QuantizeOptions(**row))
+                    secs.append(time.time() - t)
+                    print(f"[accuracy]   {secs[-1]:.0f} s; worst layer error "
+                          f"{max(s.layer_errors.values(), default=0):.4f}", flush=True)
+            serve = servable and not a.no_vllm
+            with_sim = not serve or (seed == 0 and (a.sim_rows == "all"
+                                                    or str(i) in a.sim_rows.split(",")))
+            # scores are cached beside the checkpoint, per evaluation set
+            key = _key([row, text, seqlen, len(windows)])
+            cache = work / f"scores-row{i:02d}-seed{seed}-{key}.json"
+            got = json.loads(cache.read_text()) if cache.is_file() else {}
+            if a.cached_only and (serve and "vllm" not in got or with_sim and "sim" not in got):
+                continue
+            if serve and "vllm" not in got:
+                got["vllm"] = serve_perplexity(ckpt, windows, "quarot" if opts else None)
+            if with_sim and "sim" not in got:
+                got["sim"] = hf_perplexity(load_reference(ckpt), windows)
+            work.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(got))
+            v, sim = (got.get("vllm") if serve else None), (got.get("sim") if with_sim else None)
+            if v is not None:
+                vals.append(v)
+            if sim is not None:
+                sims.append(sim)
+            mib = size_mib(ckpt)
+            print(f"[accuracy] {label} seed {seed}: vLLM {v} sim {sim}", flush=True)
+        if vals or sims:
+            results.append((i, label, vals, sims, mib, secs))
 
     bf16 = [r for r in results if r[1] == "bf16"]
-    ref_ppl = (bf16[0][2] or bf16[0][3]) if bf16 else None
+    ref_ppl = (bf16[0][2] or bf16[0][3])[0] if bf16 else None
     n_tok = len(windows) * (seqlen - 1)
     lines = [
         f"{a.model}: perplexity on `{text}` ({len(windows)}×{seqlen} tokens, {n_tok} scored); "
-        f"GPTQ/static calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`.",
+        f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`; seeded rows: "
+        f"mean ± standard deviation over R1 seeds 0–{a.seeds - 1} (values in brackets).",
         "",
-        "| # | configuration | ppl (vLLM) | ppl (simulation) | vs bf16 | vLLM/sim | size MiB |",
+        "| # | configuration | ppl (vLLM) | ppl (simulation, seed 0) | vs bf16 | vLLM/sim "
+        "| size MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for i, label, v, sim, mib in results:
-        main_ppl = v if v is not None else sim
-        rel = f"{(main_ppl / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
-        vs = f"{v:.2f}" if v is not None else "—"
-        ss = f"{sim:.2f}" if sim is not None else "—"
-        ratio = f"{v / sim:.4f}" if v is not None and sim is not None else ""
+    for i, label, vals, sims, mib, _secs in results:
+        main_vals = vals or sims
+        mean = sum(main_vals) / len(main_vals)
+        rel = f"{(mean / ref_ppl - 1) * 100:+.1f}%" if ref_ppl else ""
+        vs = _stat(vals) if vals else "—"
+        if len(vals) > 1:
+            vs += " [" + ", ".join(f"{v:.2f}" for v in vals) + "]"
+        ss = f"{sims[0]:.2f}" if sims else "—"
+        ratio = f"{vals[0] / sims[0]:.4f}" if vals and sims else ""
         lines.append(f"| {i} | {label} | {vs} | {ss} | {rel} | {ratio} | {mib:.1f} |")
     table = "\n".join(lines)
     print(table)
-    out = ROOT / "benchmarks" / "results" / f"accuracy_{a.model}.md"
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"accuracy_{a.model}.md"
     out.write_text(table + "\n")
     print(f"wrote {out}")
 

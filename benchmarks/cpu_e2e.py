@@ -1,6 +1,7 @@
 """End-to-end CPU speed through vLLM: a 1.1B-parameter Llama (TinyLlama-1.1B shapes,
 random weights: quality is irrelevant for speed) in bf16 vs the same model quantized
-by our tool to QuaRot W4A4 (RTN), side by side in one run.
+by our tool (RTN) to each of --schemes (default W4A4, W4A8, W8A8), side by side in one
+run.
 
 Reports batch-1 decode tokens/s, batch-32 decode throughput, prefill tokens/s of one
 1024-token prompt, checkpoint size and the engine's peak RSS (all vLLM processes).
@@ -54,13 +55,13 @@ def make_model(out: Path) -> Path:
     return out
 
 
-def quantize_model(src: Path, out: Path, tp: int = 1) -> Path:
+def quantize_model(src: Path, out: Path, tp: int = 1, scheme: str = "w4a4") -> Path:
     if (out / "config.json").is_file():
         return out
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
-    print(f"quantizing {src} -> {out} (QuaRot W4A4, RTN, --tp {tp}) ...", flush=True)
-    print(quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn",
+    print(f"quantizing {src} -> {out} (QuaRot {scheme}, RTN, --tp {tp}) ...", flush=True)
+    print(quantize(src, out, QuantizeOptions(scheme=scheme, weight_method="rtn",
                                              tp=tp)).format())
     return out
 
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--decode-tokens", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--no-prefill", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--schemes", default="w4a4,w4a8,w8a8",
+                    help="QuaRot schemes to compare with bf16 (comma-separated)")
     a = ap.parse_args()
     if a.worker:
         q = None if a.quantization == "none" else a.quantization
@@ -152,23 +155,31 @@ def main() -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     bf16 = make_model(CACHE / "random-llama-1.1b")
-    quarot = quantize_model(bf16, CACHE / "random-llama-1.1b-quarot-w4a4-rtn")
+    engines = [("bf16", bf16, None)]
+    for scheme in a.schemes.split(","):
+        engines.append((f"QuaRot {scheme.upper()}", quantize_model(
+            bf16, CACHE / f"random-llama-1.1b-quarot-{scheme}-rtn", scheme=scheme), "quarot"))
     res = {}
-    for name, model, q in [("bf16", bf16, None), ("QuaRot W4A4", quarot, "quarot")]:
+    for name, model, q in engines:
         print(f"running vLLM on {name} ...", flush=True)
-        res[name] = run_engine(model, q, a.compile)
+        res[name] = run_engine(model, q, a.compile, prefill=not a.no_prefill,
+                               n_dec=a.decode_tokens)
         res[name]["size_gib"] = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30
         print(name, res[name], flush=True)
-    b, qr = res["bf16"], res["QuaRot W4A4"]
+    b = res["bf16"]
     rows = [("decode tokens/s, batch 1", "decode_b1", "{:.2f}"),
             ("decode tokens/s, batch 32", "decode_b32", "{:.1f}"),
             ("prefill tokens/s, 1024-token prompt", "prefill", "{:.0f}"),
             ("checkpoint size (GiB)", "size_gib", "{:.2f}"),
             ("peak RSS, all engine processes (GiB)", "peak_rss_gib", "{:.2f}")]
-    lines = ["| 1.1B Llama, vLLM CPU | bf16 | QuaRot W4A4 | ratio |", "|---|---:|---:|---:|"]
+    quant = [n for n, _, _ in engines[1:]]
+    lines = ["| 1.1B Llama, vLLM CPU | bf16 | " + " | ".join(f"{n} (× bf16)" for n in quant)
+             + " |", "|---|---:|" + "---:|" * len(quant)]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(qr[key])} | "
-                     f"{qr[key] / b[key]:.2f}× |")
+        if key not in b:
+            continue
+        lines.append(f"| {label} | {fmt.format(b[key])} | " + " | ".join(
+            f"{fmt.format(res[n][key])} ({res[n][key] / b[key]:.2f}×)" for n in quant) + " |")
     table = "\n".join(lines)
     mode = "torch.compile" if a.compile else "eager"
     print(f"\n{table}")

@@ -1,4 +1,4 @@
-"""Per-layer CPU speed: our native W4A4 and W8A8 linears vs bf16 and vLLM's int8 W8A8,
+"""Per-layer CPU speed: our native W4A4, W4A8 and W8A8 linears vs bf16 and vLLM's int8 W8A8,
 side by side; also QuaRot W4A16 as the plugin serves it on this CPU (the kernel its
 chooser picks: vLLM's CPUWNA16 where this vLLM build has it, else the reference ops).
 
@@ -55,7 +55,7 @@ def contenders(k: int, n: int, copies: int, r4: bool):
     had = hadamard_factor(k, torch.float32) if r4 else None
     out = {"torch bf16": [], "vLLM oneDNN bf16": [], "vLLM W8A8 (int8)": [],
            "QuaRot W8A8 native": [], "QuaRot W4A4 torch ops": [], "QuaRot W4A4 native": [],
-           "QuaRot W4A16": []}
+           "QuaRot W4A8 native": [], "QuaRot W4A16": []}
 
     def cfg(w_bits: int, a_bits: int | None) -> LinearConfig:
         return LinearConfig(w_bits, -1, a_bits, 1.0, False, k, n, torch.bfloat16,
@@ -91,6 +91,9 @@ def contenders(k: int, n: int, copies: int, r4: bool):
         wp, st = torch.ops.quarot_cpu.repack_weight(w4, 4), torch.ops.quarot_cpu.repack_scale(s4)
         out["QuaRot W4A4 native"].append(
             lambda x, wp=wp, st=st: torch.ops.quarot_cpu.linear(x, had, wp, st, None, n, 4, 4,
+                                                                1.0, None))
+        out["QuaRot W4A8 native"].append(
+            lambda x, wp=wp, st=st: torch.ops.quarot_cpu.linear(x, had, wp, st, None, n, 4, 8,
                                                                 1.0, None))
         w4a16, w16_kernel = kernel_layer(None, cfg(4, None), w4, s4)  # as the plugin serves
         out["QuaRot W4A16"].append(w4a16)
@@ -133,15 +136,16 @@ def run(args: argparse.Namespace) -> None:
     nan = float("nan")
     lines = ["| layer | M | " + " | ".join(f"{nm} ms" for nm in names)
              + " | W4A4 native vs torch bf16 | vs vLLM oneDNN bf16 | vs vLLM W8A8 "
-             "| QuaRot W8A8 native vs vLLM W8A8 | W4A16 vs torch bf16 |",
-             "|---|---:|" + "---:|" * (len(names) + 5)]
+             "| QuaRot W8A8 native vs vLLM W8A8 | W4A16 vs torch bf16 | W4A8 / W4A4 time |",
+             "|---|---:|" + "---:|" * (len(names) + 6)]
     for shape, m, t, base in rows:
         ours = t["QuaRot W4A4 native"]
         lines.append(f"| {shape} | {m} | " + " | ".join(f"{t[nm]:.3f}" for nm in names)
                      + f" | {base / ours:.2f}× | {t.get('vLLM oneDNN bf16', nan) / ours:.2f}× | "
                      f"{t['vLLM W8A8 (int8)'] / ours:.2f}× "
                      f"| {t['vLLM W8A8 (int8)'] / t['QuaRot W8A8 native']:.2f}× "
-                     f"| {base / t['QuaRot W4A16']:.2f}× |")
+                     f"| {base / t['QuaRot W4A16']:.2f}× "
+                     f"| {t['QuaRot W4A8 native'] / ours:.2f} |")
     table = "\n".join(lines)
     print()
     print(table)

@@ -104,7 +104,8 @@ def test_same_seed_same_bytes(shared_data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("scheme", ["w4a4kv4", "w4a4", "w8a8", "w8a8-static", "w4a16", "kv4"])
+@pytest.mark.parametrize("scheme", ["w4a4kv4", "w4a4", "w4a8kv4", "w4a8", "w8a8",
+                                    "w8a8-static", "w4a16", "kv4"])
 def test_every_scheme_writes_a_valid_checkpoint(shared_data, tmp_path, scheme):
     s = quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(
         scheme=scheme, weight_method="rtn", calib=str(TINYSTORIES), nsamples=2, seqlen=64))
@@ -127,8 +128,16 @@ def test_error_paths(shared_data, tmp_path):
     with pytest.raises(QuantizeError, match="does not exist"):
         quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(scheme="w4a4",
                                                               calib="/no/such/file"))
-    with pytest.raises(TypeError, match="device"):  # --device (CPU only) is gone
-        QuantizeOptions(scheme="w4a4", weight_method="rtn", device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantizeError, match="--device cuda: no CUDA device"):
+            quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(
+                scheme="w4a4", weight_method="rtn", device="cuda"))
+    with pytest.raises(QuantizeError, match="--a8-layers keeps"):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(
+            scheme="w4a8", calib="/no/such/file", a8_layers="auto"))
+    with pytest.raises(QuantizeError, match="--a8-layers takes auto"):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(
+            scheme="w4a4", weight_method="rtn", calib_self=1, a8_layers="down_proj"))
     with pytest.raises(QuantizeError, match="no config.json"):
         quantize(tmp_path, tmp_path / "x", QuantizeOptions(scheme="w4a4",
                                                             weight_method="rtn"))
@@ -165,7 +174,9 @@ def test_format_validation_errors():
             "rotation": {"r1": {"seed": 0, "size": 64}}}
     QuaRotFormat.from_dict(good)
     cases = [
-        ({"format_version": 3}, "format_version"),
+        ({"format_version": 99}, "format_version"),
+        ({"activation": {"bits": 4, "layer_bits": {"model.layers.0.mlp.down_proj": 6}}},
+         "layer_bits"),
         ({"quant_method": "gptq"}, "not a QuaRot checkpoint"),
         ({"weight": {"bits": 3}}, "weight bits"),
         ({"weight": {"bits": 4, "symmetric": False}}, "symmetric"),
@@ -218,7 +229,8 @@ def test_non_empty_out_dir_is_refused_unless_overwrite(shared_data, tmp_path):
 
 
 def test_failed_run_leaves_nothing(shared_data, tmp_path, monkeypatch):
-    """An error in the middle of writing (here: in the head) deletes the stage."""
+    """An error in the middle of writing (here: in the head) deletes the stage; only the
+    finished layers stay, hidden in .q.partial for --resume (no checkpoint file)."""
     import vllm_quarot.offline.quantize as q
 
     def boom(self):
@@ -227,7 +239,12 @@ def test_failed_run_leaves_nothing(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(q._Streamer, "head", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".q.partial"]
+    kept = sorted(p.name for p in (tmp_path / ".q.partial").iterdir())
+    assert "config.json" not in kept and "model.safetensors" not in kept
+    monkeypatch.undo()
+    quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))  # starts over
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
@@ -319,4 +336,229 @@ def test_sigterm_mid_gptq_cleans_up(shared_data, tmp_path):
     err = log.read_text()
     assert err.strip().splitlines()[-1] == "vllm-quarot quantize: interrupted (SIGTERM)"
     assert "Traceback" not in err
-    assert list(work.iterdir()) == []
+    # no OUT_DIR, no stage; at most the finished parts, hidden, for --resume
+    assert [p.name for p in work.iterdir()] in ([], [".q.partial"])
+    if (work / ".q.partial").exists():
+        assert "--resume to continue" in err
+
+
+def _stories_runner(dtype=torch.float64):
+    from transformers import AutoConfig
+
+    from vllm_quarot.offline import quantize as qmod
+
+    cfg = AutoConfig.from_pretrained(STORIES_HF)
+    cfg._attn_implementation = "sdpa"
+    layer_cls, rotary_cls = qmod._model_classes(cfg)
+    runner = qmod._LayerRunner(cfg, layer_cls, rotary_cls(config=cfg), 0, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.2
+          for k, v in runner.module.state_dict().items()}
+    for k in sd:
+        if k.endswith("layernorm.weight"):
+            sd[k] = torch.ones_like(sd[k])
+    runner.load(sd, online_r4=True)
+    h = torch.randn(5, 24, cfg.hidden_size, generator=g).to(dtype)
+    return runner, h
+
+
+def test_gptq_is_sequential_inside_a_layer():
+    """Each sub-block's Hessian is taken behind the sub-blocks quantized before it:
+    q/k/v from the layer input, o_proj behind the "quantized" q/k/v, gate/up behind
+    quantized attention, down_proj (after the online R4) behind quantized gate/up; the
+    layer output is the forward of the fully quantized layer. ("Quantizing" here
+    halves a weight, which any bug in the order would show.)"""
+    from vllm_quarot.offline import quantize as qmod
+
+    runner, h = _stories_runner()
+    layer = runner.module
+    calls = []
+
+    def expected_hessian(name):
+        acc = HessianAccumulator(layer.get_submodule(name).in_features)
+        hook = layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args: acc.add(args[0]))
+        runner(h, batch=2)
+        hook.remove()
+        return acc.h
+
+    def quantize_group(group, hessian):
+        torch.testing.assert_close(hessian.h, expected_hessian(group[0]))
+        calls.append(group)
+        return {name: layer.get_submodule(name).weight * 0.5 for name in group}
+
+    out, errors = runner.sequential(h, quantize_group, batch=2)
+    assert calls == list(qmod.SEQUENTIAL_GROUPS) and errors == {}
+    torch.testing.assert_close(out, runner(h, batch=2))
+
+
+def test_sequential_pass_measures_activation_errors():
+    """With activation bits, each group's relative output error from quantizing its
+    input: larger at 4 bits than at 8, and zero-free."""
+    runner, h = _stories_runner(torch.float32)
+    keep = lambda group, _h: {}  # noqa: E731
+    _, e4 = runner.sequential(h, keep, a_bits=4, act_clip=1.0)
+    _, e8 = runner.sequential(h, keep, a_bits=8, act_clip=1.0)
+    assert set(e4) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    for k in e4:
+        assert 0 < e8[k] < e4[k] < 0.5, (k, e4[k], e8[k])
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("1", 1), ("layers.3.mlp.down_proj", ["model.layers.3.mlp.down_proj"]),
+    ("model.layers.0.self_attn.k_proj", ["model.layers.0.self_attn.q_proj",
+                                         "model.layers.0.self_attn.k_proj",
+                                         "model.layers.0.self_attn.v_proj"]),
+])
+def test_a8_layers_are_recorded_and_simulated(shared_data, tmp_path, spec, expect):
+    """--a8-layers: the chosen sub-blocks' linears get layer_bits 8 in the checkpoint,
+    q/k/v (gate/up) together, and the simulation quantizes their inputs at 8 bits."""
+    from vllm_quarot.eval.simulate import load_simulated
+
+    quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(
+        scheme="w4a4", calib=str(TINYSTORIES), nsamples=2, seqlen=64, a8_layers=spec))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    fmt = QuaRotFormat.from_dict(cfg["quantization_config"])
+    layer_bits = fmt.activation.layer_bits
+    assert set(layer_bits.values()) == {8}
+    if isinstance(expect, int):  # the N sub-blocks with the largest activation error
+        merged = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+        groups = {n.rsplit(".", 1)[0] + "." + merged.get(n.rsplit(".", 1)[1], n.rsplit(".", 1)[1])
+                  for n in layer_bits}
+        assert len(groups) == expect, layer_bits
+    else:
+        assert sorted(layer_bits) == sorted(expect)
+    assert cfg["quantization_config"]["quantizer"]["a8_layers"] == spec
+    model = load_simulated(tmp_path / "q")
+    name = sorted(layer_bits)[0]
+    x = torch.randn(5, model.get_submodule(name).in_features)
+    seen = []
+    model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    model.get_submodule(name)(x)
+    hook_in = seen[0]  # after the simulation's (R4 +) fake quantization
+    from vllm_quarot.hadamard import block_hadamard_transform
+    from vllm_quarot.quant import fake_quantize_per_token_blocks
+
+    xr = block_hadamard_transform(x) if name.endswith("down_proj") else x
+    torch.testing.assert_close(hook_in, fake_quantize_per_token_blocks(xr, 8, 1.0, 1))
+
+
+def test_a8_layer_bits_reach_the_runtime_scheme():
+    """A vLLM merged layer (qkv_proj, gate_up_proj) takes its parts' precision; parts
+    that disagree are refused."""
+    from vllm_quarot.runtime.schemes import scheme_for
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    qc = {"quant_method": "quarot", "format_version": 3, "scheme": "w4a4",
+          "weight": {"bits": 4}, "activation": {"bits": 4, "clip_ratio": 0.9, "layer_bits": {
+              f"model.layers.1.self_attn.{p}": 8 for p in ("q_proj", "k_proj", "v_proj")}},
+          "kv_cache": None, "rotation": {"r1": {"seed": 0, "size": 64}}}
+    fmt = QuaRotFormat.from_dict(qc)
+    s = scheme_for(fmt, "model.layers.1.self_attn.qkv_proj", packed)
+    assert (s.a_bits, s.clip_ratio) == (8, 1.0)
+    s = scheme_for(fmt, "model.layers.2.self_attn.qkv_proj", packed)
+    assert (s.a_bits, s.clip_ratio) == (4, 0.9)
+    s = scheme_for(fmt, "model.layers.1.mlp.down_proj", packed)
+    assert s.a_bits == 4
+    qc["activation"]["layer_bits"].pop("model.layers.1.self_attn.v_proj")
+    with pytest.raises(CheckpointFormatError, match="share one input"):
+        scheme_for(QuaRotFormat.from_dict(qc), "model.layers.1.self_attn.qkv_proj", packed)
+
+
+def test_float32_calibration_matches_float64(shared_data, tmp_path):
+    """The float32 calibration forward (default) against the float64 one: the same
+    codes for nearly every weight, the same layer output errors within 2 %."""
+    from safetensors.torch import load_file
+
+    opts = dict(scheme="w4a4", calib=str(TINYSTORIES), nsamples=4, seqlen=64)
+    s32 = quantize(STORIES_HF, tmp_path / "a", QuantizeOptions(**opts))
+    s64 = quantize(STORIES_HF, tmp_path / "b", QuantizeOptions(**opts, precision="float64"))
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    packed = [k for k in a if k.endswith("weight_packed")]
+    same = sum((a[k] == b[k]).sum().item() for k in packed) / sum(a[k].numel() for k in packed)
+    assert same > 0.95, same
+    for k, e in s64.layer_errors.items():
+        assert abs(s32.layer_errors[k] - e) <= 0.02 * e + 1e-6, (k, s32.layer_errors[k], e)
+
+
+def test_resume_is_byte_identical(shared_data, tmp_path, monkeypatch):
+    """A run interrupted after three layers, continued with --resume, writes the very
+    bytes of an uninterrupted run (GPTQ, --a8-layers auto, --verify: every piece of
+    state carried from layer to layer); a resume with other options is refused."""
+    from vllm_quarot.offline import quantize as qmod
+
+    opts = dict(scheme="w4a4kv4", calib=str(TINYSTORIES), nsamples=4, seqlen=64,
+                verify=True, a8_layers="auto")
+    full = quantize(STORIES_HF, tmp_path / "full", QuantizeOptions(**opts))
+    layer = qmod._Streamer.layer
+
+    def interrupted(self, i, h):
+        if i == 3:
+            raise KeyboardInterrupt("SIGTERM")
+        return layer(self, i, h)
+
+    monkeypatch.setattr(qmod._Streamer, "layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(STORIES_HF, tmp_path / "cut", QuantizeOptions(**opts))
+    monkeypatch.undo()
+    assert not (tmp_path / "cut").exists()
+    partial = tmp_path / ".cut.partial"
+    assert (partial / "layer-00002.safetensors").is_file()
+    assert not (partial / "layer-00003.safetensors").exists()
+    with pytest.raises(QuantizeError, match="--resume: .* other inputs .*seed"):
+        quantize(STORIES_HF, tmp_path / "cut", QuantizeOptions(**opts, seed=1, resume=True))
+    resumed = quantize(STORIES_HF, tmp_path / "cut", QuantizeOptions(**opts, resume=True))
+    assert _digest(tmp_path / "cut") == _digest(tmp_path / "full")
+    assert resumed.layer_errors == full.layer_errors
+    assert resumed.verify_max_rel_err == full.verify_max_rel_err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "full"]
+
+
+def test_sharded_output(shared_data, tmp_path):
+    """--max-shard-size: model-0000k-of-0000n.safetensors + index, read back (by the
+    simulation and the loader's validation) as the single-file checkpoint."""
+    from vllm_quarot.eval.simulate import load_simulated
+
+    quantize(STORIES_HF, tmp_path / "one", QuantizeOptions(**RTN))
+    quantize(STORIES_HF, tmp_path / "many", QuantizeOptions(**RTN, max_shard_size="100KB"))
+    shards = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert all((tmp_path / "many" / s).stat().st_size <= 100_000 + 70_000 for s in shards)
+    ids = torch.tensor([[1, 50, 200, 7, 9]])
+    with torch.no_grad():
+        a = load_simulated(tmp_path / "one")(ids).logits
+        b = load_simulated(tmp_path / "many")(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(QuantizeError, match="--max-shard-size"):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(**RTN, max_shard_size="big"))
+
+
+def test_calibration_activations_spill_to_disk(monkeypatch, tmp_path):
+    """Above the memory budget, activation buffers are maps of unlinked files."""
+    from vllm_quarot.offline.checkpoint import activation_buffer
+
+    monkeypatch.setenv("VLLM_QUAROT_ACT_RAM_GB", "0.000001")
+    t = activation_buffer((3, 100, 64), torch.float32, tmp_path / "spill")
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(3, 100, 64))
+    assert t[2, 99, 63].item() == t.numel() - 1
+    assert list((tmp_path / "spill").iterdir()) == []  # unlinked: freed with the tensor
+    monkeypatch.setenv("VLLM_QUAROT_ACT_RAM_GB", "1")
+    assert activation_buffer((3, 100, 64), torch.float32, tmp_path / "spill").is_contiguous()
+
+
+def test_spinquant_rotations_are_fused_exactly(shared_data, tmp_path):
+    """--rotate spinquant: R1/R2 learned on the calibration windows (a few Cayley SGD
+    steps) are fused like QuaRot's: --verify (the rotated fp64 model gives the original
+    logits) passes, and the checkpoint records the learned kind and the losses."""
+    s = quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(
+        scheme="w4a4kv4", rotate="spinquant", spinquant_steps=3, calib=str(TINYSTORIES),
+        nsamples=4, seqlen=64, verify=True))
+    assert s.verify_max_rel_err < 1e-10
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["rotation"]["r1"]["kind"] == "cayley-learned"
+    assert qc["rotation"]["r3"] is not None and qc["rotation"]["r4"] is not None
+    sq = qc["quantizer"]["spinquant"]
+    assert sq["steps"] == 3 and 0 < sq["loss_last"] < 20 and 0 < sq["loss_first"] < 20

@@ -139,13 +139,15 @@ TRITON_INTERPRETED = {"VLLM_QUAROT_NO_EXT": "1", "TRITON_INTERPRET": "1",
 
 
 @pytest.mark.parametrize(("scheme", "env"), [
-    ("w8a8", {}), ("w8a8-static", {}), ("w4a16", {}), ("kv4", {}),
+    ("w8a8", {}), ("w8a8-static", {}), ("w4a16", {}), ("kv4", {}), ("w4a8kv4", {}),
     ("w8a8-static", TRITON_INTERPRETED), ("w4a16", TRITON_INTERPRETED),
-], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w8a8-static-triton", "w4a16-triton"])
+], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w4a8kv4", "w8a8-static-triton",
+        "w4a16-triton"])
 def test_other_schemes_match_simulation(tmp_path, random_llama, scheme, env):
-    """8-bit activations (dynamic, static), weight-only and KV-only (16-bit rotated
-    weights, 4-bit cache with R3): same as the simulation; the static and weight-only
-    branches of the Triton path too (interpreted, group-wise scales)."""
+    """8-bit activations (dynamic, static; on 8- and 4-bit weights), weight-only and
+    KV-only (16-bit rotated weights, 4-bit cache with R3): same as the simulation; the
+    static and weight-only branches of the Triton path too (interpreted, group-wise
+    scales)."""
     out_dir = tmp_path / scheme
     quantize(random_llama, out_dir, QuantizeOptions(
         scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
@@ -154,6 +156,20 @@ def test_other_schemes_match_simulation(tmp_path, random_llama, scheme, env):
     assert out["quantization"] == "quarot"
     if env:
         assert "run on Triton kernels (interpreted)" in out["log"]
+    simulate(out_dir, out["results"])
+
+
+def test_a8_layers_mixed_precision_matches_simulation(tmp_path, random_llama):
+    """--a8-layers 2: the two sub-blocks with the largest 4-bit activation error keep
+    8-bit activations (here layer 0's o_proj and down_proj); vLLM serves each layer at
+    its own precision, as the simulation computes."""
+    out_dir = tmp_path / "a8"
+    quantize(random_llama, out_dir, QuantizeOptions(
+        scheme="w4a4", calib=str(TINYSTORIES), nsamples=8, seqlen=128, a8_layers="2"))
+    qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert len(qc["activation"]["layer_bits"]) >= 2
+    out = run_vllm(out_dir)
+    assert "QuaRot W4A8 per-channel" in out["log"] and "QuaRot W4A4 per-channel" in out["log"]
     simulate(out_dir, out["results"])
 
 

@@ -13,7 +13,7 @@ from typing import NoReturn
 from vllm_quarot.format import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError
 from vllm_quarot.offline.checkpoint import MissingTensorError
-from vllm_quarot.offline.options import SCHEMES, QuantizeError, QuantizeOptions
+from vllm_quarot.offline.options import ROTATIONS, SCHEMES, QuantizeError, QuantizeOptions
 
 # Errors reported as one line "vllm-quarot CMD: error: ..." (exit 2), never a traceback.
 USER_ERRORS = (CheckpointFormatError, HadamardSizeError, QuantizeError, ValueError,
@@ -39,8 +39,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         description="Rotate (R1, R2, R4) and quantize a Llama/Mistral/Qwen2/Qwen3 "
         "checkpoint into the vllm-quarot format v1.",
     )
-    p.add_argument("model_dir")
-    p.add_argument("out_dir")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="a Hugging Face model directory, or a Hub id (org/name: fetched "
+                   "into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--revision", default=None, help="of a Hub id: branch, tag or commit")
     p.add_argument("--scheme", required=True, help=f"one of: {', '.join(SCHEMES)}")
     p.add_argument("--weight-method", choices=("gptq", "rtn"), default="gptq")
     src = p.add_mutually_exclusive_group()
@@ -50,23 +53,47 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=-1, help="-1: per output channel")
-    p.add_argument("--w-clip", action="store_true", help="search weight clip ratios")
+    p.add_argument("--w-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="search per-channel weight clip ratios (default on)")
     p.add_argument("--act-clip", type=float, default=None,
                    help="activation clip ratio (default 0.9 at 4 bits, 1.0 at 8)")
     p.add_argument("--kv-clip", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-online-hadamard", dest="online_hadamard", action="store_false",
                    help="no online R4 (down_proj) / R3 (query, key) rotation")
-    p.add_argument("--rotate", choices=("quarot", "r1r2", "none"), default="quarot",
-                   help="ablations: r1r2 = offline rotations only, none = plain RTN/GPTQ")
-    p.add_argument("--act-order", action="store_true", help="GPTQ activation order")
+    p.add_argument("--rotate", choices=ROTATIONS, default="quarot",
+                   help="spinquant = R1/R2 learned by Cayley SGD from the randomized "
+                   "Hadamard; ablations: r1r2 = offline rotations only, none = plain RTN/GPTQ")
+    p.add_argument("--spinquant-steps", type=int, default=30,
+                   help="--rotate spinquant: optimisation steps, one calibration window "
+                   "each (SpinQuant's paper: 100; 30 fits a CPU run of a 135M model in "
+                   "minutes)")
+    p.add_argument("--spinquant-lr", type=float, default=1.5,
+                   help="--rotate spinquant: Cayley SGD learning rate")
+    p.add_argument("--a8-layers", default=None, metavar="auto|N|LIST",
+                   help="keep the activations of some projections at 8 bits: auto (the "
+                   "ones with massive outliers on the calibration set), the N worst, or "
+                   "comma-separated names (e.g. layers.1.mlp.down_proj)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ in activation order (default on)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel-ready: block-diagonal online R4 (N blocks) and "
                    "per-(token, 1/N slice) activation scales on o_proj/down_proj, so the "
                    "checkpoint serves with the same numbers at every TP size dividing N")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the layer-by-layer maths runs (auto: CUDA when present); "
+                   "one decoder layer and its calibration activations at a time")
+    p.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                   help="calibration forward passes (Hessians and GPTQ stay float64)")
     p.add_argument("--verify", action="store_true",
                    help="check that the rotated fp64 model gives the original logits")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into safetensors shards of at most this size "
+                   "(model-0000k-of-0000n.safetensors + index), e.g. 5GB, 500MB")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run for OUT_DIR from its last finished "
+                   "layer (kept in .OUT_DIR.partial); the options must be the same")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUT_DIR (only once the new one is complete)")
     p.set_defaults(parser=p)
@@ -93,8 +120,9 @@ def _run_quantize(a: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="perplexity through vLLM and the simulation; "
-                        "activation statistics").add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("eval", help="perplexity and last-word accuracy through vLLM and "
+                        "the simulation; tables; activation statistics").add_subparsers(
+                            dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     p.add_argument("model")
     p.add_argument("--text", required=True)
@@ -113,9 +141,172 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="R1 seed")
     s.add_argument("--png", default="activation_stats.png")
     s.set_defaults(parser=s)
+    z = ev.add_parser("zeroshot", help="LAMBADA-style last-word accuracy on TinyStories")
+    z.add_argument("model")
+    _add_serving_args(z, backends=("both", "vllm", "sim"), default="both")
+    _add_zeroshot_args(z)
+    z.set_defaults(parser=z)
+    t = ev.add_parser("table", help="checkpoints side by side (Markdown): size, "
+                      "perplexity, last-word accuracy")
+    t.add_argument("models", nargs="+", metavar="model")
+    t.add_argument("--text", required=True, help="perplexity text (e.g. WikiText-2 test)")
+    t.add_argument("--seqlen", type=int, default=2048)
+    t.add_argument("--max-windows", type=int, default=8)
+    _add_serving_args(t, backends=("vllm", "sim"), default="vllm")
+    _add_zeroshot_args(t)
+    t.add_argument("--out", metavar="FILE.md", default=None, help="also write the table")
+    t.set_defaults(parser=t)
+
+
+def _add_serving_args(p: argparse.ArgumentParser, backends: tuple[str, ...],
+                      default: str) -> None:
+    p.add_argument("--backend", choices=backends, default=default,
+                   help="vLLM, or the pure-PyTorch simulation (float32)")
+    p.add_argument("--quantization", default="auto",
+                   help="auto: quarot for a QuaRot checkpoint, none otherwise; any other "
+                   "value is passed to vLLM for every model")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM model dtype (float32 is "
+                   "several times faster on CPUs without AVX-512 BF16)")
+
+
+def _add_zeroshot_args(p: argparse.ArgumentParser) -> None:
+    from vllm_quarot.eval import zeroshot
+
+    p.add_argument("--zeroshot-data", metavar="FILE", default=None,
+                   help="TinyStories text (default: the shared data folder's "
+                   "tinystories/validation_head.txt, $QUAROT_DATA_DIR)")
+    p.add_argument("--items", type=int, default=zeroshot.DEFAULT_ITEMS,
+                   help="last-word items: the first N qualifying paragraphs (0: none)")
+
+
+def _quantization_for(model: str, choice: str) -> str | None:
+    from vllm_quarot.eval.perplexity import is_quarot_checkpoint
+
+    if choice == "auto":
+        return "quarot" if is_quarot_checkpoint(model) else None
+    return None if choice == "none" else choice
+
+
+def _scheme_of(model: str) -> str:
+    import json
+
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("scheme"):
+        return str(qc["scheme"])
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def _size_mib(model: str) -> float:
+    return sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 2**20
+
+
+def _run_eval_zeroshot(a: argparse.Namespace) -> int:
+    import time
+
+    from transformers import AutoTokenizer
+
+    from vllm_quarot.eval import zeroshot
+    from vllm_quarot.eval.perplexity import load_reference
+
+    if a.items < 1:
+        raise ValueError("--items must be at least 1")
+    items = zeroshot.last_word_items(a.zeroshot_data, a.items)
+    encoded = zeroshot.encode_items(AutoTokenizer.from_pretrained(a.model), items)
+    n_tok = sum(e.n_target for e in encoded)
+    print(f"{len(items)} last-word items ({n_tok} target tokens)")
+    results = {}
+    if a.backend in ("both", "vllm"):
+        t0 = time.monotonic()
+        results["vllm"] = zeroshot.serve_eval(
+            a.model, _quantization_for(a.model, a.quantization), encoded,
+            dtype=a.dtype).zeroshot
+        print(f"vLLM ({a.dtype}): {results['vllm'].format()} "
+              f"[{time.monotonic() - t0:.1f} s]")
+    if a.backend in ("both", "sim"):
+        t0 = time.monotonic()
+        results["sim"] = zeroshot.hf_zeroshot(load_reference(a.model), encoded)
+        print(f"simulation (float32): {results['sim'].format()} "
+              f"[{time.monotonic() - t0:.1f} s]")
+    if len(results) == 2:
+        v, s = results["vllm"], results["sim"]
+        differ = sum(x != y for x, y in zip(v.correct, s.correct, strict=True))
+        dlp = max(abs(x - y) for x, y in zip(v.logprobs, s.logprobs, strict=True))
+        print(f"vLLM - simulation: accuracy {v.accuracy - s.accuracy:+.4f} ({differ} items "
+              f"differ), mean log-likelihood {v.mean_logprob - s.mean_logprob:+.5f}, "
+              f"max per-item |diff| {dlp:.5f}")
+    return 0
+
+
+def _ratio(x: float | None, first: float | None) -> str:
+    return f"{x / first:.4f}" if x is not None and first else "–"
+
+
+def _run_eval_table(a: argparse.Namespace) -> int:
+    import time
+
+    from transformers import AutoTokenizer
+
+    from vllm_quarot.eval import perplexity as evaluate
+    from vllm_quarot.eval import zeroshot
+
+    for m in a.models:  # fail before the first (slow) model, not after it
+        if not (Path(m) / "config.json").is_file():
+            raise FileNotFoundError(f"{m}: no config.json (not a model directory)")
+    items = zeroshot.last_word_items(a.zeroshot_data, a.items) if a.items > 0 else []
+    rows = []
+    for m in a.models:
+        t0 = time.monotonic()
+        tok = AutoTokenizer.from_pretrained(m)
+        windows = evaluate.token_windows(tok, a.text, a.seqlen, a.max_windows)
+        encoded = zeroshot.encode_items(tok, items) if items else None
+        if a.backend == "vllm":
+            r = zeroshot.serve_eval(m, _quantization_for(m, a.quantization), encoded,
+                                    windows, dtype=a.dtype)
+            ppl, zs = r.perplexity, r.zeroshot
+        else:
+            model = evaluate.load_reference(m)
+            ppl = evaluate.hf_perplexity(model, windows)
+            zs = zeroshot.hf_zeroshot(model, encoded) if encoded else None
+            del model
+        rows.append((m, ppl, zs))
+        print(f"{m}: perplexity {ppl:.4f}" + (f", {zs.format()}" if zs else "")
+              + f" [{time.monotonic() - t0:.1f} s]", file=sys.stderr, flush=True)
+    backend = f"vLLM ({a.dtype})" if a.backend == "vllm" else "simulation (float32)"
+    lines = [
+        f"{backend}; perplexity: {Path(a.text).name}, {len(windows)} windows of "
+        f"{a.seqlen} tokens" + (f"; last-word: {len(items)} TinyStories items "
+                                "(accuracy, mean target log-likelihood in nats)"
+                                if items else ""),
+        "",
+        "| model | scheme | size (MiB) | perplexity | ppl / first | last-word acc "
+        "| acc / first | target log-lik |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = [Path(m).name for m in a.models]
+    if len(set(names)) < len(names):
+        names = list(a.models)
+    ppl0, zs0 = rows[0][1], rows[0][2]
+    for name, (m, ppl, zs) in zip(names, rows, strict=True):
+        acc = f"{zs.accuracy:.4f}" if zs else "–"
+        lik = f"{zs.mean_logprob:.4f}" if zs else "–"
+        acc_ratio = _ratio(zs.accuracy, zs0.accuracy) if zs and zs0 else "–"
+        lines.append(f"| {name} | {_scheme_of(m)} | {_size_mib(m):.1f} | {ppl:.4f} "
+                     f"| {_ratio(ppl, ppl0)} | {acc} | {acc_ratio} | {lik} |")
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if a.out:
+        Path(a.out).write_text(table, encoding="utf-8")
+        print(f"wrote {a.out}")
+    return 0
 
 
 def _run_eval(a: argparse.Namespace) -> int:
+    if a.what == "zeroshot":
+        return _run_eval_zeroshot(a)
+    if a.what == "table":
+        return _run_eval_table(a)
     from transformers import AutoTokenizer
 
     from vllm_quarot.eval import perplexity as evaluate

@@ -13,8 +13,10 @@ from typing import Any
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 
 QUANT_METHOD = "quarot"
-FORMAT_VERSION = 2  # 2: tensor_parallel_blocks (block-diagonal R4); 1 reads as 1 block
-READABLE_VERSIONS = (1, 2)
+# 2: tensor_parallel_blocks (block-diagonal R4); 1 reads as 1 block
+# 3: activation.layer_bits (per-layer activation precision); 1 and 2 read as none
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -48,10 +50,32 @@ class ActivationSpec:
     bits: int = 4
     clip_ratio: float = 1.0
     dynamic: str = "per-token"  # or "static-per-tensor" (input_scale from calibration)
+    # linears (full module names, e.g. model.layers.1.mlp.down_proj) whose inputs are
+    # quantized at other bits than ``bits`` (8 for the few with massive outliers: the
+    # quantizer's --a8-layers); an 8-bit layer quantizes without clipping
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
     @property
     def static(self) -> bool:
         return self.dynamic == "static-per-tensor"
+
+    def for_layer(self, name: str) -> tuple[int, float]:
+        """(bits, clip ratio) of the input of the linear ``name`` (a full module name)."""
+        bits = self.layer_bits.get(name, self.bits)
+        return bits, (self.clip_ratio if bits == self.bits else 1.0)
+
+    def for_merged(self, prefix: str, packed: dict[str, list[str]]) -> tuple[int, float]:
+        """(bits, clip) of a vLLM layer, which may merge several checkpoint linears
+        (qkv_proj = q/k/v_proj, gate_up_proj = gate/up_proj: they share one input, so
+        they must share one precision)."""
+        head, _, last = prefix.rpartition(".")
+        names = [f"{head}.{s}" if head else s for s in packed.get(last, [last])]
+        got = {self.for_layer(n) for n in names}
+        if len(got) > 1:
+            raise CheckpointFormatError(
+                f"activation.layer_bits gives {', '.join(names)} different precisions; "
+                f"they share one input in vLLM's {prefix}")
+        return got.pop()
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,7 @@ class KVCacheSpec:
     clip_ratio: float = 1.0
 
 
-R1_KINDS = ("randomized-hadamard", "none")
+R1_KINDS = ("randomized-hadamard", "cayley-learned", "none")
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,8 @@ class SchemeSpec:
 SCHEMES: dict[str, SchemeSpec] = {
     "w4a4kv4": SchemeSpec(4, 4, "per-token", 4),
     "w4a4": SchemeSpec(4, 4, "per-token", None),
+    "w4a8kv4": SchemeSpec(4, 8, "per-token", 4),
+    "w4a8": SchemeSpec(4, 8, "per-token", None),
     "w8a8": SchemeSpec(8, 8, "per-token", None),
     "w8a8-static": SchemeSpec(8, 8, "static-per-tensor", None),
     "w4a16": SchemeSpec(4, None, None, None),
@@ -255,6 +281,14 @@ class QuaRotFormat:
             if a.bits not in (4, 8):
                 raise CheckpointFormatError(f"activation bits must be 4 or 8, got {a.bits}")
             _check_clip("activation", a.clip_ratio)
+            if not isinstance(a.layer_bits, dict) or any(
+                    not isinstance(k, str) or v not in (4, 8) for k, v in a.layer_bits.items()):
+                raise CheckpointFormatError(
+                    "activation.layer_bits must map linear names to 4 or 8 bits, got "
+                    f"{a.layer_bits!r}")
+            if a.layer_bits and a.static:
+                raise CheckpointFormatError(
+                    "activation.layer_bits is for per-token activations only")
             if a.dynamic not in ACTIVATION_MODES:
                 raise CheckpointFormatError(
                     f"activation quantization {a.dynamic!r} is not supported; format v1 "
@@ -315,7 +349,7 @@ class QuaRotFormat:
     def _check_rotation_record(self) -> None:
         """The online rotations agree with what the quantizer recorded doing.
 
-        ``quantizer.rotate`` (quarot | r1r2 | none) and ``quantizer.online_hadamard``
+        ``quantizer.rotate`` (quarot | spinquant | r1r2 | none) and ``quantizer.online_hadamard``
         (bool; absent in checkpoints of vllm-quarot <= 0.1, then only contradictions
         provable without it are refused) tell whether the down_proj weights carry R4
         and whether keys were calibrated behind R3.
@@ -336,7 +370,7 @@ class QuaRotFormat:
                 raise CheckpointFormatError(
                     f"rotation.r1.kind is {r.r1_kind!r} but quantizer.rotate is 'none'")
             return
-        if rotate != "quarot":
+        if rotate not in ("quarot", "spinquant"):
             return
         recorded = q.get("online_hadamard")
         # not recorded (vllm-quarot <= 0.1): R3 proves the online Hadamards were on

@@ -113,13 +113,13 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
         if static and name not in input_scales:
             raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
         scale = input_scales.get(name)
-        bits = act.bits if act is not None else None
+        bits, clip = act.for_layer(name) if act is not None else (None, 1.0)
         for suffix, b in override.items():
             if name.endswith(suffix):
                 bits = b
 
         def hook(_m, args, had_k=had_k, r4_blocks=r4_blocks, scale=scale, bits=bits,
-                 blocks=blocks):
+                 blocks=blocks, clip=clip):
             x = args[0]
             if had_k is not None:
                 x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
@@ -128,7 +128,7 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
             elif static:
                 x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
             else:
-                x = fake_quantize_per_token_blocks(x, bits, act.clip_ratio, blocks)
+                x = fake_quantize_per_token_blocks(x, bits, clip, blocks)
             return (x,)
 
         mod.register_forward_pre_hook(hook)

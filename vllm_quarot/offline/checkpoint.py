@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vllm_quarot.offline.options import QuantizeError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+log = logging.getLogger("vllm_quarot.quantize")
 
 
 class MissingTensorError(KeyError):
@@ -228,3 +231,142 @@ def staged_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+class RunProgress:
+    """The finished parts of one quantizer run (embedding, decoder layers, learned
+    rotations), kept in ``.OUT_DIR.partial`` beside OUT_DIR, so that a killed run can be
+    continued with ``--resume`` from its last finished layer.
+
+    Each part is a safetensors file of the tensors it writes to the checkpoint, plus the
+    state the next part starts from (the calibration hidden states, small JSON state),
+    both renamed into place before ``run.json`` lists the part: a part is either finished
+    and listed, or redone. ``run.json`` also holds the run's fingerprint (options, model,
+    version): a resume with anything different is refused.
+    """
+
+    def __init__(self, out_dir: Path, fingerprint: dict, resume: bool):
+        self.dir = out_dir.parent / f".{out_dir.name}.partial"
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # JSON-normal form
+        self.done: list[str] = []
+        self.state: dict = {}
+        meta_file = self.dir / "run.json"
+        if self.dir.exists():
+            meta = _read_json(meta_file)
+            if resume and meta is not None and meta.get("fingerprint") == self.fingerprint:
+                self.done, self.state = list(meta["done"]), dict(meta.get("state") or {})
+                log.info("resuming from %s: %d part(s) finished (%s)", self.dir,
+                         len(self.done), self.done[-1] if self.done else "none")
+            elif resume:
+                diff = _fingerprint_diff((meta or {}).get("fingerprint") or {}, self.fingerprint)
+                raise QuantizeError(
+                    f"--resume: the interrupted run in {self.dir} was made with other "
+                    f"inputs ({diff}); run without --resume to start over")
+            else:
+                n = len((meta or {}).get("done") or [])
+                log.warning("found an interrupted run's %d finished part(s) in %s; "
+                            "starting over (--resume would continue it)", n, self.dir)
+                shutil.rmtree(self.dir)
+        elif resume:
+            log.info("--resume: no interrupted run for %s; starting from the beginning",
+                     out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_meta()
+
+    def has(self, part: str) -> bool:
+        return part in self.done
+
+    def save(self, part: str, tensors: dict[str, torch.Tensor], state: dict,
+             state_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Persist a finished part: its checkpoint tensors, then the state after it."""
+        _save_atomic(tensors, self.dir / f"{part}.safetensors")
+        if state_tensors:
+            _save_atomic(state_tensors, self.dir / f"state-{part}.safetensors")
+        previous = self.state.get("tensors")
+        self.done.append(part)
+        self.state = {**state, "tensors": f"state-{part}.safetensors" if state_tensors
+                      else previous}
+        self._write_meta()
+        if previous and previous != self.state["tensors"]:
+            (self.dir / previous).unlink(missing_ok=True)
+
+    def load(self, part: str) -> dict[str, torch.Tensor]:
+        return load_file(self.dir / f"{part}.safetensors")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        name = self.state.get("tensors")
+        return load_file(self.dir / name) if name else {}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close_after_failure(self) -> None:
+        """Keep the finished parts of a failed or interrupted run (or remove an empty
+        record); say how to continue."""
+        if self.done:
+            log.warning("kept %d finished part(s) (last: %s) in %s: run the same command "
+                        "with --resume to continue", len(self.done), self.done[-1], self.dir)
+        else:
+            self.remove()
+
+    def _write_meta(self) -> None:
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done,
+                                   "state": self.state}, indent=1, sort_keys=True))
+        os.replace(tmp, self.dir / "run.json")
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fingerprint_diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diff = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys
+            if old.get(k) != new.get(k)]
+    return "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") if diff else "unreadable"
+
+
+def spill_budget_bytes() -> int:
+    """Calibration activations larger than this live in disk-backed memory
+    (``VLLM_QUAROT_ACT_RAM_GB``; default a quarter of the memory available now)."""
+    env = os.environ.get("VLLM_QUAROT_ACT_RAM_GB")
+    if env:
+        return int(float(env) * 2**30)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def activation_buffer(shape: tuple[int, ...], dtype: torch.dtype,
+                      spill_dir: Path | None) -> torch.Tensor:
+    """An uninitialised tensor; above ``spill_budget_bytes`` a memory map of an
+    unlinked file in spill_dir (the page cache holds what fits, the disk the rest)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if spill_dir is None or nbytes <= spill_budget_bytes():
+        return torch.empty(shape, dtype=dtype)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=spill_dir, suffix=".act")
+    try:
+        os.ftruncate(fd, nbytes)
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return t.view(shape)

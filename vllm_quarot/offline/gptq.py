@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022) for one linear layer, in float64.
+"""GPTQ (Frantar et al., 2022) for one linear layer, in float64 on any device (the
+Hessian is accumulated in float64 from float32 or float64 activations).
 
 Scales are fixed up front (per channel, or per group from the original weights:
 "static groups"), so act-order only changes the order in which columns are rounded.
@@ -15,19 +16,23 @@ class HessianAccumulator:
     """Running H = 2/n · Σ xᵀx (and max |x|) over the calibration tokens seen at a
     layer's input."""
 
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
         self.amax = 0.0  # max |x|: the per-tensor static activation scale's calibration
+        self.act_error: float | None = None  # set by the quantizer's capture when asked
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        """Add a batch of inputs. A float32 batch's xᵀx is computed in float32 (one
+        batch: ≤ a few thousand tokens) and accumulated in float64; float64 stays float64."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype != torch.float32:
+            x = x.double()
         self.amax = max(self.amax, x.abs().max().item())
         m = x.shape[0]
         self.h.mul_(self.n / (self.n + m))
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.h.addmm_(x.t(), x)
+        self.h.add_((x.t() @ x).double(), alpha=2.0 / self.n)
 
 
 def gptq_quantize(
@@ -52,10 +57,11 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    perm = (torch.argsort(torch.diag(h), descending=True, stable=True) if act_order
+            else torch.arange(k, device=h.device))
     w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
 
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     q = torch.zeros_like(w)

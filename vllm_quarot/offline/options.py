@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
 from vllm_quarot.hadamard import HadamardSizeError, factorize
 
@@ -20,7 +22,9 @@ SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
 # per-tensor activation scales calibrated offline
 STATIC_SCHEMES = tuple(name for name, s in FORMAT_SCHEMES.items()
                        if s.activation_mode == "static-per-tensor")
-ROTATIONS = ("quarot", "r1r2", "none")
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda", "auto")
+ROTATIONS = ("quarot", "spinquant", "r1r2", "none")
 WEIGHT_METHODS = ("gptq", "rtn")
 
 
@@ -40,17 +44,25 @@ class QuantizeOptions:
     nsamples: int = 128
     seqlen: int = 2048
     group_size: int = -1
-    w_clip: bool = False
+    w_clip: bool = True  # per-channel (per-group) weight clip search, as QuaRot's GPTQ
     act_clip: float | None = None  # default: 0.9 at 4 bits, 1.0 at 8 bits
     kv_clip: float = 0.95
     seed: int = 0
     online_hadamard: bool = True
     rotate: str = "quarot"
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
     verify: bool = False
     overwrite: bool = False  # replace a non-empty OUT_DIR (once the new one is complete)
+    resume: bool = False  # continue an interrupted run from its last finished layer
+    revision: str | None = None  # of a Hugging Face Hub id (MODEL_DIR)
+    max_shard_size: str = "5GB"  # safetensors shards of at most this size (+ index)
     tp: int = 1  # tensor_parallel_blocks: block-diagonal R4, per-block row-parallel inputs
+    a8_layers: str | None = None  # "auto", a number of layers, or comma-separated names
+    spinquant_steps: int = 30  # --rotate spinquant: Cayley SGD steps (SpinQuant: 100)
+    spinquant_lr: float = 1.5
+    device: str = "auto"  # where the layer-streamed maths runs: cpu, cuda, auto
+    precision: str = "float32"  # calibration forward passes (Hessians, GPTQ: float64)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -75,13 +87,20 @@ class QuantizeOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        """GPTQ or static activation scales: calibration activations are computed."""
-        return self.uses_gptq or self.static
+        """GPTQ, static activation scales, --a8-layers or learned rotations: calibration
+        activations are computed."""
+        return (self.uses_gptq or self.static or self.a8_layers is not None
+                or self.rotate == "spinquant")
 
     @property
     def online_r4(self) -> bool:
         """R4 is folded into down_proj's input and applied online by the runtime."""
-        return self.rotate == "quarot" and self.online_hadamard and self.bits[1] is not None
+        return self.online_rotations and self.bits[1] is not None
+
+    @property
+    def online_rotations(self) -> bool:
+        """R3/R4 run online (QuaRot and SpinQuant; not the offline-only ablations)."""
+        return self.rotate in ("quarot", "spinquant") and self.online_hadamard
 
 
 def check_options(o: QuantizeOptions) -> None:
@@ -102,6 +121,23 @@ def check_options(o: QuantizeOptions) -> None:
     for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
         if v is not None and not 0.0 < v <= 1.0:
             raise QuantizeError(f"{name} must be in (0, 1], got {v}")
+    if o.precision not in PRECISIONS:
+        raise QuantizeError(f"--precision must be float32 or float64, got {o.precision!r}")
+    if o.device not in DEVICES:
+        raise QuantizeError(f"--device must be one of {', '.join(DEVICES)}, got {o.device!r}")
+    resolve_device(o.device)
+    if o.a8_layers is not None:
+        if o.bits[1] != 4 or o.static:
+            raise QuantizeError(
+                f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
+                "has no 4-bit per-token activations")
+        parse_a8_layers(o.a8_layers)
+    if o.rotate == "spinquant":
+        if o.spinquant_steps < 0:
+            raise QuantizeError(f"--spinquant-steps must be >= 0, got {o.spinquant_steps}")
+        if not o.spinquant_lr > 0:
+            raise QuantizeError(f"--spinquant-lr must be positive, got {o.spinquant_lr}")
+    shard_bytes(o.max_shard_size)
     if o.nsamples <= 0:
         raise QuantizeError(f"--nsamples must be positive, got {o.nsamples}")
     if o.tp < 1:
@@ -117,10 +153,65 @@ def check_options(o: QuantizeOptions) -> None:
         raise QuantizeError(f"--damp must be positive, got {o.damp}")
     if o.needs_calibration and o.calib is None and not o.calib_self:
         raise QuantizeError(
-            f"{'static activation scales' if o.static else 'GPTQ'} "
-            "need calibration text: give --calib FILE or --calib-self N")
+            f"{_calibration_user(o)} need calibration text: give --calib FILE or "
+            "--calib-self N")
     if o.calib is not None and not Path(o.calib).is_file():
         raise QuantizeError(f"calibration file {o.calib} does not exist")
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}
+
+
+def shard_bytes(size: str) -> int:
+    """--max-shard-size: "5GB", "500MB", "2GiB" (as transformers' save_pretrained)."""
+    text = size.strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if text.endswith(u)),
+                None)
+    try:
+        value = float(text[: -len(unit)] if unit else text) * _SIZE_UNITS[unit or "B"]
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise QuantizeError(f"--max-shard-size must be a size like 5GB or 500MB, got {size!r}")
+    return int(value)
+
+
+def _calibration_user(o: QuantizeOptions) -> str:
+    if o.static:
+        return "static activation scales"
+    if o.uses_gptq:
+        return "GPTQ"
+    return "--rotate spinquant" if o.rotate == "spinquant" else "--a8-layers"
+
+
+def resolve_device(device: str) -> torch.device:
+    """cpu, cuda, or auto (cuda when a GPU is visible); cuda without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError("--device cuda: no CUDA device is visible to torch "
+                            f"(torch {torch.__version__}); use --device cpu or auto")
+    return torch.device(device)
+
+
+def parse_a8_layers(spec: str) -> int | list[str] | str:
+    """--a8-layers: "auto", a count N (the N linear groups with the largest activation
+    error), or comma-separated names ("layers.1.mlp.down_proj", with or without the
+    "model." prefix)."""
+    spec = spec.strip()
+    if spec == "auto":
+        return spec
+    if spec.isdigit():
+        return int(spec)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if not n.removeprefix("model.").startswith("layers.")
+           or not n.endswith(("_proj",))]
+    if not names or bad:
+        raise QuantizeError(
+            f"--a8-layers takes auto, a number, or names like layers.1.mlp.down_proj; "
+            f"got {spec!r}")
+    return ["model." + n.removeprefix("model.") for n in names]
 
 
 def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:

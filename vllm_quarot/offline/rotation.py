@@ -24,14 +24,33 @@ RESIDUAL_OUT = ("self_attn.o_proj", "mlp.down_proj")
 LINEARS = ATTN_IN + ("self_attn.o_proj",) + MLP_IN + ("mlp.down_proj",)
 
 
-def rotate_rows_in(w: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
-    """W·diag(s)·M: rotate the input side of a [out, in] weight (or rows of E)."""
-    return hadamard_transform(w if signs is None else w * signs)
+def r1_matrix(signs: torch.Tensor) -> torch.Tensor:
+    """The dense R1 = diag(s)·M that ``rotate_rows_in(x, signs)`` applies (x·R1)."""
+    return rotate_rows_in(torch.eye(signs.shape[0], dtype=torch.float64), signs)
 
 
-def rotate_rows_out(w: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
-    """Rᵀ·W for a weight writing the residual stream (acts on its output rows)."""
-    return rotate_rows_in(w.t(), signs).t().contiguous()
+def r2_matrix(head_dim: int) -> torch.Tensor:
+    """The dense per-head R2 (the normalised Hadamard of order head_dim)."""
+    return hadamard_transform(torch.eye(head_dim, dtype=torch.float64))
+
+
+def rotate_rows_in(w: torch.Tensor, r1: torch.Tensor | None) -> torch.Tensor:
+    """W·R1: rotate the input side of a [out, in] weight (or rows of E). r1 is either
+    the ±1 diagonal s of the randomized Hadamard R1 = diag(s)·M (1-D, applied with the
+    fast transform) or a dense orthogonal matrix (2-D: a learned rotation)."""
+    if r1 is not None and r1.dim() == 2:
+        return w @ r1.to(w.dtype)
+    return hadamard_transform(w if r1 is None else w * r1)
+
+
+def rotate_rows_out(w: torch.Tensor, r1: torch.Tensor | None) -> torch.Tensor:
+    """R1ᵀ·W for a weight writing the residual stream (acts on its output rows)."""
+    return rotate_rows_in(w.t(), r1).t().contiguous()
+
+
+def _per_head(x: torch.Tensor, r2: torch.Tensor | None) -> torch.Tensor:
+    """x [..., head_dim] @ R2 (the Hadamard when r2 is None, else the dense matrix)."""
+    return hadamard_transform(x) if r2 is None else x @ r2.to(x.dtype)
 
 
 def fold_norms(sd: dict[str, torch.Tensor]) -> None:
@@ -47,13 +66,15 @@ def rotate_layer(
     sd: dict[str, torch.Tensor],
     signs: torch.Tensor | None,
     head_dim: int,
-    r2: bool,
+    r2: bool | torch.Tensor,
     r4: bool,
     r4_blocks: int = 1,
 ) -> None:
-    """Apply R1 (when signs is given), R2 and R4 to one layer's folded tensors; R4 is
-    block-diagonal with r4_blocks blocks (down_proj's columns [out, N, n/N], each block
-    rotated by the Hadamard of order n/N)."""
+    """Apply R1 (when signs is given: a ±1 diagonal or a dense matrix, see
+    rotate_rows_in), R2 (True: the per-head Hadamard; a [head_dim, head_dim] tensor: that
+    orthogonal matrix) and R4 to one layer's folded tensors; R4 is block-diagonal with
+    r4_blocks blocks (down_proj's columns [out, N, n/N], each block rotated by the
+    Hadamard of order n/N)."""
     if signs is not None:
         for name in ATTN_IN + MLP_IN:
             sd[f"{name}.weight"] = rotate_rows_in(sd[f"{name}.weight"], signs)
@@ -61,20 +82,21 @@ def rotate_layer(
             sd[f"{name}.weight"] = rotate_rows_out(sd[f"{name}.weight"], signs)
             if f"{name}.bias" in sd:
                 sd[f"{name}.bias"] = rotate_rows_in(sd[f"{name}.bias"], signs)
-    if r2:
+    if r2 is not False:
+        r2m = r2 if isinstance(r2, torch.Tensor) else None
         wv = sd["self_attn.v_proj.weight"]  # [n_kv*hd, hidden]: rotate each head's rows
         n_kv = wv.shape[0] // head_dim
         wv = wv.reshape(n_kv, head_dim, -1).transpose(1, 2)
         sd["self_attn.v_proj.weight"] = (
-            hadamard_transform(wv).transpose(1, 2).reshape(n_kv * head_dim, -1).contiguous()
+            _per_head(wv, r2m).transpose(1, 2).reshape(n_kv * head_dim, -1).contiguous()
         )
         if "self_attn.v_proj.bias" in sd:
             b = sd["self_attn.v_proj.bias"].reshape(n_kv, head_dim)
-            sd["self_attn.v_proj.bias"] = hadamard_transform(b).reshape(-1)
+            sd["self_attn.v_proj.bias"] = _per_head(b, r2m).reshape(-1)
         wo = sd["self_attn.o_proj.weight"]  # [hidden, n_h*hd]: rotate each head's columns
         n_h = wo.shape[1] // head_dim
         sd["self_attn.o_proj.weight"] = (
-            hadamard_transform(wo.reshape(-1, n_h, head_dim)).reshape(wo.shape[0], -1)
+            _per_head(wo.reshape(-1, n_h, head_dim), r2m).reshape(wo.shape[0], -1)
         )
     if r4:
         sd["mlp.down_proj.weight"] = block_hadamard_transform(sd["mlp.down_proj.weight"],

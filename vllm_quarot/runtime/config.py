@@ -110,5 +110,5 @@ class QuaRotConfig(QuantizationConfig):
 
         r4 = self.fmt.rotation.r4
         down = prefix.rsplit(".", 1)[-1] == "down_proj"
-        return QuaRotLinearMethod(scheme_for(self.fmt),
+        return QuaRotLinearMethod(scheme_for(self.fmt, prefix, self.packed_modules_mapping),
                                   HadamardTransform(r4) if down and r4 else None, prefix)
