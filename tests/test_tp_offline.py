@@ -74,7 +74,7 @@ def test_tp_rotation_is_invariant(shared_data, tmp_path, spec, tp):
     assert fmt.rotation.r4.block_size == inter // tp
     raw = json.loads((tmp_path / "q" / "config.json").read_text())
     assert raw["quantization_config"]["tensor_parallel_blocks"] == tp
-    assert raw["quantization_config"]["format_version"] == 2
+    assert raw["quantization_config"]["format_version"] == 3
 
 
 def test_verify_catches_a_mismatched_block_r4(shared_data, tmp_path, monkeypatch):

@@ -732,6 +732,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
             if o.a8_layers is not None:
                 fmt = _with_a8_layers(fmt, select_a8_layers(
                     streamer.act_errors, o.a8_layers, cfg.num_hidden_layers))
+                # what the choice was made from (each sub-block's first linear)
+                fmt = dataclasses.replace(fmt, quantizer={
+                    **fmt.quantizer, "activation_errors": {
+                        k: round(v, 5) for k, v in streamer.act_errors.items()}})
             if rotations is not None:
                 fmt = dataclasses.replace(fmt, quantizer={
                     **fmt.quantizer, "spinquant": {
