@@ -167,8 +167,10 @@ def main() -> None:
             key = _key([row, text, seqlen, len(windows)])
             cache = work / f"scores-row{i:02d}-seed{seed}-{key}.json"
             got = json.loads(cache.read_text()) if cache.is_file() else {}
-            if a.cached_only and (serve and "vllm" not in got or with_sim and "sim" not in got):
-                continue
+            if a.cached_only:  # what was scored, nothing more
+                serve, with_sim = serve and "vllm" in got, with_sim and "sim" in got
+                if not (serve or with_sim):
+                    continue
             if serve and "vllm" not in got:
                 got["vllm"] = serve_perplexity(ckpt, windows, "quarot" if opts else None)
             if with_sim and "sim" not in got:
