@@ -67,6 +67,7 @@ from vllm_quarot.offline.rotation import (
     ATTN_IN,
     LINEARS,
     MLP_IN,
+    RESIDUAL_OUT,
     fold_norms,
     rotate_layer,
     rotate_rows_in,
@@ -89,7 +90,6 @@ __all__ = ["SCHEMES", "QuantizeError", "QuantizeOptions", "QuantizeSummary", "qu
 # GPTQ's order inside a decoder layer: each group's Hessian is taken behind the groups
 # quantized before it (the linears of one group share their input)
 SEQUENTIAL_GROUPS = (ATTN_IN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))
-ROW_PARALLEL = ("o_proj", "down_proj")  # inputs split across tensor-parallel ranks
 
 COPY_FILES = (
     "tokenizer.json",
@@ -179,7 +179,7 @@ class _LayerRunner:
                  r4_blocks: int = 1, dtype: torch.dtype = torch.float64,
                  device: torch.device | str = "cpu"):
         self.dtype, self.device = dtype, torch.device(device)
-        self.module = layer_cls(cfg, layer_idx=idx).to(self.device, dtype).eval()
+        self.module = layer_cls(cfg, layer_idx=idx).eval()
         _use_exact_norms(self.module)
         self.module.to(self.device, dtype)
         self.rotary = rotary
@@ -254,7 +254,7 @@ class _LayerRunner:
             first = layer.get_submodule(group[0])
             acc = HessianAccumulator(first.in_features, self.device)
             meter = _ActErrorMeter(a_bits, act_clip,
-                                   tp_blocks if group[0].endswith(ROW_PARALLEL) else 1)
+                                   tp_blocks if group[0] in RESIDUAL_OUT else 1)
             for x in inputs:
                 acc.add(x)
                 meter.observe(x, first.weight)
