@@ -6,6 +6,8 @@ through the pure-PyTorch simulation, and report the checkpoint size.
 
     .venv/bin/python benchmarks/accuracy.py --model smollm2      # WikiText-2
     .venv/bin/python benchmarks/accuracy.py --model stories260k  # TinyStories, sim only
+    .venv/bin/python benchmarks/accuracy.py --model smollm2-qwen2keys --rows 0,14,15,16
+        # SmolLM2 with Qwen2's massive key biases: the KV4 rows
 
 Writes benchmarks/results/accuracy_<model>.md and prints the same table.
 """
@@ -44,7 +46,17 @@ ROWS: list[tuple[str, dict | None, bool]] = [
     ("W4A8KV4 QuaRot-GPTQ", dict(scheme="w4a8kv4"), True),
     ("W4A8KV4 QuaRot-GPTQ, group 64", dict(scheme="w4a8kv4", group_size=64), True),
     ("W4A8 (KV16) QuaRot-GPTQ", dict(scheme="w4a8"), False),
-    ("KV4 only, QuaRot R3", dict(scheme="kv4", weight_method="rtn"), False),
+    ("KV4 only, QuaRot, KV calibrated (default)", dict(scheme="kv4", weight_method="rtn"),
+     False),
+    ("KV4 only, no rotation (plain int4 per token-head)",
+     dict(scheme="kv4", weight_method="rtn", rotate="none", kv_calibrate=False), False),
+    ("KV4 only, QuaRot R3 on every layer (--no-kv-calibrate)",
+     dict(scheme="kv4", weight_method="rtn", kv_calibrate=False), False),
+    ("W4A4KV4 QuaRot-RTN, --no-kv-calibrate", dict(scheme="w4a4kv4", weight_method="rtn",
+                                                   kv_calibrate=False), False),
+    ("W4A8KV4 QuaRot-RTN", dict(scheme="w4a8kv4", weight_method="rtn"), False),
+    ("W4A8KV4 QuaRot-RTN, --no-kv-calibrate", dict(scheme="w4a8kv4", weight_method="rtn",
+                                                   kv_calibrate=False), False),
 ]
 
 MODELS = {
@@ -52,6 +64,9 @@ MODELS = {
     "smollm2": ("wikitext-2-raw/wiki.test.raw", 2048, True, "tinystories/validation_head.txt"),
     "stories260k": ("tinystories/validation_head.txt", 512, False,
                     "tinystories/validation_head.txt"),
+    # SmolLM2 with Qwen2's massive key biases planted (models.smollm2_qwen2_keys_dir)
+    "smollm2-qwen2keys": ("wikitext-2-raw/wiki.test.raw", 2048, True,
+                          "tinystories/validation_head.txt"),
 }
 
 
@@ -60,6 +75,10 @@ def model_dir(name: str) -> Path:
         from models import smollm2_dir
 
         return smollm2_dir()
+    if name == "smollm2-qwen2keys":
+        from models import smollm2_qwen2_keys_dir
+
+        return smollm2_qwen2_keys_dir()
     return DATA / "stories260K" / "hf"
 
 

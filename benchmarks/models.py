@@ -268,6 +268,61 @@ def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return out
 
 
+QWEN2_KEYS_NAME = "SmolLM2-135M-qwen2-keys"
+QWEN2_KEY_BIAS = 100.0  # k_proj bias entries of 50-150 in two RoPE pairs per KV head
+
+
+def smollm2_qwen2_keys_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """SmolLM2-135M's weights in the Qwen2 architecture (q/k/v biases), with Qwen2's
+    massive key biases planted (``tests/tiny_models.plant_massive_qk_bias``: two
+    low-frequency RoPE pairs per KV head at ±50..150, the queries at 2 % of that):
+    a real language model with the key statistics that break 4-bit KV caches on
+    Qwen2-class models, for benchmarks where no real Qwen2 checkpoint can be had
+    (the Hub is unreachable here and no Qwen2 weights are on PyPI). Its own
+    16-bit perplexity is the baseline its quantized rows are compared with."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import plant_massive_qk_bias
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out = cache / QWEN2_KEYS_NAME
+    if _is_complete(out):
+        return out
+    base = smollm2_dir(cache_dir)
+    _log(f"building {out} from {base}")
+    src = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    c = src.config
+    cfg = AutoConfig.for_model(
+        "qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        num_hidden_layers=c.num_hidden_layers, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings, rms_norm_eps=c.rms_norm_eps,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        rope_parameters=c.rope_parameters, use_sliding_window=False)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.zero_() if name.endswith("bias") else None
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all(m.endswith("bias") for m in missing), (missing, unexpected)
+    with torch.no_grad():
+        plant_massive_qk_bias(model, QWEN2_KEY_BIAS)
+    staging = Path(tempfile.mkdtemp(prefix=f".{QWEN2_KEYS_NAME}.tmp-", dir=cache))
+    try:
+        model.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
+        for f in base.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+                shutil.copyfile(f, staging / f.name)
+        (staging / COMPLETE_MARKER).write_text(f"source: {base} + planted key biases\n")
+        staging.replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: build the model directory if needed and print its path on stdout."""
     import argparse

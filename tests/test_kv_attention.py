@@ -58,6 +58,7 @@ def _impl(r3: bool, heads=4, kv_heads=2, d=64, path="reference"):
     impl.scale, impl.kv_cache_dtype, impl.kv4, impl.clip_ratio = d**-0.5, KV4_DTYPE, True, 1.0
     impl.had = hadamard_factor(d, torch.float32) if r3 else None
     impl.native = path != "reference"
+    impl.layer_ready, impl.k_shift, impl.v_shift = True, None, None
     return impl
 
 
@@ -133,3 +134,50 @@ def test_kv_cache_update_skips_padding_slots(path):
     impl.do_kv_cache_update(None, k, k, cache, torch.tensor([0, -1, 17]))
     assert cache[0, :, 0].any() and cache[1, :, 1].any()
     assert not cache[0, :, 1:].any() and not cache[1, :, 2:].any()
+
+
+@pytest.mark.parametrize("r3", [False, True])
+def test_shifted_keys_and_values(r3, path):
+    """kv_cache.shift: keys with a massive constant component (Qwen2's k_proj biases)
+    are stored minus the layer's shift, values too, and the value shift is added back
+    to the output: the result is attention over the shifted, quantized cache, and it
+    is far closer to exact attention than the unshifted cache (the constant moves all
+    of a query's scores alike)."""
+    torch.manual_seed(2)
+    heads, kv_heads, d, bs, n = 4, 2, 64, 16, 40
+    big = torch.zeros(kv_heads, d)
+    big[:, [31, 63]] = torch.tensor([[120.0, -80.0], [-150.0, 60.0]])
+    k = torch.randn(n, kv_heads, d) + big
+    v = torch.randn(n, kv_heads, d) + 5.0
+    q = torch.randn(1, heads, d)
+    q[..., [31, 63]] += 2.0
+    k_shift, v_shift = big + 0.1 * torch.randn(kv_heads, d), torch.full((kv_heads, d), 5.0)
+    meta = SimpleNamespace(query_start_loc=torch.tensor([0, 1]), seq_lens=torch.tensor([n]),
+                           block_table=torch.tensor([[0, 1, 2]]), causal=True,
+                           num_actual_tokens=1)
+    h = hadamard_matrix(d) if r3 else torch.eye(d, dtype=torch.float64)
+    group = heads // kv_heads
+
+    def exact(kk, vv, qq):
+        s = torch.einsum("hd,nhd->hn", qq[0].double(), kk.double().repeat_interleave(group, 1))
+        return torch.einsum("hn,nhd->hd", torch.softmax(s / math.sqrt(d), -1),
+                            vv.double().repeat_interleave(group, 1))
+
+    outs = {}
+    for shifted in (False, True):
+        impl = _impl(r3, heads, kv_heads, d, path)
+        if shifted:
+            impl.k_shift, impl.v_shift = k_shift, v_shift
+        cache = torch.zeros(3, kv_heads, bs, slot_bytes(d), dtype=torch.uint8)
+        impl.do_kv_cache_update(None, k, v, cache, torch.arange(n))
+        out = torch.empty(1, heads, d)
+        impl.forward(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, None,
+                     None, cache, meta, out)
+        outs[shifted] = out[0].double()
+    kq = fake_quantize_asym(((k - k_shift).double() @ h).float(), 4, 1.0)
+    vq = fake_quantize_asym(v - v_shift, 4, 1.0)
+    want = exact(kq, vq + v_shift, (q.double() @ h).float())
+    assert torch.allclose(outs[True], want, atol=1e-3), (outs[True] - want).abs().max()
+    ref = exact(k, v, q)
+    err = {s: ((o - ref).norm() / ref.norm()).item() for s, o in outs.items()}
+    assert err[True] < err[False] / 4, err

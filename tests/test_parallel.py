@@ -28,6 +28,11 @@ def tp_models(tmp_path_factory, shared_data) -> dict[str, Path]:
                                    kv_heads=2),
         "qwen2": make_random_model(root / "qwen2", "qwen2", hidden=256, intermediate=480,
                                    heads=4, kv_heads=2),
+        # Qwen2's massive key biases: the calibrated KV4 cache shifts keys and values,
+        # each rank with its KV head's shift
+        "qwen2-keys": make_random_model(root / "qwen2-keys", "qwen2", hidden=256,
+                                        intermediate=480, heads=4, kv_heads=2,
+                                        key_bias=100.0),
     }
 
 
@@ -62,7 +67,8 @@ def test_w4a4kv4_same_at_tp1_tp2_pp2(tmp_path, tp_models):
     ("qwen2", "w4a4", {}),
     ("llama", "w8a8-static", {}),
     ("llama", "w4a16", {"group_size": 64}),
-], ids=["qwen2-w4a4", "llama-w8a8-static", "llama-w4a16-g64"])
+    ("qwen2-keys", "kv4", {}),
+], ids=["qwen2-w4a4", "llama-w8a8-static", "llama-w4a16-g64", "qwen2-keys-kv4-shifted"])
 def test_schemes_at_tp2_match_simulation(tmp_path, tp_models, model, scheme, kw):
     ckpt = _quantize(tp_models[model], tmp_path / scheme, scheme, 2, **kw)
     out = run_vllm(ckpt, "--tp", "2", **ONE_CORE_PER_RANK)

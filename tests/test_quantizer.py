@@ -85,8 +85,8 @@ def test_gptq_beats_rtn_on_real_activations(shared_data):
 
 def _digest(d) -> str:
     h = hashlib.sha256()
-    for f in sorted(d.iterdir()):
-        h.update(f.name.encode() + f.read_bytes())
+    for f in sorted(f for f in d.rglob("*") if f.is_file()):  # incl. quarot/kv_shift
+        h.update(str(f.relative_to(d)).encode() + f.read_bytes())
     return h.hexdigest()
 
 

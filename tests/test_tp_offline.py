@@ -14,7 +14,7 @@ import torch
 from tiny_models import make_random_model
 
 from vllm_quarot.eval.simulate import load_simulated
-from vllm_quarot.format import OnlineHadamard, QuaRotFormat
+from vllm_quarot.format import FORMAT_VERSION, OnlineHadamard, QuaRotFormat
 from vllm_quarot.hadamard import block_hadamard_transform, hadamard_matrix
 from vllm_quarot.offline import rotation
 from vllm_quarot.offline.quantize import QuantizeError, QuantizeOptions, quantize
@@ -74,7 +74,7 @@ def test_tp_rotation_is_invariant(shared_data, tmp_path, spec, tp):
     assert fmt.rotation.r4.block_size == inter // tp
     raw = json.loads((tmp_path / "q" / "config.json").read_text())
     assert raw["quantization_config"]["tensor_parallel_blocks"] == tp
-    assert raw["quantization_config"]["format_version"] == 3
+    assert raw["quantization_config"]["format_version"] == FORMAT_VERSION
 
 
 def test_verify_catches_a_mismatched_block_r4(shared_data, tmp_path, monkeypatch):

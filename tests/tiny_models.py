@@ -31,6 +31,7 @@ def make_random_model(
     layers: int = 2,
     tie: bool = False,
     seed: int = 0,
+    key_bias: float = 0.0,
 ) -> Path:
     """Save a random model on which greedy decoding is stable under float noise.
 
@@ -65,6 +66,8 @@ def make_random_model(
     )
     if arch == "mistral":
         cfg.sliding_window = None
+    if key_bias:  # Qwen2's RoPE base: its slowest pairs barely turn over a context
+        cfg.rope_parameters = {"rope_theta": 1e6, "rope_type": "default"}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -81,6 +84,8 @@ def make_random_model(
                     p.mul_(BLOCK_GAIN)
         # a few outlier channels in the residual stream, as in real LLMs
         model.model.embed_tokens.weight[:, :4] *= 8.0
+        if key_bias:
+            plant_massive_qk_bias(model, key_bias)
         if not tie:  # plant a successor map: lm_head row j is embedding row perm[j]
             emb = model.model.embed_tokens.weight
             perm = torch.randperm(emb.shape[0])
@@ -90,3 +95,30 @@ def make_random_model(
     for f in TOKENIZER_FILES:
         shutil.copyfile(STORIES_HF / f, out / f)
     return out
+
+
+def plant_massive_qk_bias(model: torch.nn.Module, key_bias: float, pairs: int = 2,
+                          query_ratio: float = 0.02) -> None:
+    """Give every KV head Qwen2's key statistics: the ``pairs`` lowest-frequency RoPE
+    pairs (channels D/2-1-j and D-1-j, j < pairs, where RoPE turns slowest) get biases
+    of ±key_bias·U(0.5, 1.5) in k_proj (content channels are ~1), and the queries of
+    the heads reading that KV head get query_ratio times that in the same channels, so
+    that the massive components meet in q·k (an almost position-independent score
+    offset on top of the content). Public figures for Qwen2.5-7B: k_proj.bias entries
+    up to ~440, key channels up to ~170 against ~1-10 for the others, in the
+    low-frequency RoPE dimensions; q and v biases much smaller.
+    """
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(1234)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for kvh in range(cfg.num_key_value_heads):
+            for j in range(pairs):
+                for c in (d // 2 - 1 - j, d - 1 - j):
+                    b = key_bias * (0.5 + torch.rand((), generator=g).item())
+                    b *= 1 if torch.rand((), generator=g).item() < 0.5 else -1
+                    attn.k_proj.bias[kvh * d + c] = b
+                    for h in range(kvh * group, (kvh + 1) * group):
+                        attn.q_proj.bias[h * d + c] = query_ratio * b

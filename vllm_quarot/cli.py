@@ -77,6 +77,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ in activation order (default on)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument("--kv-calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="4-bit KV cache: per layer, choose key/value shift, SmoothAttention "
+                        "and R3 by attention error on the calibration text (needs --calib "
+                        "or --calib-self; RTN without either keeps R3 everywhere)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel-ready: block-diagonal online R4 (N blocks) and "
                    "per-(token, 1/N slice) activation scales on o_proj/down_proj, so the "

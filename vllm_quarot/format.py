@@ -15,8 +15,13 @@ from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 QUANT_METHOD = "quarot"
 # 2: tensor_parallel_blocks (block-diagonal R4); 1 reads as 1 block
 # 3: activation.layer_bits (per-layer activation precision); 1 and 2 read as none
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: kv_cache.shift (per-layer key/value centring, KV_SHIFT_FILE) and rotation.r3.layers
+#    (R3 on some layers only); 1-3 read as no shift and R3 on every layer
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+# the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
+# subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
+KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -84,6 +89,12 @@ class KVCacheSpec:
     group_size: int = -1  # -1: one group per head (head_dim)
     asymmetric: bool = True
     clip_ratio: float = 1.0
+    # keys and values are stored minus a per-layer constant vector per KV head
+    # (KV_SHIFT_FILE): a constant subtracted from every key leaves softmax(q·k) unchanged
+    # (it moves all of a query's scores by q·c), the value shift is added back to the
+    # attention output; it takes the massive bias components (Qwen2's k_proj biases)
+    # out of the 4-bit range
+    shift: bool = False
 
 
 R1_KINDS = ("randomized-hadamard", "cayley-learned", "none")
@@ -128,6 +139,9 @@ class OnlineHadamard:
     construction: str | None = None  # None / "": written by a version that did not store it
     sha256: str | None = None  # of the ±1 K×K factor
     blocks: int = 1  # block-diagonal I_blocks ⊗ H_{size/blocks} (tensor-parallel R4)
+    # R3 only: the decoder layers whose queries and keys it rotates (None: every layer);
+    # the quantizer leaves it off where it makes the 4-bit keys worse
+    layers: tuple[int, ...] | None = None
 
     @property
     def block_size(self) -> int:
@@ -139,9 +153,15 @@ class OnlineHadamard:
         return cls(size, tuple(fp["hadamard"]), fp["construction"], fp["sha256"],  # type: ignore[arg-type]
                    blocks)
 
+    def applies_to(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "blocks": self.blocks, "hadamard": list(self.factors),
-                "construction": self.construction, "sha256": self.sha256}
+        d = {"size": self.size, "blocks": self.blocks, "hadamard": list(self.factors),
+             "construction": self.construction, "sha256": self.sha256}
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
+        return d
 
     def check(self, name: str) -> None:
         """The Hadamard this version builds for ``size / blocks`` is the stored one."""
@@ -317,6 +337,16 @@ class QuaRotFormat:
                 f"{self.tp_blocks}: the two must agree")
         if r.r3 is not None and r.r3.blocks != 1:
             raise CheckpointFormatError("rotation.r3 is one Hadamard per head: blocks must be 1")
+        if r.r4 is not None and r.r4.layers is not None:
+            raise CheckpointFormatError("rotation.r4.layers is not supported (R4 is on every "
+                                        "layer)")
+        if r.r3 is not None and r.r3.layers is not None and (
+                list(r.r3.layers) != sorted(set(r.r3.layers))
+                or any(not isinstance(i, int) or i < 0 for i in r.r3.layers)):
+            raise CheckpointFormatError(
+                f"rotation.r3.layers must be increasing layer indices, got {list(r.r3.layers)}")
+        if kv is not None and kv.shift and kv.bits != 4:
+            raise CheckpointFormatError("kv_cache.shift is served with 4-bit caches only")
         for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
             if online is not None:
                 online.check(name)
@@ -408,6 +438,10 @@ class QuaRotFormat:
             ("rotation.r3.size", r.r3_size, head_dim),
             ("rotation.r4.size", r.r4_size, hf_config.intermediate_size),
         ]
+        if r.r3 is not None and r.r3.layers and r.r3.layers[-1] >= hf_config.num_hidden_layers:
+            raise CheckpointFormatError(
+                f"rotation.r3.layers names layer {r.r3.layers[-1]}, but the model has "
+                f"{hf_config.num_hidden_layers} layers: checkpoint and config.json do not match")
         for name, got, want in checks:
             if got and got != want:
                 raise CheckpointFormatError(
@@ -462,8 +496,12 @@ def _online_hadamard(rot: dict[str, Any], key: str) -> OnlineHadamard | None:
     # whose factors this version derives the same way)
     blocks = int(sec.get("blocks", 1))
     factors = sec.get("hadamard") or _factors(size // max(blocks, 1))
+    layers = sec.get("layers")
+    if layers is not None and not isinstance(layers, list):
+        raise CheckpointFormatError(f"rotation.{key}.layers must be a list, got {layers!r}")
     return OnlineHadamard(size, (int(factors[0]), int(factors[1])),
-                          sec.get("construction"), sec.get("sha256"), blocks)
+                          sec.get("construction"), sec.get("sha256"), blocks,
+                          None if layers is None else tuple(layers))
 
 
 def _factors(size: int) -> list[int]:

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
+from vllm_quarot.kv_shift import KVShift, read_kv_shift
 from vllm_quarot.offline.checkpoint import TensorSource
 from vllm_quarot.quant import (
     dequantize_weight,
@@ -72,26 +73,46 @@ def load_simulated(
     model.eval()
     _install_hooks(model, fmt, quantized, input_scales, act_bits_override or {})
     if fmt.kv_cache is not None:
-        model.set_attn_implementation(_kv_attention(fmt))
+        shifts = read_kv_shift(model_dir, cfg) if fmt.kv_cache.shift else None
+        model.set_attn_implementation(_kv_attention(fmt, shifts))
     return model
 
 
-def _kv_attention(fmt: QuaRotFormat) -> str:
-    """Register (once) an attention function that rotates queries and keys by R3 after
-    RoPE and fake-quantizes keys and values per token and head, then runs SDPA."""
+_KV_ATTENTION_COUNT = iter(range(1 << 30))
+
+
+def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
+    """Register an attention function that, after RoPE, subtracts the layer's key and
+    value shifts (kv_cache.shift), rotates queries and keys by R3 (on the layers it
+    applies to), fake-quantizes keys and values per token and head, runs SDPA and adds
+    the value shift back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    kv, r3 = fmt.kv_cache, fmt.rotation.r3_size
-    name = f"quarot_kv{kv.bits}_clip{kv.clip_ratio}_r3{r3}"
+    kv, r3 = fmt.kv_cache, fmt.rotation.r3
+    name = f"quarot_kv{kv.bits}_{next(_KV_ATTENTION_COUNT)}"  # one per loaded model
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        if r3:
+        i = module.layer_idx
+        dtype = key.dtype
+        k, v = key.float(), value.float()  # [B, kv_heads, T, D]
+        if shifts is not None:
+            k = k - shifts[i][0][:, None, :]
+            v = v - shifts[i][1][:, None, :]
+        if r3 is not None and r3.applies_to(i):
             query = hadamard_transform(query.float()).to(query.dtype)
-            key = hadamard_transform(key.float()).to(key.dtype)
-        key = fake_quantize_asym(key, kv.bits, kv.clip_ratio)
-        value = fake_quantize_asym(value, kv.bits, kv.clip_ratio)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            k = hadamard_transform(k)
+        key = fake_quantize_asym(k, kv.bits, kv.clip_ratio).to(dtype)
+        value = fake_quantize_asym(v, kv.bits, kv.clip_ratio)
+        if shifts is None:
+            value = value.to(dtype)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value.to(dtype),
+                                              attention_mask, **kwargs)
+        # out: [B, T, heads, D]; query head h reads KV head h // group
+        group = query.shape[1] // value.shape[1]
+        vs = shifts[i][1].repeat_interleave(group, dim=0)
+        return (out.float() + vs).to(out.dtype), weights
 
     AttentionInterface.register(name, attention)
     return name

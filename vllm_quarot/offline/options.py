@@ -63,6 +63,9 @@ class QuantizeOptions:
     spinquant_lr: float = 1.5
     device: str = "auto"  # where the layer-streamed maths runs: cpu, cuda, auto
     precision: str = "float32"  # calibration forward passes (Hessians, GPTQ: float64)
+    # with a 4-bit KV cache and calibration text: choose key/value shift, SmoothAttention
+    # and R3 per layer by measured attention error (offline/kv_calibration.py)
+    kv_calibrate: bool = True
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -91,6 +94,18 @@ class QuantizeOptions:
         activations are computed."""
         return (self.uses_gptq or self.static or self.a8_layers is not None
                 or self.rotate == "spinquant")
+
+    @property
+    def calibrates_kv(self) -> bool:
+        """The KV cache choices are calibrated: a 4-bit cache, --kv-calibrate (the
+        default) and calibration text (given, or needed by another step)."""
+        return (self.kv_calibrate and self.bits[2] is not None
+                and (self.needs_calibration or self.calib is not None or bool(self.calib_self)))
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Calibration activations are computed (needed, or for the KV choices)."""
+        return self.needs_calibration or self.calibrates_kv
 
     @property
     def online_r4(self) -> bool:
@@ -238,7 +253,7 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
                 f"(in_features / --tp {o.tp}) of {', '.join(bad)}: a weight group may not "
                 "straddle two tensor-parallel ranks")
     max_pos = getattr(cfg, "max_position_embeddings", None)
-    if o.needs_calibration and max_pos is not None and o.seqlen > max_pos:
+    if o.uses_calibration and max_pos is not None and o.seqlen > max_pos:
         raise QuantizeError(
             f"--seqlen {o.seqlen} is longer than the model's context "
             f"(max_position_embeddings {max_pos})")

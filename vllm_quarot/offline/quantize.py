@@ -40,6 +40,8 @@ from vllm_quarot.hadamard import (
     hadamard_factor,
     random_signs,
 )
+from vllm_quarot.kv_shift import write_kv_shift
+from vllm_quarot.offline import kv_calibration
 from vllm_quarot.offline.calibration import calibration_ids
 from vllm_quarot.offline.checkpoint import (
     RunProgress,
@@ -425,6 +427,7 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
             "a8_layers": o.a8_layers,
             "precision": o.precision,
             "online_hadamard": o.online_hadamard,
+            "kv_calibrate": o.calibrates_kv,
         },
     )
     fmt.validate()
@@ -511,6 +514,9 @@ class _Streamer:
         # relative output error of each sub-block's first linear from quantizing its
         # input at the scheme's activation bits (--a8-layers auto picks from these)
         self.act_errors: dict[str, float] = {}
+        # --kv-calibrate: each layer's choice and its (k, v) shift vectors
+        self.kv_choices: dict[int, dict[str, Any]] = {}
+        self.kv_shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def run(self, tok: Any, calib_ids: Callable[[], torch.Tensor | None]) -> None:
         """Embedding, layers, head; parts a previous run finished (--resume) are read
@@ -542,10 +548,13 @@ class _Streamer:
         """Persist the part just made with the state the next one starts from, then
         hand its tensors to the writer (as read back, as a resumed run would)."""
         state_tensors = {} if h_cal is None else {"h_cal": h_cal}
+        for i, (k, v) in self.kv_shifts.items():
+            state_tensors.update({f"kv.{i}.k_shift": k, f"kv.{i}.v_shift": v})
         if self.verifier is not None:
             state_tensors.update({"verify.h_orig": self.verifier.h_orig,
                                   "verify.h_rot": self.verifier.h_rot})
         state = {"layer_errors": self.layer_errors, "act_errors": self.act_errors,
+                 "kv_choices": {str(i): c for i, c in self.kv_choices.items()},
                  "verify_max_err": self.verifier.max_err if self.verifier else None}
         self.progress.save(name, self.part, state, state_tensors)
         self.part = {}
@@ -564,6 +573,9 @@ class _Streamer:
         st, t = self.progress.state, self.progress.state_tensors()
         self.layer_errors = dict(st.get("layer_errors") or {})
         self.act_errors = dict(st.get("act_errors") or {})
+        self.kv_choices = {int(i): c for i, c in (st.get("kv_choices") or {}).items()}
+        self.kv_shifts = {i: (t[f"kv.{i}.k_shift"], t[f"kv.{i}.v_shift"])
+                          for i in self.kv_choices}
         if self.o.verify:
             self.verifier = _Verifier.restored(
                 t["verify.h_orig"], t["verify.h_rot"], self.r1, st.get("verify_max_err") or 0.0)
@@ -624,6 +636,8 @@ class _Streamer:
             for name in LINEARS:
                 self.linear(sd, prefix, name, None)
         else:
+            if self.o.calibrates_kv:
+                self.calibrate_kv(i, sd, h_cal)
             def quantize_group(group: tuple[str, ...],
                                hessian: HessianAccumulator) -> dict[str, torch.Tensor]:
                 for name in group:
@@ -639,6 +653,26 @@ class _Streamer:
             if not any(k.startswith(n + ".") for n in LINEARS):
                 self._emit(prefix + k, v.to(self.plan.out_dtype))
         return out  # the quantized layer's output feeds the next one
+
+    def calibrate_kv(self, i: int, sd: dict[str, torch.Tensor], h_cal: torch.Tensor) -> None:
+        """Choose layer i's KV4 treatment (R3, SmoothAttention, shift) on the first
+        calibration windows; fuse the smoothing into sd's q/k_proj."""
+        runner = self._runner(i, sd, online_r4=False)
+        h = h_cal[:kv_calibration.MAX_WINDOWS, :kv_calibration.MAX_TOKENS]
+        x = h.to(runner.device, runner.dtype)
+        pos = torch.arange(x.shape[1], device=runner.device).unsqueeze(0)
+        cos, sin = self.rotary(x[:1], pos)
+        q, k, v = kv_calibration.layer_qkv(runner.module, x, (cos.to(x.dtype), sin.to(x.dtype)))
+        kv = self.plan.fmt.kv_cache
+        assert kv is not None
+        qk_norm = hasattr(runner.module.self_attn, "k_norm")
+        cal = kv_calibration.calibrate_layer(
+            q.cpu(), k.cpu(), v.cpu(), kv.bits, kv.clip_ratio,
+            r3_allowed=self.plan.fmt.rotation.r3 is not None, smooth_allowed=not qk_norm)
+        if cal.smooth is not None:
+            kv_calibration.apply_smoothing(sd, cal.smooth.double(), self.cfg.num_attention_heads)
+        self.kv_choices[i] = cal.choice.summary()
+        self.kv_shifts[i] = (cal.k_shift, cal.v_shift)
 
     def linear(self, sd: dict[str, torch.Tensor], prefix: str, name: str,
                hessian: HessianAccumulator | None) -> None:
@@ -715,7 +749,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
 
         def calib_ids() -> torch.Tensor | None:  # only computed when a part needs them
             if not ids:
-                ids.append(calibration_ids(model_dir, tok, o) if o.needs_calibration else None)
+                ids.append(calibration_ids(model_dir, tok, o) if o.uses_calibration else None)
             return ids[0]
 
         rotations = None
@@ -743,6 +777,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
                         "loss_first": rotations.losses[0] if rotations.losses else None,
                         "loss_last": rotations.losses[-1] if rotations.losses else None,
                         "seconds": round(rotations.seconds, 1)}})
+            if streamer.kv_choices:
+                fmt = _with_kv_choices(fmt, streamer.kv_choices)
+                if fmt.kv_cache is not None and fmt.kv_cache.shift:
+                    write_kv_shift(stage, streamer.kv_shifts)
             fmt = dataclasses.replace(fmt, quantizer={**fmt.quantizer, "source": source})
             fmt.validate()
             _write_metadata(model_dir, stage, cfg, fmt, plan.out_dtype, o)
@@ -855,6 +893,22 @@ def _a8_scores(act_errors: dict[str, float]) -> dict[str, float]:
         by_kind.setdefault(k.split(".", 3)[3], []).append(v)
     med = {kind: sorted(v)[len(v) // 2] for kind, v in by_kind.items()}
     return {k: v / max(med[k.split(".", 3)[3]], 1e-12) for k, v in act_errors.items()}
+
+
+def _with_kv_choices(fmt: QuaRotFormat, choices: dict[int, dict[str, Any]]) -> QuaRotFormat:
+    """The format after --kv-calibrate: R3 on the layers that chose it, shifts when any
+    layer shifts, and every layer's choice and errors in quantizer.kv_calibration."""
+    assert fmt.kv_cache is not None
+    r3 = fmt.rotation.r3
+    if r3 is not None:
+        r3 = dataclasses.replace(r3, layers=tuple(i for i in sorted(choices)
+                                                  if choices[i]["r3"]))
+    shift = any(c["k_shift"] or c["v_shift"] for c in choices.values())
+    return dataclasses.replace(
+        fmt, kv_cache=dataclasses.replace(fmt.kv_cache, shift=shift),
+        rotation=dataclasses.replace(fmt.rotation, r3=r3),
+        quantizer={**fmt.quantizer, "kv_calibration": {
+            str(i): choices[i] for i in sorted(choices)}})
 
 
 def _with_a8_layers(fmt: QuaRotFormat, layer_bits: dict[str, int]) -> QuaRotFormat:

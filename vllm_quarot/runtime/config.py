@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ class QuaRotConfig(QuantizationConfig):
                 "--scheme w4a4"
             )
         self.fmt = fmt
+        # kv_cache.shift: layer -> (k, v) shift [kv_heads, head_dim], read from the
+        # checkpoint in maybe_update_config (main process) and pickled to the workers
+        self.kv_shift: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __repr__(self) -> str:
         return f"QuaRotConfig(scheme={self.fmt.scheme!r})"
@@ -71,6 +75,11 @@ class QuaRotConfig(QuantizationConfig):
             from vllm_quarot.validate import validate_model
 
             validate_model(model_name, hf_config, self.fmt)
+            kv = self.fmt.kv_cache
+            if kv is not None and kv.shift:
+                from vllm_quarot.kv_shift import read_kv_shift
+
+                self.kv_shift = read_kv_shift(_local_dir(model_name, revision), hf_config)
 
     def _select_kv_cache_dtype(self) -> None:
         """A checkpoint with a kv_cache section runs with the 4-bit cache it was
@@ -112,3 +121,21 @@ class QuaRotConfig(QuantizationConfig):
         down = prefix.rsplit(".", 1)[-1] == "down_proj"
         return QuaRotLinearMethod(scheme_for(self.fmt, prefix, self.packed_modules_mapping),
                                   HadamardTransform(r4) if down and r4 else None, prefix)
+
+
+def _local_dir(model: str, revision: str | None) -> str:
+    """vLLM's model argument as a directory: itself, or the Hub snapshot holding the
+    checkpoint's KV shift file (fetched like vLLM fetches the weights)."""
+    import os
+
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import hf_hub_download
+
+    from vllm_quarot.format import KV_SHIFT_FILE
+
+    try:
+        path = hf_hub_download(model, KV_SHIFT_FILE, revision=revision)
+    except Exception as e:
+        raise CheckpointFormatError(f"{model}: cannot fetch {KV_SHIFT_FILE} ({e})") from e
+    return str(Path(path).parents[1])

@@ -10,8 +10,11 @@ unchanged. Per (block, kv head, slot) the bytes are
 ``[K codes D/2 | K scale, zero (2×fp16) | V codes D/2 | V scale, zero]``: 72 bytes
 at head_dim 64 instead of 256 for bf16.
 
-R3 (a Hadamard of size head_dim on queries and keys after RoPE, when the checkpoint
-asks for it) is applied here: keys before quantization, queries before attention.
+R3 (a Hadamard of size head_dim on queries and keys after RoPE, on the layers where
+the checkpoint asks for it) is applied here: keys before quantization, queries before
+attention. A ``kv_cache.shift`` checkpoint has keys and values stored minus per-layer
+constant vectors (``vllm_quarot.kv_shift``): subtracted before R3 and quantization,
+the value shift added back to the attention output.
 Writing and attending run on the native kernels of csrc/cpu/kv4_attention.cpp
 (``torch.ops.quarot_cpu.kv4_*``: no dequantized copy of the cache, online softmax)
 when the extension is built; the plain PyTorch code below (dequantize the sequence's
@@ -21,6 +24,7 @@ blocks, then softmax attention) is their reference and the fallback.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -35,20 +39,30 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import KVQuantMode
 
+from vllm_quarot.format import OnlineHadamard
 from vllm_quarot.hadamard import hadamard_factor, hadamard_transform
+from vllm_quarot.kv_shift import KVShift, local_kv_heads
 from vllm_quarot.quant import pack_kv, slot_bytes, unpack_kv
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 KV4_DTYPE = "int4_per_token_head"
 
 
-def _quarot_kv_settings() -> tuple[float, int]:
-    """(clip ratio, R3 size) from a QuaRot checkpoint; (1.0, 0) for other models."""
+def _quarot_kv_settings() -> tuple[float, OnlineHadamard | None, KVShift | None]:
+    """(clip ratio, R3, per-layer shifts) of a QuaRot checkpoint; (1.0, None, None)
+    for other models."""
     quant_config = get_current_vllm_config().quant_config
     fmt = getattr(quant_config, "fmt", None)
     if fmt is None or fmt.kv_cache is None:
-        return 1.0, 0
-    return fmt.kv_cache.clip_ratio, fmt.rotation.r3_size
+        return 1.0, None, None
+    return fmt.kv_cache.clip_ratio, fmt.rotation.r3, getattr(quant_config, "kv_shift", None)
+
+
+def _layer_index(layer_name: str) -> int:
+    m = re.search(r"layers\.(\d+)\.", layer_name)
+    if m is None:
+        raise ValueError(f"KV4: cannot tell the decoder layer of attention {layer_name!r}")
+    return int(m.group(1))
 
 
 class QuaRotCPUAttentionBackend(CPUAttentionBackend):
@@ -134,11 +148,35 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("KV4 does not support ALiBi, sinks or soft-capping")
         if self.sliding_window != -1:
             raise NotImplementedError("KV4 does not support sliding-window attention yet")
-        self.clip_ratio, r3 = _quarot_kv_settings()
-        if r3 and r3 != self.head_size:
-            raise ValueError(f"checkpoint R3 size {r3} != head_dim {self.head_size}")
-        self.had = hadamard_factor(self.head_size, torch.float32) if r3 else None
+        self.clip_ratio, self.r3, self.shifts = _quarot_kv_settings()
+        if self.r3 and self.r3.size != self.head_size:
+            raise ValueError(f"checkpoint R3 size {self.r3.size} != head_dim {self.head_size}")
+        if self.shifts is not None:
+            from vllm.distributed import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+            self.tp = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+        self.had: torch.Tensor | None = None
+        # this layer's shifts [kv_heads, D] (None: not shifted); set on the first call,
+        # when the layer (and so its index) is known
+        self.k_shift: torch.Tensor | None = None
+        self.v_shift: torch.Tensor | None = None
+        self.layer_ready = False
         self.native = cpu_ops.AVAILABLE
+
+    def _setup_layer(self, layer: torch.nn.Module) -> None:
+        """R3 and the shifts of this layer (the checkpoint may set them per layer)."""
+        self.layer_ready = True
+        if self.r3 is None and self.shifts is None:
+            return
+        i = _layer_index(layer.layer_name)
+        if self.r3 is not None and self.r3.applies_to(i):
+            self.had = hadamard_factor(self.head_size, torch.float32)
+        if self.shifts is not None:
+            k, v = self.shifts[i]
+            self.k_shift = local_kv_heads(k, self.num_kv_heads, *self.tp).contiguous()
+            self.v_shift = local_kv_heads(v, self.num_kv_heads, *self.tp).contiguous()
 
     def _r3(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.had is None else hadamard_transform(x.float(), self.had)
@@ -146,6 +184,12 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if not self.kv4:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if not self.layer_ready:
+            self._setup_layer(layer)
+        if self.k_shift is not None:  # in float32: the residual is what gets quantized
+            n = slot_mapping.shape[0]
+            key = key[:n].view(n, self.num_kv_heads, self.head_size).float() - self.k_shift
+            value = value[:n].view(n, self.num_kv_heads, self.head_size).float() - self.v_shift
         if self.native:
             torch.ops.quarot_cpu.kv4_cache_update(key, value, kv_cache, slot_mapping.long(),
                                                   self.had, self.clip_ratio)
@@ -166,12 +210,23 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         if not self.kv4 or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        if not self.layer_ready:
+            self._setup_layer(layer)
+        self._attend(query, kv_cache, attn_metadata, output)
+        if self.v_shift is not None:  # the attention weights sum to 1: add the shift back
+            n = attn_metadata.num_actual_tokens
+            group = self.num_heads // self.num_kv_heads
+            out = output[:n].view(n, self.num_heads, self.head_size)
+            out += self.v_shift.repeat_interleave(group, dim=0).to(out.dtype)
+        return output
+
+    def _attend(self, query, kv_cache, attn_metadata, output) -> None:
         if self.native:
             m = attn_metadata
             torch.ops.quarot_cpu.kv4_attention(
                 query, kv_cache, m.block_table.int(), m.seq_lens.int(), m.query_start_loc.int(),
                 self.scale, bool(m.causal), self.had, output)
-            return output
+            return
         d = self.head_size
         half = d // 2 + 4
         block_size = kv_cache.shape[2]
@@ -195,4 +250,3 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale)
             output[start:end] = o.transpose(0, 1).to(output.dtype)
-        return output
