@@ -109,3 +109,26 @@ def test_compiled_chain_equals_eager():
     for m in (1, 7, 33):
         x = torch.randn(m, 320)
         assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.parametrize(("n", "k", "gs"), [(300, 64, -1), (130, 128, 32), (5, 48, 16)])
+def test_clip_search_matches_a_plain_per_row_search(n, k, gs):
+    """search_clip_scales (blocked over rows) = the plain search of QuaRot's quantizer,
+    row by row: shrink 1 − i/100 for i < 80, least Σ|w − ŵ|^2.4."""
+    from vllm_quarot.quant import search_clip_scales
+
+    torch.manual_seed(n)
+    w = torch.randn(n, k) * torch.rand(n, 1) + 0.1 * torch.randn(n, k) ** 3
+    got = search_clip_scales(w, 4, gs)
+    groups = w.reshape(n, -1, k if gs == -1 else gs)
+    for r in range(n):
+        for j in range(groups.shape[1]):
+            x = groups[r, j]
+            errs = []
+            for i in range(80):
+                s = max(x.abs().max().item() * (1 - i / 100) / 7, 1e-8)
+                q = torch.clamp(torch.round(x / s), -8, 7)
+                errs.append(((q * s - x).abs() ** 2.4).sum().item())
+            best = min(range(80), key=lambda i: (errs[i], i))
+            want = max(x.abs().max().item() * (1 - best / 100) / 7, 1e-8)
+            assert got[r, j].item() == pytest.approx(want, rel=1e-6), (r, j)
