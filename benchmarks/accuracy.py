@@ -101,6 +101,19 @@ def _key(opts: object) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _heldout(tok, text_file: Path, n_tokens: int, work: Path) -> Path:
+    """The evaluation text from well after its first n_tokens (the scored windows): a
+    calibration set in the evaluation's domain that shares no token with it."""
+    text = text_file.read_text(encoding="utf-8")
+    ids = tok(text).input_ids
+    start = len(tok.decode(ids[: 2 * n_tokens]))  # twice the scored span: a margin
+    out = work / f"{text_file.stem}-after-{2 * n_tokens}-tokens.txt"
+    work.mkdir(parents=True, exist_ok=True)
+    if not out.is_file():
+        out.write_text(text[start:], encoding="utf-8")
+    return out
+
+
 def _stat(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -116,6 +129,11 @@ def main() -> None:
                     help="perplexity windows of seqlen tokens (None: the whole text)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--calib", default=None, choices=("tinystories", "wikitext-heldout"),
+                    help="calibration text (default: the model's, TinyStories); "
+                    "wikitext-heldout: the evaluation text after its evaluated windows "
+                    "(in-domain, disjoint from what is scored, as the paper calibrates "
+                    "on WikiText-2 train)")
     ap.add_argument("--seeds", type=int, default=3, help="R1 seeds of the seeded rows")
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeded rows use seeds FIRST .. FIRST+SEEDS-1 (to split runs)")
@@ -151,6 +169,8 @@ def main() -> None:
     work = Path(a.work) if a.work else default_cache_dir() / f"accuracy-{a.model}"
     tok = AutoTokenizer.from_pretrained(base)
     windows = token_windows(tok, DATA / text, seqlen, a.max_windows)
+    if a.calib == "wikitext-heldout":
+        calib = str(_heldout(tok, DATA / text, len(windows) * seqlen, work))
     # --rows 7,11,12:1 -> row 12 with one seed only
     picked = ([(int(r.split(":")[0]), int(r.split(":")[1]) if ":" in r else None)
                for r in a.rows.split(",")] if a.rows else [(i, None) for i in range(len(ROWS))])
@@ -162,7 +182,7 @@ def main() -> None:
         for seed in range(first, first + ((n_seeds or a.seeds) if seeded else 1)):
             ckpt, row = base, None
             if opts is not None:
-                row = {**opts, "seed": seed, "calib": str(DATA / calib),
+                row = {**opts, "seed": seed, "calib": str(DATA / calib),  # abs: as is
                        "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
                 if opts.get("rotate") == "spinquant" and a.spinquant_steps is not None:
                     row["spinquant_steps"] = a.spinquant_steps
