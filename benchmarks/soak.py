@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from vllm_quarot.eval.server import HOST, free_port, health
+
 MODEL_NAME = "soak"
 WORDS = ("Once upon a time there was a little girl named Lily who liked to play in the "
          "park with her friend Tom and one day they found a big red ball").split()
@@ -48,22 +48,6 @@ def make_tiny(out: Path, scheme: str = "w4a4kv4") -> Path:
     src = make_random_model(out.with_name(out.name + "-src"))
     quantize(src, out, QuantizeOptions(scheme=scheme, weight_method="rtn"))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def health(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return -1
 
 
 def post(port: int, body: dict, timeout: float, abort_after: int | None = None) -> dict:

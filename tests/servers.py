@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from vllm_quarot.eval.server import free_port, health
 
 
 def engine_env(**env_vars: str) -> dict:
@@ -23,23 +22,6 @@ def engine_env(**env_vars: str) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("TRITON_INTERPRET", None)
     return env | env_vars
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def health(port: int) -> int:
-    """/health's HTTP status, -1 when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return -1
 
 
 @contextlib.contextmanager

@@ -629,15 +629,15 @@ class _Streamer:
             rotate_layer(sd, self.r1, self.plan.head_dim,
                          r2=self.r2[i] if self.r2 is not None else True,
                          r4=self.plan.online_r4, r4_blocks=self.o.tp)
-        if self.verifier is not None:
+        if h_cal is not None and self.o.calibrates_kv:  # may fuse SmoothAttention into sd
+            self.calibrate_kv(i, sd, h_cal)
+        if self.verifier is not None:  # the rotated (and smoothed) layer = the original
             self.verifier.rotated_layer(self._runner(i, sd, self.plan.online_r4, verify=True))
         out = None
         if h_cal is None:
             for name in LINEARS:
                 self.linear(sd, prefix, name, None)
         else:
-            if self.o.calibrates_kv:
-                self.calibrate_kv(i, sd, h_cal)
             def quantize_group(group: tuple[str, ...],
                                hessian: HessianAccumulator) -> dict[str, torch.Tensor]:
                 for name in group:
