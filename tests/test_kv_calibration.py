@@ -35,7 +35,7 @@ def test_key_shift_leaves_attention_unchanged():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_smoothing_is_invariant_through_rope(tmp_path, arch):
+def test_smoothing_is_invariant_through_rope(tmp_path, shared_data, arch):
     """λ shared by the two channels of each RoPE pair, fused into q_proj/k_proj rows and
     biases, leaves the model's logits unchanged (float64)."""
     src = make_random_model(tmp_path / arch, arch, hidden=128, intermediate=256, heads=4,
