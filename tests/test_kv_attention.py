@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_quarot.format import OnlineHadamard
 from vllm_quarot.hadamard import hadamard_factor, hadamard_matrix
 from vllm_quarot.quant import fake_quantize_asym
 from vllm_quarot.runtime.kv_attention import (
@@ -58,7 +59,7 @@ def _impl(r3: bool, heads=4, kv_heads=2, d=64, path="reference"):
     impl.scale, impl.kv_cache_dtype, impl.kv4, impl.clip_ratio = d**-0.5, KV4_DTYPE, True, 1.0
     impl.had = hadamard_factor(d, torch.float32) if r3 else None
     impl.native = path != "reference"
-    impl.layer_ready, impl.k_shift, impl.v_shift = True, None, None
+    impl.layer_ready, impl.k_shift, impl.v_shift, impl.v_shift_heads = True, None, None, None
     return impl
 
 
@@ -166,13 +167,15 @@ def test_shifted_keys_and_values(r3, path):
     outs = {}
     for shifted in (False, True):
         impl = _impl(r3, heads, kv_heads, d, path)
-        if shifted:
-            impl.k_shift, impl.v_shift = k_shift, v_shift
+        if shifted:  # as the engine sets it up: the layer's shifts, on its first call
+            impl.layer_ready, impl.had, impl.tp = False, None, (0, 1)
+            impl.r3 = OnlineHadamard.of_size(d) if r3 else None
+            impl.shifts = {0: (k_shift, v_shift)}
         cache = torch.zeros(3, kv_heads, bs, slot_bytes(d), dtype=torch.uint8)
-        impl.do_kv_cache_update(None, k, v, cache, torch.arange(n))
+        layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+        impl.do_kv_cache_update(layer, k, v, cache, torch.arange(n))
         out = torch.empty(1, heads, d)
-        impl.forward(SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, None,
-                     None, cache, meta, out)
+        impl.forward(layer, q, None, None, cache, meta, out)
         outs[shifted] = out[0].double()
     kq = fake_quantize_asym(((k - k_shift).double() @ h).float(), 4, 1.0)
     vq = fake_quantize_asym(v - v_shift, 4, 1.0)

@@ -11,6 +11,7 @@ It is the reference that vLLM's outputs are compared with (tests, ``vllm-quarot 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def load_simulated(
     return model
 
 
-_KV_ATTENTION_COUNT = iter(range(1 << 30))
+_KV_ATTENTION_COUNT = itertools.count()
 
 
 def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:

@@ -117,40 +117,37 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     # rotations) stays unless another is better by MARGIN
     errors: dict[tuple[float, bool, bool], float] = {}
     alphas = SMOOTH_ALPHAS if smooth_allowed else (0.0,)
-    for alpha, shift, r3 in product(alphas, (False, True), (False, True) if r3_allowed
-                                    else (False,)):
-        ks, qs = _smoothed(q, k, alpha)
-        c = ks.mean(dim=(0, 2)) if shift else zeros
-        kr = ks - c[:, None]
-        if r3:
-            kr, qs = hadamard_transform(kr), hadamard_transform(qs)
-        errors[(alpha, shift, r3)] = _rel(attention(qs, fq(kr), v), ref)
+    for cand in product(alphas, (False, True), (False, True) if r3_allowed else (False,)):
+        qs, kr, _lam, _c = _candidate(q, k, *cand)
+        errors[cand] = _rel(attention(qs, fq(kr), v), ref)
     default = (0.0, False, r3_allowed)
     best = min(errors, key=lambda c: errors[c])
     if errors[best] > (1 - MARGIN) * errors[default]:
         best = default
     alpha, shift, r3 = best
-    ks, qs = _smoothed(q, k, alpha)
-    c = ks.mean(dim=(0, 2)) if shift else zeros.clone()
-    kr = ks - c[:, None]
-    if r3:
-        kr, qs = hadamard_transform(kr), hadamard_transform(qs)
+    qs, kr, lam, c = _candidate(q, k, alpha, shift, r3)
     choice = KVChoice(r3=r3, alpha=alpha, k_shift=shift, v_shift=v_shift,
                       error=_rel(attention(qs, fq(kr), vq), ref),
                       plain_error=_plain_error(q, k, v, ref, fq),
                       r3_error=_r3_error(q, k, v, ref, fq) if r3_allowed else None)
-    return KVCalibration(choice, smoothing_scales(k, alpha) if alpha else None, c,
-                         v_mean if v_shift else zeros.clone())
+    return KVCalibration(choice, lam, c, v_mean if v_shift else zeros)
 
 
-def _smoothed(q: torch.Tensor, k: torch.Tensor, alpha: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries and keys after SmoothAttention with exponent alpha (unchanged at 0)."""
-    if not alpha:
-        return k, q
-    lam = smoothing_scales(k, alpha)
-    group = q.shape[1] // k.shape[1]
-    return k / lam[:, None], q * lam.repeat_interleave(group, dim=0)[:, None]
+def _candidate(q: torch.Tensor, k: torch.Tensor, alpha: float, shift: bool, r3: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(queries, keys as they enter the 4-bit cache, λ or None, key shift [Hkv, D]) of
+    one candidate: SmoothAttention with exponent alpha (none at 0), minus the keys'
+    mean when shift, then R3 on both when r3."""
+    lam = smoothing_scales(k, alpha) if alpha else None
+    ks, qs = k, q
+    if lam is not None:
+        group = q.shape[1] // k.shape[1]
+        ks, qs = k / lam[:, None], q * lam.repeat_interleave(group, dim=0)[:, None]
+    c = ks.mean(dim=(0, 2)) if shift else torch.zeros(k.shape[1], k.shape[-1])
+    kr = ks - c[:, None]
+    if r3:
+        kr, qs = hadamard_transform(kr), hadamard_transform(qs)
+    return qs, kr, lam, c
 
 
 def _plain_error(q, k, v, ref, fq) -> float:

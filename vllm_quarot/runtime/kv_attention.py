@@ -162,6 +162,7 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         # when the layer (and so its index) is known
         self.k_shift: torch.Tensor | None = None
         self.v_shift: torch.Tensor | None = None
+        self.v_shift_heads: torch.Tensor | None = None  # per query head [H, D]
         self.layer_ready = False
         self.native = cpu_ops.AVAILABLE
 
@@ -177,6 +178,8 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             k, v = self.shifts[i]
             self.k_shift = local_kv_heads(k, self.num_kv_heads, *self.tp).contiguous()
             self.v_shift = local_kv_heads(v, self.num_kv_heads, *self.tp).contiguous()
+            group = self.num_heads // self.num_kv_heads
+            self.v_shift_heads = self.v_shift.repeat_interleave(group, dim=0)
 
     def _r3(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.had is None else hadamard_transform(x.float(), self.had)
@@ -213,11 +216,9 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         if not self.layer_ready:
             self._setup_layer(layer)
         self._attend(query, kv_cache, attn_metadata, output)
-        if self.v_shift is not None:  # the attention weights sum to 1: add the shift back
+        if self.v_shift_heads is not None:  # attention weights sum to 1: add the shift back
             n = attn_metadata.num_actual_tokens
-            group = self.num_heads // self.num_kv_heads
-            out = output[:n].view(n, self.num_heads, self.head_size)
-            out += self.v_shift.repeat_interleave(group, dim=0).to(out.dtype)
+            output[:n].view(n, self.num_heads, self.head_size).add_(self.v_shift_heads)
         return output
 
     def _attend(self, query, kv_cache, attn_metadata, output) -> None:
