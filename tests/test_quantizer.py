@@ -18,6 +18,7 @@ import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file, save_file
 from tiny_models import STORIES_HF, make_random_model
+from transformers import AutoConfig
 
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
@@ -185,10 +186,66 @@ def test_format_validation_errors():
         ({"weight": {"bits": 4, "colour": 1}}, "malformed"),
         ({"rotation": None}, "rotation"),
         ({"rotation": {"r4": {"size": 100, "hadamard": [12, 8]}}}, "does not multiply"),
+        ({"lm_head": {"bits": 2}}, "lm_head bits"),
+        ({"lm_head": {"bits": 8, "activation_bits": 4}}, "lm_head activation_bits"),
+        ({"lm_head": {"bits": 8, "colour": 1}}, "malformed"),
     ]
     for patch, msg in cases:
         with pytest.raises(CheckpointFormatError, match=msg):
             QuaRotFormat.from_dict({**good, **patch})
+
+
+def test_quantized_lm_head_is_written_validated_and_simulated(shared_data, tmp_path):
+    """--lm-head w4a8: the lm_head's codes and scales (R1 and the final norm folded in,
+    GPTQ on the final normalised calibration states) are in the checkpoint and in its
+    format section; the validator wants them instead of lm_head.weight; the simulation
+    dequantizes them and quantizes the lm_head's input per token to 8 bits."""
+    from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.format import LMHeadSpec
+    from vllm_quarot.offline.checkpoint import TensorSource
+    from vllm_quarot.quant import fake_quantize_per_token_blocks, unpack_weight
+    from vllm_quarot.validate import validate_checkpoint
+
+    src = make_random_model(tmp_path / "m")
+    out = tmp_path / "q"
+    quantize(src, out, QuantizeOptions(scheme="w4a4", calib=str(TINYSTORIES), nsamples=4,
+                                       seqlen=64, lm_head="w4a8"))
+    raw = json.loads((out / "config.json").read_text())
+    fmt = QuaRotFormat.from_dict(raw["quantization_config"])
+    assert fmt.lm_head == LMHeadSpec(4, -1, 8, "gptq") and fmt.lm_head.name == "w4a8"
+    assert raw["quantization_config"]["quantizer"].get("lm_head") == "w4a8"
+    t = TensorSource(out)
+    assert "lm_head.weight" not in t.keys()
+    codes = unpack_weight(t.get("lm_head.weight_packed"), 4, raw["hidden_size"])
+    assert codes.abs().max() <= 8
+    w = codes.float() * t.get("lm_head.weight_scale")
+    validate_checkpoint(out, fmt, AutoConfig.from_pretrained(out))
+    sim = load_simulated(out)
+    torch.testing.assert_close(sim.lm_head.weight, w)
+    seen = {}
+    sim.lm_head.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+    with torch.no_grad():
+        sim(torch.tensor([[5, 9, 100, 7]]))
+    x = seen["x"]  # after the pre-hook: 8-bit per-token codes times scales
+    torch.testing.assert_close(x, fake_quantize_per_token_blocks(x, 8, 1.0, 1))
+    # the validator wants the codes: a checkpoint without them is refused
+    names = {k: t.get(k) for k in t.keys() if not k.startswith("lm_head.weight_scale")}
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    save_file(names, out / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="lm_head.weight_scale"):
+        validate_checkpoint(out, fmt, AutoConfig.from_pretrained(out))
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"lm_head": "w2a2"}, "--lm-head must be one of"),
+    ({"lm_head": "w8a8", "scheme": "kv4"}, "needs a weight-quantized scheme"),
+])
+def test_lm_head_option_errors(kw, msg):
+    from vllm_quarot.offline.options import check_options
+
+    with pytest.raises(QuantizeError, match=msg):
+        check_options(QuantizeOptions(**{"weight_method": "rtn", **kw}))
 
 
 # ------------------------------------------------- output directory: staged, atomic, modes
@@ -233,7 +290,7 @@ def test_failed_run_leaves_nothing(shared_data, tmp_path, monkeypatch):
     finished layers stay, hidden in .q.partial for --resume (no checkpoint file)."""
     import vllm_quarot.offline.quantize as q
 
-    def boom(self):
+    def boom(self, h_cal):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(q._Streamer, "head", boom)

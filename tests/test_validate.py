@@ -101,7 +101,7 @@ def test_other_schemes_and_architectures_pass(tmp_path, shared_data, arch, schem
 # ------------------------------------------------------------------- tensor damage
 
 @pytest.mark.parametrize("name", [f"{L0}mlp.down_proj.weight_scale",
-                                  f"{L0}self_attn.q_proj.weight_packed", "lm_head.weight"])
+                                  f"{L0}self_attn.q_proj.weight_packed", "lm_head.weight_packed"])
 def test_missing_tensor(tmp_path, rtn_w4a4, name):
     bad = damaged(rtn_w4a4, tmp_path / "bad", edit=lambda t: t.pop(name))
     msg = refused(bad)

@@ -159,6 +159,21 @@ def test_other_schemes_match_simulation(tmp_path, random_llama, scheme, env):
     simulate(out_dir, out["results"])
 
 
+@pytest.mark.parametrize("lm_head", ["w8a8", "w4a8"])
+def test_quantized_lm_head_matches_simulation(tmp_path, random_llama, lm_head):
+    """--lm-head: vLLM's ParallelLMHead gets the QuaRot linear method (8-bit codes on
+    vLLM's int8 kernel, 4-bit on ours, 8-bit per-token activations) and computes the
+    logits the simulation computes."""
+    out_dir = tmp_path / lm_head
+    quantize(random_llama, out_dir, QuantizeOptions(
+        scheme="w4a4", calib=str(TINYSTORIES), nsamples=4, seqlen=64, lm_head=lm_head))
+    qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"]["bits"] == int(lm_head[1]) and qc["ignore"] == []
+    out = run_vllm(out_dir)
+    assert f"QuaRot {lm_head.upper()} per-channel layers run on" in out["log"]
+    simulate(out_dir, out["results"])
+
+
 def test_a8_layers_mixed_precision_matches_simulation(tmp_path, random_llama):
     """--a8-layers 2: the two sub-blocks with the largest 4-bit activation error keep
     8-bit activations (here layer 0's o_proj and down_proj); vLLM serves each layer at

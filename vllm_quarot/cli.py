@@ -13,7 +13,13 @@ from typing import NoReturn
 from vllm_quarot.format import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError
 from vllm_quarot.offline.checkpoint import MissingTensorError
-from vllm_quarot.offline.options import ROTATIONS, SCHEMES, QuantizeError, QuantizeOptions
+from vllm_quarot.offline.options import (
+    LM_HEAD_CHOICES,
+    ROTATIONS,
+    SCHEMES,
+    QuantizeError,
+    QuantizeOptions,
+)
 
 # Errors reported as one line "vllm-quarot CMD: error: ..." (exit 2), never a traceback.
 USER_ERRORS = (CheckpointFormatError, HadamardSizeError, QuantizeError, ValueError,
@@ -81,6 +87,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="4-bit KV cache: per layer, choose key/value shift, SmoothAttention "
                         "and R3 by attention error on the calibration text (needs --calib "
                         "or --calib-self; RTN without either keeps R3 everywhere)")
+    p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default=QuantizeOptions.lm_head,
+                   help="quantize the lm_head too (R1 fused into it; GPTQ when the layers "
+                   "use GPTQ): w8a8, w4a8 or w4a16; none keeps it 16-bit; auto (default): "
+                   "w8a8 when the scheme quantizes weights (lossless), else none")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel-ready: block-diagonal online R4 (N blocks) and "
                    "per-(token, 1/N slice) activation scales on o_proj/down_proj, so the "

@@ -17,8 +17,8 @@ QUANT_METHOD = "quarot"
 # 3: activation.layer_bits (per-layer activation precision); 1 and 2 read as none
 # 4: kv_cache.shift (per-layer key/value centring, KV_SHIFT_FILE) and rotation.r3.layers
 #    (R3 on some layers only); 1-3 read as no shift and R3 on every layer
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 # the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
 # subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
 KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
@@ -48,6 +48,35 @@ class WeightSpec:
     group_size: int = -1  # -1: one scale per output channel
     symmetric: bool = True
     method: str = "rtn"  # how the codes were chosen: rtn | gptq (informational)
+
+
+@dataclass(frozen=True)
+class LMHeadSpec:
+    """A quantized lm_head (format v5, the quantizer's --lm-head): its own weight bits
+    and per-token activation bits (None: 16-bit activations), R1 fused like every
+    linear; absent, the lm_head is a 16-bit ``lm_head.weight``."""
+
+    bits: int = 8
+    group_size: int = -1
+    activation_bits: int | None = 8
+    method: str = "rtn"  # rtn | gptq (informational)
+
+    def check(self) -> None:
+        if self.bits not in (4, 8):
+            raise CheckpointFormatError(f"lm_head bits must be 4 or 8, got {self.bits}")
+        if self.activation_bits not in (None, 8):
+            raise CheckpointFormatError(
+                f"lm_head activation_bits must be 8 or null, got {self.activation_bits}")
+        if self.group_size != -1 and (self.group_size <= 0
+                                      or (self.group_size * self.bits) % 32):
+            raise CheckpointFormatError(
+                f"lm_head group_size must be -1 or fill whole int32 words, got "
+                f"{self.group_size}")
+
+    @property
+    def name(self) -> str:
+        """w8a8, w4a16, w4a8 (the quantizer's --lm-head)."""
+        return f"w{self.bits}a{self.activation_bits or 16}"
 
 
 @dataclass(frozen=True)
@@ -218,6 +247,7 @@ class QuaRotFormat:
     # numbers: R4 is I_N ⊗ H_{n/N} and the inputs of the row-parallel linears (o_proj,
     # down_proj) are quantized per (token, block of in_features/N)
     tp_blocks: int = 1
+    lm_head: LMHeadSpec | None = None  # None: a 16-bit lm_head (ignored by quantization)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.rotation
@@ -236,6 +266,7 @@ class QuaRotFormat:
                 "r4": r.r4.to_dict() if r.r4 else None,
             },
             "ignore": list(self.ignore),
+            "lm_head": None if self.lm_head is None else dataclasses.asdict(self.lm_head),
             "quantizer": dict(self.quantizer),
         }
 
@@ -269,6 +300,8 @@ class QuaRotFormat:
                 r3=_online_hadamard(rot, "r3"),
                 r4=_online_hadamard(rot, "r4"),
             )
+            head = cfg.get("lm_head")
+            lm_head = None if head is None else LMHeadSpec(**_section(cfg, "lm_head"))
         except CheckpointFormatError:
             raise
         except (TypeError, ValueError, KeyError) as e:  # unknown, missing or mistyped keys
@@ -285,6 +318,7 @@ class QuaRotFormat:
             ignore=tuple(cfg.get("ignore", ("lm_head",))),
             quantizer=dict(cfg.get("quantizer") or {}),
             tp_blocks=cfg.get("tensor_parallel_blocks", 1),
+            lm_head=lm_head,
         )
         fmt.validate()
         return fmt
@@ -350,6 +384,10 @@ class QuaRotFormat:
         for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
             if online is not None:
                 online.check(name)
+        if self.lm_head is not None:
+            self.lm_head.check()
+            if w.bits >= 16:
+                raise CheckpointFormatError("a quantized lm_head needs a quantized scheme")
         self._check_scheme()
         self._check_rotation_record()
 

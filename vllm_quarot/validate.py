@@ -193,8 +193,17 @@ def expected_tensors(fmt: QuaRotFormat, hf_config: Any) -> dict[str, _Want]:
             if biases[lin]:
                 want[f"{key}.bias"] = _Want(FLOAT_DTYPES, (n,), "bias")
     want["model.norm.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
-    want["lm_head.weight"] = _Want(FLOAT_DTYPES, (vocab, hidden),
-                                   "untied lm_head, final norm folded in")
+    head = fmt.lm_head
+    if head is None:
+        want["lm_head.weight"] = _Want(FLOAT_DTYPES, (vocab, hidden),
+                                       "untied lm_head, final norm folded in")
+    else:
+        want["lm_head.weight_packed"] = _Want(
+            ("I32",), (vocab, hidden * head.bits // 32),
+            f"lm_head {head.bits}-bit codes packed in int32")
+        want["lm_head.weight_scale"] = _Want(
+            ("F32",), (vocab, 1 if head.group_size == -1 else hidden // head.group_size),
+            "lm_head scale")
     return want
 
 

@@ -62,7 +62,8 @@ def load_simulated(
             packed = src.get(name)
             scale = src.get(f"{base}.weight_scale")
             in_features = model.get_submodule(base).in_features
-            codes = unpack_weight(packed, fmt.weight.bits, in_features)
+            bits = fmt.lm_head.bits if base == "lm_head" and fmt.lm_head else fmt.weight.bits
+            codes = unpack_weight(packed, bits, in_features)
             gs = -1 if scale.shape[1] == 1 else in_features // scale.shape[1]
             state[f"{base}.weight"] = dequantize_weight(codes, scale, gs, torch.float32).to(dtype)
             quantized.add(base)
@@ -132,10 +133,14 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
                  if r4 is not None else None)
         # the row-parallel linears: each TP rank quantizes its slice of the input
         blocks = fmt.tp_blocks if name.endswith(ROW_PARALLEL) else 1
-        if static and name not in input_scales:
+        head = name == "lm_head"  # its own activation bits, per token, no clip
+        if static and not head and name not in input_scales:
             raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
         scale = input_scales.get(name)
         bits, clip = act.for_layer(name) if act is not None else (None, 1.0)
+        if head:
+            assert fmt.lm_head is not None
+            bits, clip = fmt.lm_head.activation_bits, 1.0
         for suffix, b in override.items():
             if name.endswith(suffix):
                 bits = b
@@ -147,7 +152,7 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
                 x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
             if bits is None:
                 pass
-            elif static:
+            elif static and scale is not None:
                 x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
             else:
                 x = fake_quantize_per_token_blocks(x, bits, clip, blocks)

@@ -28,6 +28,7 @@ from vllm_quarot.format import (
     SUPPORTED_ARCHITECTURES,
     ActivationSpec,
     KVCacheSpec,
+    LMHeadSpec,
     OnlineHadamard,
     QuaRotFormat,
     RotationSpec,
@@ -54,6 +55,7 @@ from vllm_quarot.offline.checkpoint import (
 from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
 from vllm_quarot.offline.hub import resolve_model
 from vllm_quarot.offline.options import (
+    LM_HEADS,
     PRECISIONS,
     SCHEMES,
     QuantizeError,
@@ -411,6 +413,8 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
             r4=OnlineHadamard.of_size(inter, o.tp) if online_r4 else None,
         ),
         tp_blocks=o.tp,
+        lm_head=_lm_head_spec(o),
+        ignore=("lm_head",) if o.lm_head_scheme == "none" else (),
         quantizer={
             "name": "vllm-quarot",
             "version": __version__,
@@ -428,11 +432,19 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
             "precision": o.precision,
             "online_hadamard": o.online_hadamard,
             "kv_calibrate": o.calibrates_kv,
+            "lm_head": o.lm_head_scheme,
         },
     )
     fmt.validate()
     return _Plan(fmt, w_bits, a_bits, hidden, head_dim, rotate, online_r4, act_clip,
                  _output_dtype(cfg))
+
+
+def _lm_head_spec(o: QuantizeOptions) -> LMHeadSpec | None:
+    bits = LM_HEADS[o.lm_head_scheme]
+    if bits is None:
+        return None
+    return LMHeadSpec(bits[0], o.group_size, bits[1], o.weight_method)
 
 
 class _Verifier:
@@ -538,7 +550,7 @@ class _Streamer:
                       initial=first, total=n):
             h_cal = self.layer(i, h_cal)
             self._finish_part(parts[i], h_cal)
-        self.head()
+        self.head(h_cal)
         self._publish(self.part)
 
     def _emit(self, name: str, t: torch.Tensor) -> None:
@@ -702,9 +714,10 @@ class _Streamer:
         if f"{name}.bias" in sd:
             self._emit(f"{key}.bias", sd[f"{name}.bias"].to(plan.out_dtype))
 
-    def head(self) -> None:
-        """Fold the final norm's gain into the (untied, rotated) lm_head and write both;
-        finish --verify on the logits."""
+    def head(self, h_cal: torch.Tensor | None) -> None:
+        """Fold the final norm's gain into the (untied, rotated) lm_head and write both
+        (--lm-head: quantized, GPTQ on the final normalised calibration states when the
+        layers use GPTQ); finish --verify on the logits."""
         g_final = self.src.get("model.norm.weight").double()
         name = "lm_head.weight" if "lm_head.weight" in self.src else "model.embed_tokens.weight"
         head = self.src.get(name).double()
@@ -712,7 +725,26 @@ class _Streamer:
         if self.plan.rotate:
             head_rot = rotate_rows_in(head_rot, self.r1)
         self._emit("model.norm.weight", torch.ones_like(g_final).to(self.plan.out_dtype))
-        self._emit("lm_head.weight", head_rot.to(self.plan.out_dtype))
+        spec = self.plan.fmt.lm_head
+        if spec is None:
+            self._emit("lm_head.weight", head_rot.to(self.plan.out_dtype))
+        else:
+            hessian = None
+            if self.o.uses_gptq:
+                assert h_cal is not None
+                hessian = HessianAccumulator(head_rot.shape[1])
+                eps = self.cfg.rms_norm_eps
+                for i in range(h_cal.shape[0]):  # the lm_head's input: RMSNorm, gain folded
+                    x = h_cal[i].float()
+                    hessian.add(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+                q, s = gptq_quantize(head_rot, hessian.h, spec.bits, spec.group_size,
+                                     self.o.w_clip, self.o.damp, act_order=self.o.act_order)
+            else:
+                q, s = quantize_weight_rtn(head_rot, spec.bits, spec.group_size, self.o.w_clip)
+            deq = dequantize_weight(q, s, spec.group_size, torch.float64)
+            self.layer_errors["lm_head"] = _weight_error(head_rot, deq, hessian)
+            self._emit("lm_head.weight_packed", pack_weight(q, spec.bits))
+            self._emit("lm_head.weight_scale", s)
         if self.verifier is not None:
             self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot)
 
@@ -962,6 +994,7 @@ Made by vllm-quarot {__version__} from `{q.get("source", model_dir.name)}`.
 | weights | {fmt.weight.bits}-bit, {fmt.weight.method}, group size {fmt.weight.group_size} |
 | activations | {fmt.activation or "16-bit"} |
 | KV cache | {fmt.kv_cache or "16-bit"} |
+| lm_head | {fmt.lm_head.name + " (" + fmt.lm_head.method + ")" if fmt.lm_head else "16-bit"} |
 | rotation | {o.rotate}, R1 seed {o.seed}, online R4 {_r4_text(fmt)} |
 | tensor-parallel blocks | {fmt.tp_blocks} (same numbers at every TP size dividing it) |
 | calibration | {q["calibration"]} ({q["nsamples"]} × {q["seqlen"]} tokens) |

@@ -12,6 +12,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, QuaRotFormat
 
@@ -108,12 +109,17 @@ class QuaRotConfig(QuantizationConfig):
         self, layer: torch.nn.Module, prefix: str
     ) -> QuantizeMethodBase | None:
         self._select_kv_cache_dtype()
+        from vllm_quarot.runtime.linear_method import QuaRotLinearMethod
+
+        if isinstance(layer, ParallelLMHead) and self.fmt.lm_head is not None:
+            from vllm_quarot.runtime.schemes import lm_head_scheme
+
+            return QuaRotLinearMethod(lm_head_scheme(self.fmt), None, prefix)
         if not isinstance(layer, LinearBase):
             return None
         if self.fmt.weight.bits >= 16 or is_layer_skipped(
                 prefix, list(self.fmt.ignore), self.packed_modules_mapping, match_mode="suffix"):
             return UnquantizedLinearMethod()  # kv4 scheme: 16-bit (rotated) weights
-        from vllm_quarot.runtime.linear_method import QuaRotLinearMethod
         from vllm_quarot.runtime.schemes import scheme_for
         from vllm_quarot.runtime.transform import HadamardTransform
 

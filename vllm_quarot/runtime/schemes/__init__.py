@@ -13,7 +13,7 @@ from vllm_quarot.runtime.schemes.w8a8_static import QuaRotW8A8Static
 from vllm_quarot.runtime.schemes.wna16 import QuaRotWnA16
 from vllm_quarot.runtime.schemes.wnan_dynamic import QuaRotWnAnDynamic
 
-__all__ = ["QuaRotScheme", "scheme_for"]
+__all__ = ["QuaRotScheme", "lm_head_scheme", "scheme_for"]
 
 
 def scheme_for(fmt: QuaRotFormat, prefix: str = "",
@@ -28,3 +28,14 @@ def scheme_for(fmt: QuaRotFormat, prefix: str = "",
         return QuaRotW8A8Static(fmt)
     bits, clip = act.for_merged(prefix, packed or {}) if prefix else (act.bits, act.clip_ratio)
     return QuaRotWnAnDynamic(fmt, bits, clip)
+
+
+def lm_head_scheme(fmt: QuaRotFormat) -> QuaRotScheme:
+    """The scheme of a quantized lm_head (format v5 ``lm_head``): its own weight bits
+    and group size; 8-bit per-token activations without clipping, or 16-bit."""
+    spec = fmt.lm_head
+    assert spec is not None
+    weight = (spec.bits, spec.group_size)
+    if spec.activation_bits is None:
+        return QuaRotWnA16(fmt, weight=weight)
+    return QuaRotWnAnDynamic(fmt, spec.activation_bits, 1.0, weight=weight)

@@ -19,10 +19,10 @@ from vllm_quarot.runtime.kernels.base import LinearConfig
 
 
 class QuaRotScheme:
-    def __init__(self, fmt: QuaRotFormat):
+    def __init__(self, fmt: QuaRotFormat, weight: tuple[int, int] | None = None):
+        """weight: (bits, group size) when they are not the checkpoint's (lm_head)."""
         self.fmt = fmt
-        self.w_bits = fmt.weight.bits
-        self.group_size = fmt.weight.group_size
+        self.w_bits, self.group_size = weight or (fmt.weight.bits, fmt.weight.group_size)
 
     @property
     def a_bits(self) -> int | None:

@@ -10,8 +10,8 @@ from vllm_quarot.runtime.schemes.base import QuaRotScheme
 
 class QuaRotWnAnDynamic(QuaRotScheme):
     def __init__(self, fmt: QuaRotFormat, a_bits: int | None = None,
-                 clip_ratio: float | None = None):
-        super().__init__(fmt)
+                 clip_ratio: float | None = None, weight: tuple[int, int] | None = None):
+        super().__init__(fmt, weight)
         act = fmt.activation
         self._a_bits = act.bits if a_bits is None else a_bits
         self._clip = act.clip_ratio if clip_ratio is None else clip_ratio
