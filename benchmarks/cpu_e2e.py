@@ -55,14 +55,18 @@ def make_model(out: Path) -> Path:
     return out
 
 
-def quantize_model(src: Path, out: Path, tp: int = 1, scheme: str = "w4a4") -> Path:
+def quantize_model(src: Path, out: Path, tp: int = 1, scheme: str = "w4a4",
+                   **options) -> Path:
+    """src quantized by RTN into out (once: an existing out is reused); options: other
+    QuantizeOptions fields."""
     if (out / "config.json").is_file():
         return out
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
-    print(f"quantizing {src} -> {out} (QuaRot {scheme}, RTN, --tp {tp}) ...", flush=True)
+    print(f"quantizing {src} -> {out} (QuaRot {scheme}, RTN, --tp {tp}, {options}) ...",
+          flush=True)
     print(quantize(src, out, QuantizeOptions(scheme=scheme, weight_method="rtn",
-                                             tp=tp)).format())
+                                             tp=tp, **options)).format())
     return out
 
 

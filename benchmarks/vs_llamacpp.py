@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from cpu_e2e import CACHE, make_model
+from cpu_e2e import CACHE, make_model, quantize_model
 from models import smollm2_dir, smollm2_gguf
 
 CONCURRENCY = (1, 8, 32)
@@ -318,16 +318,8 @@ def models(names: list[str]) -> list[tuple[str, Path, Path | None]]:
 
 def quarot_checkpoint(hf_dir: Path, scheme: str, lm_head: str) -> Path:
     """RTN without the clip search: speed does not depend on the weights' values."""
-    out = CACHE / f"speed-{hf_dir.name}-quarot-{scheme}-lmhead-{lm_head}"
-    if (out / "config.json").is_file():
-        return out
-    from vllm_quarot.offline.quantize import QuantizeOptions, quantize
-
-    print(f"quantizing {hf_dir.name} -> {out} ({scheme}, RTN, lm_head {lm_head}) ...",
-          flush=True)
-    quantize(hf_dir, out, QuantizeOptions(scheme=scheme, weight_method="rtn", w_clip=False,
-                                          lm_head=lm_head))
-    return out
+    return quantize_model(hf_dir, CACHE / f"speed-{hf_dir.name}-quarot-{scheme}-lmhead-{lm_head}",
+                          scheme=scheme, w_clip=False, lm_head=lm_head)
 
 
 def _mib(model_dir: Path) -> float:

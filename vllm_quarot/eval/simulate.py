@@ -136,7 +136,7 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
         head = name == "lm_head"  # its own activation bits, per token, no clip
         if static and not head and name not in input_scales:
             raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
-        scale = input_scales.get(name)
+        scale = input_scales[name] if static and not head else None  # None: per token
         bits, clip = act.for_layer(name) if act is not None else (None, 1.0)
         if head:
             assert fmt.lm_head is not None
@@ -152,7 +152,7 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
                 x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
             if bits is None:
                 pass
-            elif static and scale is not None:
+            elif scale is not None:
                 x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
             else:
                 x = fake_quantize_per_token_blocks(x, bits, clip, blocks)

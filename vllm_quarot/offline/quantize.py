@@ -695,17 +695,8 @@ class _Streamer:
         if plan.w_bits >= 16:
             self._emit(f"{key}.weight", w.to(plan.out_dtype))
         else:
-            if o.uses_gptq:
-                assert hessian is not None
-                q, s = gptq_quantize(w, hessian.h, plan.w_bits, o.group_size, o.w_clip,
-                                     o.damp, act_order=o.act_order)
-            else:
-                q, s = quantize_weight_rtn(w, plan.w_bits, o.group_size, o.w_clip)
-            deq = dequantize_weight(q, s, o.group_size, torch.float64)
-            self.layer_errors[key] = _weight_error(w, deq, hessian)
-            sd[f"{name}.weight"] = deq
-            self._emit(f"{key}.weight_packed", pack_weight(q, plan.w_bits))
-            self._emit(f"{key}.weight_scale", s)
+            sd[f"{name}.weight"] = self._quantize_weight(key, w, plan.w_bits, o.group_size,
+                                                         hessian)
             if o.static:  # max calibration, as AMD Quark's per-tensor static W8A8
                 assert hessian is not None and plan.a_bits is not None
                 amax = torch.tensor([hessian.amax * plan.act_clip], dtype=torch.float32)
@@ -713,6 +704,23 @@ class _Streamer:
                                 (amax / qmax(plan.a_bits)).clamp(min=1e-12))
         if f"{name}.bias" in sd:
             self._emit(f"{key}.bias", sd[f"{name}.bias"].to(plan.out_dtype))
+
+    def _quantize_weight(self, key: str, w: torch.Tensor, bits: int, group_size: int,
+                         hessian: HessianAccumulator | None) -> torch.Tensor:
+        """GPTQ (with a Hessian) or RTN codes of w; writes key's packed codes and scales,
+        records its output error; returns the dequantized weight (float64)."""
+        o = self.o
+        if o.uses_gptq:
+            assert hessian is not None
+            q, s = gptq_quantize(w, hessian.h, bits, group_size, o.w_clip, o.damp,
+                                 act_order=o.act_order)
+        else:
+            q, s = quantize_weight_rtn(w, bits, group_size, o.w_clip)
+        deq = dequantize_weight(q, s, group_size, torch.float64)
+        self.layer_errors[key] = _weight_error(w, deq, hessian)
+        self._emit(f"{key}.weight_packed", pack_weight(q, bits))
+        self._emit(f"{key}.weight_scale", s)
+        return deq
 
     def head(self, h_cal: torch.Tensor | None) -> None:
         """Fold the final norm's gain into the (untied, rotated) lm_head and write both
@@ -732,19 +740,14 @@ class _Streamer:
             hessian = None
             if self.o.uses_gptq:
                 assert h_cal is not None
-                hessian = HessianAccumulator(head_rot.shape[1])
-                eps = self.cfg.rms_norm_eps
-                for i in range(h_cal.shape[0]):  # the lm_head's input: RMSNorm, gain folded
-                    x = h_cal[i].float()
-                    hessian.add(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-                q, s = gptq_quantize(head_rot, hessian.h, spec.bits, spec.group_size,
-                                     self.o.w_clip, self.o.damp, act_order=self.o.act_order)
-            else:
-                q, s = quantize_weight_rtn(head_rot, spec.bits, spec.group_size, self.o.w_clip)
-            deq = dequantize_weight(q, s, spec.group_size, torch.float64)
-            self.layer_errors["lm_head"] = _weight_error(head_rot, deq, hessian)
-            self._emit("lm_head.weight_packed", pack_weight(q, spec.bits))
-            self._emit("lm_head.weight_scale", s)
+                # the lm_head's input: the final RMSNorm (gain folded into the head), on
+                # the quantizer's device like the layers' Hessians
+                hessian = HessianAccumulator(head_rot.shape[1], self.device)
+                norm = RMSNorm64(head_rot.shape[1], self.cfg.rms_norm_eps).to(
+                    self.device, self.dtype)
+                for i in range(h_cal.shape[0]):
+                    hessian.add(norm(h_cal[i].to(self.device, self.dtype)))
+            self._quantize_weight("lm_head", head_rot, spec.bits, spec.group_size, hessian)
         if self.verifier is not None:
             self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot)
 
