@@ -114,6 +114,23 @@ def _heldout(tok, text_file: Path, n_tokens: int, work: Path) -> Path:
     return out
 
 
+def overrides(pairs: list[str], opts: dict) -> dict:
+    """--set OPTION=VALUE pairs (VALUE parsed as JSON when it is, else a string); a
+    spinquant_* option only applies to SpinQuant rows."""
+    out = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants OPTION=VALUE, got {pair!r}")
+        if k.startswith("spinquant_") and opts.get("rotate") != "spinquant":
+            continue
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def _stat(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -145,6 +162,9 @@ def main() -> None:
                     help="seeded rows: vLLM for every seed instead of the simulation")
     ap.add_argument("--spinquant-steps", type=int, default=None,
                     help="override the CLI default for the SpinQuant row")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="override a quantizer option (QuantizeOptions field, e.g. "
+                    "spinquant_weights=rtn) in the rows that use it; part of the cache key")
     ap.add_argument("--sim-rows", default="all",
                     help="rows also scored by the simulation (seed 0) when vLLM serves "
                     "them ('all' for every row); rows vLLM cannot serve always are")
@@ -186,6 +206,7 @@ def main() -> None:
                        "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
                 if opts.get("rotate") == "spinquant" and a.spinquant_steps is not None:
                     row["spinquant_steps"] = a.spinquant_steps
+                row.update(overrides(a.set, opts))
                 ckpt = work / f"row{i:02d}-seed{seed}-{_key(row)}"
                 if a.cached_only and not (ckpt / "config.json").is_file():
                     continue

@@ -60,6 +60,8 @@ SHAPES: dict[str, dict] = {
 }
 LLAMA_70B = dict(label="Llama-2-70B shape", hidden=8192, inter=28672, layers=80, heads=64,
                  kv_heads=8, vocab=32000)
+SMOLLM2 = dict(label="SmolLM2-135M", hidden=576, inter=1536, layers=30, heads=9, kv_heads=3,
+               vocab=49152)
 
 
 # ---------------------------------------------------------------------------- models
@@ -268,6 +270,50 @@ def fmt_s(s: float) -> str:
     return f"{s:.2f} s" if s < 10 else f"{s:.0f} s"
 
 
+def gemm_tflops(device: str, hidden: int, inter: int, tokens: int = 1024,
+                reps: int = 3) -> float:
+    """Measured float32 GEMM rate (TFLOP/s, best of reps) of this device on a layer's
+    two largest products (tokens × hidden → inter, tokens × inter → hidden): what the
+    calibration forward passes and Hessians run on."""
+    import torch
+
+    dev = torch.device(device)
+    x = torch.randn(tokens, hidden, device=dev)
+    w1, w2 = torch.randn(inter, hidden, device=dev), torch.randn(hidden, inter, device=dev)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.nn.functional.linear(torch.nn.functional.linear(x, w1), w2)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2 * tokens * hidden * inter / best / 1e12
+
+
+def floor_note() -> str:
+    return " ".join((floor_table.__doc__ or "").split())
+
+
+def floor_table(models: list[str], device: str) -> str:
+    """The least time any layer-streamed GPTQ run can take at 128×2048 on this device:
+    one float32 forward of every decoder layer over the calibration tokens (each layer's
+    output is the next one's input), at the measured GEMM rate. The real run adds the
+    Hessians (≈ 0.5 forward), the sequential pass's second MLP forward, GPTQ and I/O."""
+    big_t = PAPER_CALIB[0] * PAPER_CALIB[1]
+    lines = ["| model | float32 GEMM rate | one forward of a layer @ 128×2048 | "
+             "floor, full depth @ 128×2048 |", "|---|---:|---:|---:|"]
+    shapes = {"smollm2": SMOLLM2, **SHAPES, "70b": LLAMA_70B}
+    for m in models:
+        sh = shapes[m]
+        rate = gemm_tflops(device, sh["hidden"], sh["inter"])
+        per_layer = 2 * layer_params(sh) * big_t / (rate * 1e12)
+        lines.append(f"| {m} | {rate:.2f} TFLOP/s | {fmt_s(per_layer)} | "
+                     f"{fmt_s(sh['layers'] * per_layer)} |")
+    return "\n".join(lines)
+
+
 def machine(device: str, child_info: dict) -> str:
     cpu = "unknown CPU"
     try:
@@ -317,6 +363,9 @@ def main() -> None:
                     help="where the truncated models live (default: benchmarks/models.py's)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/quantize_speed_<device>.md")
+    ap.add_argument("--floor-only", action="store_true",
+                    help="print only the floor table (measured GEMM rate; no quantization); "
+                    "--models may include 70b")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -336,6 +385,15 @@ def main() -> None:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     sizes = parse_sizes(a.calib_sizes)
+    if a.floor_only:
+        unknown = [m for m in models if m not in ("smollm2", "70b", *SHAPES)]
+        if unknown:
+            ap.error(f"unknown model {unknown[0]!r}")
+        text = (f"{floor_note()}\n\n"
+                f"Machine: {device}, torch threads {torch.get_num_threads()}.\n\n"
+                f"{floor_table(models, device)}")
+        print(text)
+        return
     for m in models:
         if m != "smollm2" and m not in SHAPES:
             ap.error(f"unknown model {m!r}")
@@ -523,6 +581,13 @@ rests on a fit whose slope came out negative (timing noise larger than the growt
 between the calibration sizes) and was set to 0: widen --calib-sizes. {note70}
 
 {table2}
+"""
+    md += f"""
+## Floor
+
+{floor_note()}
+
+{floor_table(models, device)}
 """
     print("\n" + md)
     out_md.parent.mkdir(parents=True, exist_ok=True)

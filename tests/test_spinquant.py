@@ -62,7 +62,7 @@ def calib(models, shared_data) -> torch.Tensor:
 def learned(models, calib) -> LearnedRotations:
     torch.set_num_threads(1)
     return learn_rotations(models["llama"], calib, **W4A4KV4, steps=6, batch=4,
-                           progress=False)
+                           progress=False, eval_ids=calib[:2], eval_every=3)
 
 
 def _ortho_err(r: torch.Tensor) -> float:
@@ -115,6 +115,16 @@ def test_training_lowers_quantized_loss(models, learned):
     init = r1_matrix(random_signs(cfg.hidden_size, 0))
     assert (learned.r1 - init).abs().max() > 1e-3
     assert learned.seconds > 0
+
+
+def test_heldout_loss_is_measured_along_training(models, calib, learned):
+    """eval_ids: the mean per-window loss before training (= the untrained rotation's,
+    as a 0-step run measures it), every eval_every steps and after the last."""
+    assert [s for s, _ in learned.heldout] == [0, 3, 6]
+    untrained = learn_rotations(models["llama"], calib, **W4A4KV4, steps=0,
+                                progress=False, eval_ids=calib[:2])
+    assert untrained.heldout == [(0, pytest.approx(learned.heldout[0][1], rel=1e-6))]
+    assert learned.heldout[-1][1] != learned.heldout[0][1]
 
 
 def _fused_model(model_dir, r1, r2, online_r4: bool, w_bits: int = 16):
@@ -187,3 +197,16 @@ def test_deterministic_for_a_seed(models, calib):
     assert a.losses == b.losses
     assert torch.equal(a.r1, b.r1)
     assert all(torch.equal(x, y) for x, y in zip(a.r2, b.r2, strict=True))
+
+
+def test_kl_loss_is_the_divergence_from_the_original(models, calib):
+    """loss="kl": zero when nothing is quantized (the teacher is the same model with the
+    fake quantizers off), positive with W4A4KV4, and it trains (the loss moves)."""
+    fp = learn_rotations(models["llama"], calib, **FP, steps=1, batch=calib.shape[0],
+                         progress=False, loss="kl")
+    assert abs(fp.losses[0]) < 1e-5
+    q = learn_rotations(models["llama"], calib, **W4A4KV4, steps=3, batch=calib.shape[0],
+                        progress=False, loss="kl")
+    assert q.losses[0] > 1e-3 and q.losses[-1] != q.losses[0]
+    with pytest.raises(ValueError, match="loss must be"):
+        learn_rotations(models["llama"], calib, **FP, steps=1, loss="mse")

@@ -17,6 +17,7 @@ from vllm_quarot.offline.options import (
     LM_HEAD_CHOICES,
     ROTATIONS,
     SCHEMES,
+    SPINQUANT_WEIGHTS,
     QuantizeError,
     QuantizeOptions,
 )
@@ -76,6 +77,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "minutes)")
     p.add_argument("--spinquant-lr", type=float, default=1.5,
                    help="--rotate spinquant: Cayley SGD learning rate")
+    p.add_argument("--spinquant-weights", choices=SPINQUANT_WEIGHTS, default="auto",
+                   help="--rotate spinquant: weights in the loop; auto = 16-bit before GPTQ "
+                   "(SpinQuant's recipe), RTN before RTN")
     p.add_argument("--a8-layers", default=None, metavar="auto|N|LIST",
                    help="keep the activations of some projections at 8 bits: auto (the "
                    "ones with massive outliers on the calibration set), the N worst, or "

@@ -317,7 +317,7 @@ def hadamard_transform(
     y = fwht(x.reshape(*x.shape[:-1], k, pow2))
     if k > 1:
         # y[..., a, :] -> sum_a H_K[a, c] y[..., a, :]
-        y = torch.matmul(had_k.to(y.dtype).t(), y)
+        y = torch.matmul(had_k.to(y.device, y.dtype).t(), y)
     s = 1.0 / math.sqrt(n) if scale is None else scale
     return (y * s).reshape(x.shape)
 

@@ -7,10 +7,6 @@ Symmetric b-bit integers live in [-2^(b-1), 2^(b-1) - 1]; scales are float32.
 from __future__ import annotations
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import (
-    pack_to_int32,
-    unpack_from_int32,
-)
 
 __all__ = [
     "dequantize_weight",
@@ -145,9 +141,10 @@ def search_clip_scales(w: torch.Tensor, bits: int, group_size: int = -1) -> torc
     passes over a block stay in cache (2× faster on a 5632×2048 weight; each row's
     search is independent, the result is the same)."""
     g = _grouped(w.float(), group_size)
-    out = torch.empty(g.shape[:2], dtype=torch.float32)
-    for r in range(0, g.shape[0], CLIP_ROWS):
-        out[r:r + CLIP_ROWS] = _search_block(g[r:r + CLIP_ROWS], bits)
+    out = torch.empty(g.shape[:2], dtype=torch.float32, device=g.device)
+    rows = CLIP_ROWS if g.device.type == "cpu" else g.shape[0]  # GPU: no cache to fit
+    for r in range(0, g.shape[0], rows):
+        out[r:r + rows] = _search_block(g[r:r + rows], bits)
     return out.to(w.dtype)
 
 
@@ -187,11 +184,16 @@ def quantize_weight_rtn(
 
 def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 codes [N, K] -> int32 [N, ceil(K·bits/32)] (compressed-tensors layout)."""
+    # imported here: the kernels and their tests need only torch (a bare GPU box)
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     return pack_to_int32(q, bits, packed_dim=1)
 
 
 def unpack_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of pack_weight: int32 [N, P] -> int8 codes [N, in_features]."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     n = packed.shape[0]
     return unpack_from_int32(packed, bits, torch.Size((n, in_features)), packed_dim=1)
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from vllm_quarot.offline.options import QuantizeError, QuantizeOptions
+from vllm_quarot.offline.options import QuantizeError, QuantizeOptions, resolve_device
 
 log = logging.getLogger("vllm_quarot.quantize")
 
@@ -22,7 +22,20 @@ def calibration_ids(model_dir: Path, tok: Any, o: QuantizeOptions) -> torch.Tens
     --calib-self sequences sampled from the model."""
     if o.calib is not None:
         return file_windows(Path(o.calib), tok, o.nsamples, o.seqlen, o.seed)
-    return self_generated(model_dir, tok, o.calib_self or 0, o.seqlen, o.seed)
+    return self_generated(model_dir, tok, o.calib_self or 0, o.seqlen, o.seed,
+                          resolve_device(o.device))
+
+
+def spinquant_ids(tok: Any, o: QuantizeOptions,
+                  calib_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """--rotate spinquant's training windows: with a --calib text, one fresh window per
+    step (--spinquant-steps windows, at least --nsamples: SpinQuant trains one pass over
+    its data, and reusing a few windows overfits R1 to them); with --calib-self, the
+    generated samples."""
+    if o.calib is None:
+        return calib_ids
+    return file_windows(Path(o.calib), tok, max(o.nsamples, o.spinquant_steps), o.seqlen,
+                        o.seed)
 
 
 def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -37,18 +50,22 @@ def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) ->
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def self_generated(model_dir: Path, tok: Any, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """n sequences of seqlen tokens sampled (temperature 1, no top-k/p) from BOS."""
-    log.info("generating %d calibration samples from the full-precision model", n)
+def self_generated(model_dir: Path, tok: Any, n: int, seqlen: int, seed: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """n sequences of seqlen tokens sampled (temperature 1, no top-k/p) from BOS, on
+    device (a GPU samples other sequences than a CPU for the same seed)."""
+    log.info("generating %d calibration samples from the full-precision model on %s", n,
+             device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.to(device)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     samples = []
     for _ in tqdm(range(n), desc="self-calibration"):
         out = model.generate(
-            torch.tensor([[bos]]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_length=seqlen, min_length=seqlen, pad_token_id=bos,
+            torch.tensor([[bos]], device=device), do_sample=True, top_k=0, top_p=1.0,
+            temperature=1.0, max_length=seqlen, min_length=seqlen, pad_token_id=bos,
         )
-        samples.append(out[0, :seqlen])
+        samples.append(out[0, :seqlen].cpu())
     del model
     return torch.stack(samples)

@@ -45,8 +45,9 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (int8 codes [N, K], float32 scales [N, G]) minimising ‖(W - Ŵ)X‖."""
-    w = w.double().clone()
+    """Return (int8 codes [N, K], float32 scales [N, G]) minimising ‖(W - Ŵ)X‖, on
+    h's device (w is moved there)."""
+    w = w.to(h.device, torch.float64, copy=True)
     h = h.double().clone()
     n_out, k = w.shape
     _, scale = quantize_weight_rtn(w, bits, group_size, clip_search)

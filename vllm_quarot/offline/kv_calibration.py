@@ -103,7 +103,7 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     q, k, v = q.float(), k.float(), v.float()
     ref = attention(q, k, v)
     fq = lambda x: fake_quantize_asym(x, bits, clip)  # noqa: E731
-    zeros = torch.zeros(k.shape[1], k.shape[-1])
+    zeros = torch.zeros(k.shape[1], k.shape[-1], device=k.device)
 
     # values: shifted or not, judged with exact keys
     v_mean = v.mean(dim=(0, 2))
@@ -143,7 +143,8 @@ def _candidate(q: torch.Tensor, k: torch.Tensor, alpha: float, shift: bool, r3: 
     if lam is not None:
         group = q.shape[1] // k.shape[1]
         ks, qs = k / lam[:, None], q * lam.repeat_interleave(group, dim=0)[:, None]
-    c = ks.mean(dim=(0, 2)) if shift else torch.zeros(k.shape[1], k.shape[-1])
+    c = ks.mean(dim=(0, 2)) if shift else torch.zeros(k.shape[1], k.shape[-1],
+                                                       device=k.device)
     kr = ks - c[:, None]
     if r3:
         kr, qs = hadamard_transform(kr), hadamard_transform(qs)

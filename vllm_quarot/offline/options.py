@@ -25,6 +25,7 @@ STATIC_SCHEMES = tuple(name for name, s in FORMAT_SCHEMES.items()
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
 ROTATIONS = ("quarot", "spinquant", "r1r2", "none")
+SPINQUANT_WEIGHTS = ("auto", "float", "rtn")
 WEIGHT_METHODS = ("gptq", "rtn")
 # --lm-head: (weight bits, activation bits or None); "none" keeps it 16-bit; "auto" (the
 # default) is w8a8 for the schemes that quantize weights (lossless: WikiText-2 perplexity
@@ -67,6 +68,9 @@ class QuantizeOptions:
     a8_layers: str | None = None  # "auto", a number of layers, or comma-separated names
     spinquant_steps: int = 30  # --rotate spinquant: Cayley SGD steps (SpinQuant: 100)
     spinquant_lr: float = 1.5
+    # weights in the SpinQuant loop: auto = unquantized before GPTQ (SpinQuant's recipe:
+    # GPTQ adapts the weights to the rotation afterwards), RTN before RTN; float; rtn
+    spinquant_weights: str = "auto"
     device: str = "auto"  # where the layer-streamed maths runs: cpu, cuda, auto
     precision: str = "float32"  # calibration forward passes (Hessians, GPTQ: float64)
     # with a 4-bit KV cache and calibration text: choose key/value shift, SmoothAttention
@@ -124,6 +128,17 @@ class QuantizeOptions:
         return self.needs_calibration or self.calibrates_kv
 
     @property
+    def spinquant_weights_in_loop(self) -> bool:
+        """--rotate spinquant learns against RTN weights (else unquantized weights). auto:
+        only when RTN makes the final weights; before GPTQ the rotation is learned
+        against 16-bit weights, as SpinQuant does, since GPTQ then fits the weights to
+        the learned rotation (RTN in the loop trains the rotation for a rounding GPTQ
+        does not do)."""
+        if self.spinquant_weights == "auto":
+            return not self.uses_gptq and self.bits[0] < 16
+        return self.spinquant_weights == "rtn" and self.bits[0] < 16
+
+    @property
     def online_r4(self) -> bool:
         """R4 is folded into down_proj's input and applied online by the runtime."""
         return self.online_rotations and self.bits[1] is not None
@@ -174,6 +189,9 @@ def check_options(o: QuantizeOptions) -> None:
             raise QuantizeError(f"--spinquant-steps must be >= 0, got {o.spinquant_steps}")
         if not o.spinquant_lr > 0:
             raise QuantizeError(f"--spinquant-lr must be positive, got {o.spinquant_lr}")
+        if o.spinquant_weights not in SPINQUANT_WEIGHTS:
+            raise QuantizeError(f"--spinquant-weights must be one of "
+                                f"{', '.join(SPINQUANT_WEIGHTS)}, got {o.spinquant_weights!r}")
     shard_bytes(o.max_shard_size)
     if o.nsamples <= 0:
         raise QuantizeError(f"--nsamples must be positive, got {o.nsamples}")

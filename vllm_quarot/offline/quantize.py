@@ -43,7 +43,7 @@ from vllm_quarot.hadamard import (
 )
 from vllm_quarot.kv_shift import write_kv_shift
 from vllm_quarot.offline import kv_calibration
-from vllm_quarot.offline.calibration import calibration_ids
+from vllm_quarot.offline.calibration import calibration_ids, spinquant_ids
 from vllm_quarot.offline.checkpoint import (
     RunProgress,
     ShardedWriter,
@@ -195,8 +195,10 @@ class _LayerRunner:
         if online_r4 and self.r4_hook is None:
             n = self.module.mlp.down_proj.in_features // self.r4_blocks
             had_k = hadamard_factor(n, self.dtype).to(self.device)
+            blocks = self.r4_blocks  # not self: a hook holding the runner is a reference
+            # cycle, which would keep the layer's weights (on the device) until a gc pass
             self.r4_hook = self.module.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args: (block_hadamard_transform(args[0], self.r4_blocks, had_k),)
+                lambda _m, args: (block_hadamard_transform(args[0], blocks, had_k),)
             )
 
     def set_weight(self, name: str, w: torch.Tensor) -> None:
@@ -710,14 +712,18 @@ class _Streamer:
         """GPTQ (with a Hessian) or RTN codes of w; writes key's packed codes and scales,
         records its output error; returns the dequantized weight (float64)."""
         o = self.o
+        # the maths (GPTQ, clip search) on the quantizer's device, where the Hessian is;
+        # codes, scales and the dequantized weight come back to the host for writing
+        w_dev = w.to(self.device, torch.float64)
         if o.uses_gptq:
             assert hessian is not None
-            q, s = gptq_quantize(w, hessian.h, bits, group_size, o.w_clip, o.damp,
+            q, s = gptq_quantize(w_dev, hessian.h, bits, group_size, o.w_clip, o.damp,
                                  act_order=o.act_order)
         else:
-            q, s = quantize_weight_rtn(w, bits, group_size, o.w_clip)
+            q, s = quantize_weight_rtn(w_dev, bits, group_size, o.w_clip)
         deq = dequantize_weight(q, s, group_size, torch.float64)
-        self.layer_errors[key] = _weight_error(w, deq, hessian)
+        self.layer_errors[key] = _weight_error(w_dev, deq, hessian)
+        q, s, deq = q.cpu(), s.cpu(), deq.cpu()
         self._emit(f"{key}.weight_packed", pack_weight(q, bits))
         self._emit(f"{key}.weight_scale", s)
         return deq
@@ -790,7 +796,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
         rotations = None
         if o.rotate == "spinquant":
             rotations = _rotations(progress, lambda: _learn_rotations(
-                model_dir, calib_ids(), plan, o), cfg.num_hidden_layers)
+                model_dir, spinquant_ids(tok, o, None if o.calib else calib_ids()), plan, o),
+                cfg.num_hidden_layers)
         with staged_dir(out_dir, o.overwrite) as stage:
             writer = ShardedWriter(stage, shard_bytes(o.max_shard_size))
             streamer = _Streamer(cfg, o, plan, src, writer, progress, rotations)
@@ -809,6 +816,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
                 fmt = dataclasses.replace(fmt, quantizer={
                     **fmt.quantizer, "spinquant": {
                         "steps": o.spinquant_steps, "lr": o.spinquant_lr,
+                        "weights_in_loop": ("rtn" if o.spinquant_weights_in_loop
+                                            else "float"),
                         "loss_first": rotations.losses[0] if rotations.losses else None,
                         "loss_last": rotations.losses[-1] if rotations.losses else None,
                         "seconds": round(rotations.seconds, 1)}})
@@ -869,10 +878,12 @@ def _learn_rotations(model_dir: Path, calib_ids: torch.Tensor | None, plan: _Pla
 
     assert calib_ids is not None
     fmt = plan.fmt
-    log.info("learning R1/R2 (SpinQuant, Cayley SGD): %d steps, lr %g, on %s",
-             o.spinquant_steps, o.spinquant_lr, resolve_device(o.device))
+    log.info("learning R1/R2 (SpinQuant, Cayley SGD): %d steps, lr %g, %s weights in the "
+             "loop, on %s", o.spinquant_steps, o.spinquant_lr,
+             "RTN" if o.spinquant_weights_in_loop else "16-bit", resolve_device(o.device))
     return learn_rotations(
-        model_dir, calib_ids, w_bits=plan.w_bits, a_bits=plan.a_bits,
+        model_dir, calib_ids, w_bits=plan.w_bits if o.spinquant_weights_in_loop else 16,
+        a_bits=plan.a_bits,
         kv_bits=fmt.kv_cache.bits if fmt.kv_cache else None, act_clip=plan.act_clip,
         kv_clip=o.kv_clip, group_size=o.group_size, seed=o.seed, steps=o.spinquant_steps,
         lr=o.spinquant_lr, online_r4=plan.online_r4, r3=fmt.rotation.r3 is not None,
@@ -961,6 +972,7 @@ def _weight_error(w: torch.Tensor, deq: torch.Tensor, h: HessianAccumulator | No
     d = w - deq
     if h is None:
         return (d.norm() / w.norm()).item()
+    d, w = d.to(h.h.device), w.to(h.h.device)
     num = torch.einsum("ij,jk,ik->", d, h.h, d)
     den = torch.einsum("ij,jk,ik->", w, h.h, w)
     return (num / den).clamp(min=0).sqrt().item()

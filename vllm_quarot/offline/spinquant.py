@@ -21,7 +21,9 @@ activations row vectors):
   online to its input; R3 (fixed Hadamard of head_dim) on queries and keys after RoPE
   when ``r3`` and a KV cache bit width are given;
 - fake quantization as the runtime computes it (``vllm_quarot.quant``): weights RTN
-  symmetric per output channel (group) at ``w_bits`` (no clip search); the inputs of all
+  symmetric per output channel (group) at ``w_bits`` (no clip search; the quantizer
+  passes 16 — weights unquantized — when GPTQ makes the final weights, as SpinQuant
+  does, and RTN's bits before RTN); the inputs of all
   seven linears per token at ``a_bits`` with ``act_clip``; keys and values asymmetric per
   token and head at ``kv_bits`` with ``kv_clip``. Every quantizer passes gradients
   straight through (identity), as SpinQuant's.
@@ -34,6 +36,7 @@ r4=online_r4)`` and ``rotate_rows_in(lm_head * g_final, r1)``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 from collections.abc import Iterable
@@ -69,6 +72,11 @@ class LearnedRotations:
     r2: list[torch.Tensor]  # float64 [head_dim, head_dim] per decoder layer
     losses: list[float]  # training loss per step (before that step's update)
     seconds: float
+    # (step, mean loss on the held-out windows) before training, every eval_every steps
+    # and after the last step: whether learning helped beyond the windows it saw
+    heldout: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    # R1's Cayley step per step: α and α·‖W‖₁ (1.0 when the 1-norm cap, not lr, set it)
+    r1_steps: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -124,7 +132,9 @@ class CayleySGD(torch.optim.Optimizer):
                 w = w_hat - w_hat.t()
                 state["momentum_buffer"] = w @ x
                 alpha = min(lr, 2.0 * q / (w.abs().sum(0).max().item() + eps))
-                state["step_size"] = alpha  # diagnostics: lr or the ‖W‖₁ cap
+                # diagnostics: the step, and the rotation it makes (α·‖W‖₁ = 2q at the cap)
+                state["step_size"] = alpha
+                state["step_norm"] = alpha * w.abs().sum(0).max().item()
                 eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
                 a = 0.5 * alpha * w
                 x_new = torch.linalg.solve(eye - a, x + a @ x)
@@ -168,6 +178,11 @@ def _fq_act(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
     return _ste(x, xq)
 
 
+# False while the teacher's logits are computed (loss="kl"): the same rotated model with
+# every fake quantizer off is the original model (rotation invariance)
+_FAKE_QUANT = [True]
+
+
 def _fq_kv(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
     with torch.no_grad():
         xq = fake_quantize_asym(x.detach(), bits, clip)
@@ -188,7 +203,7 @@ def _attention_name(kv_bits: int | None, kv_clip: float, r3: bool, device: str) 
             had = hadamard_factor(query.shape[-1], torch.float32).to(query.device)
             query = hadamard_transform(query.float(), had).to(query.dtype)
             key = hadamard_transform(key.float(), had).to(key.dtype)
-        if kv_bits is not None:
+        if kv_bits is not None and _FAKE_QUANT[0]:
             key = _fq_kv(key, kv_bits, kv_clip)
             value = _fq_kv(value, kv_bits, kv_clip)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -223,12 +238,13 @@ class _RotatedModel:
             model.set_attn_implementation(_attention_name(kv_bits, kv_clip, use_r3, device))
         else:
             model.set_attn_implementation("sdpa")
-        self.model = model.to(self.device)
+        self.model = model
         self.base = model.model
         self.inter = cfg.intermediate_size
         self.r4_had = (hadamard_factor(self.inter, torch.float32).to(self.device)
                        if online_r4 else None)
-        self._prepare_layers()
+        self._prepare_layers()  # on the host: the folded weights go to the device once
+        model.to(self.device)
         self.r1: torch.Tensor | None = None  # the float32 R1 of the current forward
         self.base.norm.register_forward_pre_hook(lambda _m, args: (args[0] @ self.r1.t(),))
         self._install_act_hooks()
@@ -283,7 +299,7 @@ class _RotatedModel:
             x = args[0]
             if r4:
                 x = hadamard_transform(x, self.r4_had)
-            if self.a_bits is not None:
+            if self.a_bits is not None and _FAKE_QUANT[0]:
                 x = _fq_act(x, self.a_bits, self.act_clip)
             return (x,)
         return hook
@@ -303,7 +319,7 @@ class _RotatedModel:
                   "self_attn.o_proj": o, "mlp.gate_proj": gate, "mlp.up_proj": up,
                   "mlp.down_proj": down}
             for name, w in ws.items():
-                if self.w_bits < 16:
+                if self.w_bits < 16 and _FAKE_QUANT[0]:
                     w = _fq_weight(w, self.w_bits, self.group_size)
                 out[f"{p}{name}.weight"] = w
             if self.v_bias[i] is not None:
@@ -313,8 +329,30 @@ class _RotatedModel:
                 out[f"{p}{name}.bias"] = b @ r1
         return out
 
-    def loss(self, ids: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor]) -> torch.Tensor:
-        """Mean next-token cross-entropy of the rotated, fake-quantized model on ids."""
+    def loss(self, ids: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
+             kind: str = "ce") -> torch.Tensor:
+        """Mean per-token loss of the rotated, fake-quantized model on ids: "ce", the
+        next-token cross-entropy (SpinQuant's), or "kl", KL(original ‖ quantized) of the
+        next-token distributions (the original model's logits are this model's with
+        every fake quantizer off: rotation invariance)."""
+        logits = self._logits(ids, r1, r2)
+        if kind == "ce":
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                   ids[:, 1:].to(self.device).reshape(-1))
+        with torch.no_grad():
+            _FAKE_QUANT[0] = False
+            try:
+                teacher = self._logits(ids, r1.detach(), [r.detach() for r in r2])
+            finally:
+                _FAKE_QUANT[0] = True
+        v = logits.shape[-1]
+        return F.kl_div(F.log_softmax(logits.reshape(-1, v).float(), -1),
+                        F.log_softmax(teacher.reshape(-1, v).float(), -1),
+                        log_target=True, reduction="batchmean")
+
+    def _logits(self, ids: torch.Tensor, r1: torch.Tensor,
+                r2: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits [B, T-1, V] of the rotated (fake-quantized) model."""
         r1 = r1.float()
         r2 = [r.float() for r in r2]
         self.r1 = r1
@@ -324,9 +362,7 @@ class _RotatedModel:
             self.base, self._weights(r1, r2), args=(),
             kwargs=dict(inputs_embeds=emb, use_cache=False), strict=False,
         ).last_hidden_state
-        logits = self.model.lm_head(h[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                               ids[:, 1:].reshape(-1))
+        return self.model.lm_head(h[:, :-1])
 
 
 # --------------------------------------------------------------------------- training
@@ -350,19 +386,30 @@ def learn_rotations(
     r3: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    eval_ids: torch.Tensor | None = None,
+    eval_every: int = 0,
+    momentum: float = MOMENTUM,
+    loss: str = "ce",
 ) -> LearnedRotations:
     """Learn R1 and the per-layer R2 of the (original, unrotated) model in model_dir.
 
     Cayley SGD (``CayleySGD``, lr with a cosine decay to 0 over ``steps``, as SpinQuant's
     training) from R1 = r1_matrix(random_signs(hidden, seed)) and R2 = r2_matrix(head_dim);
     each step takes ``batch`` windows of calib_ids [n, T] (a seeded shuffle, reshuffled
-    every pass). Returns float64 orthogonal matrices and the loss before each step.
+    every pass) and minimises ``loss`` ("ce": next-token cross-entropy, SpinQuant's;
+    "kl": KL divergence from the original model's next-token distribution, a signal on
+    the whole vocabulary rather than on one label per token). Returns float64 orthogonal
+    matrices and the loss before each step. With eval_ids [m, T], the cross-entropy on
+    those windows is measured before the first and after the last step (and every
+    eval_every steps when > 0).
     """
     t0 = time.time()
     model_dir = Path(model_dir)
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0:
         raise ValueError(f"calib_ids must be a non-empty [n, T] tensor, got "
                          f"{tuple(calib_ids.shape)}")
+    if loss not in ("ce", "kl"):
+        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
     if steps < 0 or batch < 1:
         raise ValueError(f"steps must be >= 0 and batch >= 1, got {steps}, {batch}")
     net = _RotatedModel(model_dir, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
@@ -371,11 +418,24 @@ def learn_rotations(
     dev = net.device
     r1 = r1_matrix(random_signs(net.hidden, seed)).to(dev).requires_grad_(True)
     r2 = [r2_matrix(net.head_dim).to(dev).requires_grad_(True) for _ in range(net.n_layers)]
-    opt = CayleySGD([r1, *r2], lr=lr, momentum=MOMENTUM)
+    opt = CayleySGD([r1, *r2], lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     n = calib_ids.shape[0]
     order: list[int] = []
     losses: list[float] = []
+    heldout: list[tuple[int, float]] = []
+    r1_steps: list[tuple[float, float]] = []
+
+    def evaluate(step: int, net: _RotatedModel, r1: torch.Tensor,
+                 r2: list[torch.Tensor]) -> None:
+        if eval_ids is None:
+            return
+        with torch.no_grad():
+            vals = [net.loss(eval_ids[j : j + 1], r1, r2).item()
+                    for j in range(eval_ids.shape[0])]
+        heldout.append((step, sum(vals) / len(vals)))
+
+    evaluate(0, net, r1, r2)
     bar = tqdm(range(steps), desc="spinquant", unit="step", disable=not progress)
     for step in bar:
         while len(order) < batch:
@@ -384,15 +444,29 @@ def learn_rotations(
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
-        loss = net.loss(calib_ids[idx], r1, r2)
-        loss.backward()
+        value = net.loss(calib_ids[idx], r1, r2, loss)
+        value.backward()
         opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        losses.append(value.item())
+        st = opt.state[r1]
+        r1_steps.append((st["step_size"], st["step_norm"]))
+        if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < steps:
+            evaluate(step + 1, net, r1, r2)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}",
+                        **({"heldout": f"{heldout[-1][1]:.4f}"} if heldout else {}))
+    if steps > 0:
+        evaluate(steps, net, r1, r2)
     r1_out = orthonormalize(r1)
     r2_out = [orthonormalize(r) for r in r2]
+    # the model's hooks refer to it (a reference cycle): free it, and its device memory,
+    # now rather than at some later gc pass, before the layer-by-layer quantization
+    del net, opt, r1, r2
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     for r in (r1_out, *r2_out):
         err = _ortho_error(r)
         if not err < ORTHO_TOL:
             raise RuntimeError(f"learned rotation lost orthogonality: |RᵀR - I| = {err:.2e}")
-    return LearnedRotations(r1=r1_out, r2=r2_out, losses=losses, seconds=time.time() - t0)
+    return LearnedRotations(r1=r1_out, r2=r2_out, losses=losses, seconds=time.time() - t0,
+                            heldout=heldout, r1_steps=r1_steps)
