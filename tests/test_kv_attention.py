@@ -25,16 +25,20 @@ from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 @pytest.mark.parametrize("d", [8, 64, 128])
 def test_pack_unpack_is_the_asymmetric_4bit_quantizer(d):
+    torch.manual_seed(d)
     x = torch.randn(7, 3, d) * torch.rand(7, 3, 1) * 5 + torch.randn(7, 3, 1)
     b = pack_kv(x, 0.95)
     assert b.dtype == torch.uint8 and b.shape == (7, 3, d // 2 + 4)
     assert 2 * b.shape[-1] == slot_bytes(d)
     y = unpack_kv(b, d)
     assert torch.equal(y, fake_quantize_asym(x, 4, 0.95).float())
-    # without clipping every element is within half a step of the original
+    # without clipping every element is within half a step of the original, plus what
+    # the float16 scale and zero point lose: ~2^-11 of the token's magnitude (a token
+    # whose range is tiny next to its offset has a zero point in the thousands)
     y1 = unpack_kv(pack_kv(x, 1.0), d)
     step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15
-    assert ((y1 - x).abs() <= step * 0.5 + 1e-3 * step + 1e-4).all()
+    fp16 = 2.0**-10 * x.abs().amax(-1, keepdim=True)
+    assert ((y1 - x).abs() <= step * 0.5 + 1e-3 * step + fp16 + 1e-4).all()
 
 
 # "reference" = the PyTorch code; "native-<isa>" = csrc/cpu/kv4_attention.cpp on that path
