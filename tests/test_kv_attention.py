@@ -41,6 +41,18 @@ def test_pack_unpack_is_the_asymmetric_4bit_quantizer(d):
     assert ((y1 - x).abs() <= step * 0.5 + 1e-3 * step + fp16 + 1e-4).all()
 
 
+def test_near_constant_vectors_stay_finite():
+    """A key/value vector whose range is tiny next to its offset: the zero point would
+    overflow float16 (inf, then -inf values, NaN attention) without the scale's floor of
+    max|x| / 1024; with it the error is at most ~2^-11 of the magnitude."""
+    x = torch.full((2, 1, 64), -1.0)
+    x[0, 0, 0] += 1e-5
+    x[1, 0] = 3.0 + torch.linspace(0, 1e-3, 64)
+    y = unpack_kv(pack_kv(x, 1.0), 64)
+    assert torch.isfinite(y).all()
+    assert ((y - x).abs() <= 2.0**-10 * x.abs().amax(-1, keepdim=True)).all()
+
+
 # "reference" = the PyTorch code; "native-<isa>" = csrc/cpu/kv4_attention.cpp on that path
 PATHS = ["reference"] + [f"native-{isa}" for isa in cpu_ops.supported_isas()]
 
@@ -116,6 +128,9 @@ def test_native_cache_bytes_equal_the_reference(r3, dtype):
     torch.manual_seed(1)
     caches = []
     k, v = (torch.randn(40, 2, 64, dtype=dtype) * 3 for _ in range(2))
+    # near-constant vectors: the scale's floor (max|x| / 1024) keeps their zero point finite
+    k[0, 0], v[1, 1] = -1.0, 3.0 + torch.linspace(0, 1e-5, 64).to(dtype)
+    k[0, 0, 0] = -1.0 + 2.0**-7
     slots = torch.randperm(64)[:40]
     for native in (False, True):
         cache = torch.zeros(4, 2, 16, slot_bytes(64), dtype=torch.uint8)
@@ -123,6 +138,7 @@ def test_native_cache_bytes_equal_the_reference(r3, dtype):
         impl.clip_ratio = 0.95
         impl.do_kv_cache_update(None, k, v, cache, slots)
         caches.append(cache)
+    assert all(torch.isfinite(unpack_kv(c, 64)).all() for c in caches)
     if not r3:
         assert torch.equal(caches[0], caches[1])
     else:

@@ -81,7 +81,11 @@ def quantize_kv(
     hi = xf.amax(dim=-1, keepdim=True) * clip_ratio
     lo = xf.amin(dim=-1, keepdim=True) * clip_ratio
     maxq = (1 << bits) - 1
-    scale = ((hi - lo) / maxq).clamp_(min=1e-6).half().float()
+    # the scale is at least max|x| / 1024, so that the zero point stays within ±1026, an
+    # exact float16 integer: a token whose range is tiny next to its offset would
+    # otherwise get a zero point beyond float16's range (inf -> -inf values)
+    floor = torch.maximum(hi.abs(), lo.abs()) * (1.0 / 1024)
+    scale = torch.maximum((hi - lo) / maxq, floor).clamp_(min=1e-6).half().float()
     zero = torch.round(-lo / scale).half().float()
     q = torch.clamp(torch.round(xf / scale) + zero, 0, maxq).to(torch.uint8)
     return q, scale, zero

@@ -4,7 +4,8 @@
 //
 // Layout per (block, kv head, slot), identical to vllm_quarot/kv_attention.py:
 //   [K codes D/2 (low nibble = even d) | K scale, zero (fp16) | V codes D/2 | V scale, zero]
-// Math (as quant.quantize_kv): scale = fp16(max(hi − lo, ·)/15), zero = fp16(round(−lo/s)),
+// Math (as quant.quantize_kv): scale = fp16(max((hi − lo)/15, max(|hi|, |lo|)/1024, 1e-6)),
+// zero = fp16(round(−lo/s)),
 // code = clamp(round(x/s) + zero, 0, 15); x̂ = (code − zero)·s. Scores use
 // q·k̂ = s·(Σ q·code − zero·Σ q), values accumulate Σ p·s·code and subtract Σ p·s·zero.
 
@@ -35,7 +36,10 @@ static QUAROT_INLINE void pack_one(const float* x, int64_t d, float clip, uint8_
   }
   hi *= clip;
   lo *= clip;
-  const float s = static_cast<float>(c10::Half(std::max((hi - lo) / 15.f, 1e-6f)));
+  // scale >= max|x|/1024 keeps the zero point an exact fp16 integer (as quant.quantize_kv)
+  const float floor = std::max(std::fabs(hi), std::fabs(lo)) * (1.f / 1024.f);
+  const float s =
+      static_cast<float>(c10::Half(std::max(std::max((hi - lo) / 15.f, floor), 1e-6f)));
   const float z = static_cast<float>(c10::Half(std::nearbyint(-lo / s)));
   for (int64_t i = 0; i < d; i += 2) {
     const float q0 = std::min(std::max(std::nearbyint(x[i] / s) + z, 0.f), 15.f);

@@ -4,7 +4,8 @@
 //   [K codes D/2 | K scale, zero (fp16, fp16) | V codes D/2 | V scale, zero]
 // codes two per byte, low nibble = even dimension (vllm_quarot.kv_attention.pack_kv).
 // Quantization is quant.quantize_kv(x, 4, clip): asymmetric per (token, head),
-//   hi = max(x) * clip, lo = min(x) * clip, scale = fp16(max((hi - lo) / 15, 1e-6)),
+//   hi = max(x) * clip, lo = min(x) * clip,
+//   scale = fp16(max((hi - lo) / 15, max(|hi|, |lo|) / 1024, 1e-6)),
 //   zero = fp16(rint(-lo / scale)), q = clamp(rint(x / scale) + zero, 0, 15),
 // dequantized as (q - zero) * scale. R3 (keys before quantization, queries before
 // attention) is the normalised Walsh–Hadamard transform of size D, in float32.
@@ -56,7 +57,9 @@ __device__ __forceinline__ void quantize_store_kv(const float (&v)[E], float cli
   mx = warp_max(mx);
   mn = warp_min(mn);
   const float hi = mx * clip, lo = mn * clip;
-  const __half sc_h = __float2half_rn(fmaxf(__fdiv_rn(hi - lo, 15.f), 1e-6f));
+  // scale >= max|x|/1024 keeps the zero point an exact fp16 integer (as quant.quantize_kv)
+  const float floor = fmaxf(fabsf(hi), fabsf(lo)) * (1.f / 1024.f);
+  const __half sc_h = __float2half_rn(fmaxf(fmaxf(__fdiv_rn(hi - lo, 15.f), floor), 1e-6f));
   const float sc = __half2float(sc_h);
   const __half z_h = __float2half_rn(rintf(__fdiv_rn(-lo, sc)));
   const float z = __half2float(z_h);
