@@ -204,9 +204,8 @@ def main() -> None:
             if opts is not None:
                 row = {**opts, "seed": seed, "calib": str(DATA / calib),  # abs: as is
                        "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
-                if opts.get("rotate") == "spinquant" and a.spinquant_steps is not None:
-                    row["spinquant_steps"] = a.spinquant_steps
-                row.update(overrides(a.set, opts))
+                row.update(overrides(a.set + ([f"spinquant_steps={a.spinquant_steps}"]
+                                              if a.spinquant_steps is not None else []), opts))
                 ckpt = work / f"row{i:02d}-seed{seed}-{_key(row)}"
                 if a.cached_only and not (ckpt / "config.json").is_file():
                     continue

@@ -88,8 +88,8 @@ def main() -> None:
     t0 = time.time()
     rot = learn_rotations(
         model, calib_ids, w_bits=w_bits if a.weights == "rtn" else 16, a_bits=a_bits,
-        kv_bits=kv_bits, act_clip=0.9 if a_bits == 4 else 1.0,  # the quantizer's default
-        kv_clip=o.kv_clip, seed=a.seed, steps=a.steps, lr=a.lr, batch=a.batch,
+        kv_bits=kv_bits, act_clip=o.activation_clip, kv_clip=o.kv_clip, seed=a.seed,
+        steps=a.steps, lr=a.lr, batch=a.batch,
         eval_ids=eval_ids, eval_every=a.eval_every, momentum=a.momentum, loss=a.loss)
     secs = time.time() - t0
     name = a.name or (f"{a.weights}_lr{a.lr:g}_b{a.batch}_s{a.steps}"
@@ -126,16 +126,17 @@ def main() -> None:
         lines += ["", "Held-out cross-entropy of the untrained (randomized Hadamard) rotation, "
                   "by what is quantized:", "", "| quantized | held-out cross-entropy |",
                   "|---|---:|"]
-        for label, bits in (("nothing", (16, None, None)), (f"activations {a_bits}-bit",
-                            (16, a_bits, None)), (f"KV cache {kv_bits}-bit",
-                            (16, None, kv_bits)), (a.scheme.upper() + (
-                                " (weights 16-bit)" if a.weights == "float" else ""),
-                            (w_bits if a.weights == "rtn" else 16, a_bits, kv_bits))):
-            ref = learn_rotations(model, eval_ids, w_bits=bits[0], a_bits=bits[1],
-                                  kv_bits=bits[2], act_clip=0.9 if bits[1] == 4 else 1.0,
+        for label, quantized in (("nothing", (None, None)),
+                                 (f"activations {a_bits}-bit", (a_bits, None)),
+                                 (f"KV cache {kv_bits}-bit", (None, kv_bits))):
+            ref = learn_rotations(model, eval_ids, w_bits=16, a_bits=quantized[0],
+                                  kv_bits=quantized[1], act_clip=o.activation_clip,
                                   kv_clip=o.kv_clip, seed=a.seed, steps=0, eval_ids=eval_ids,
                                   progress=False)
             lines.append(f"| {label} | {ref.heldout[0][1]:.4f} |")
+        # the trained model itself, before its first step
+        weights = " (weights 16-bit)" if a.weights == "float" else ""
+        lines.append(f"| {a.scheme.upper()}{weights} | {rot.heldout[0][1]:.4f} |")
     table = "\n".join(lines)
     print(table)
     out = ROOT / "benchmarks" / "results" / f"spinquant_curve_{name}.md"

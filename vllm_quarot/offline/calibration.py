@@ -5,6 +5,7 @@ a text file (``--calib``), or samples the full-precision model generates itself
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,13 @@ def calibration_ids(model_dir: Path, tok: Any, o: QuantizeOptions) -> torch.Tens
 
 
 def spinquant_ids(tok: Any, o: QuantizeOptions,
-                  calib_ids: torch.Tensor | None) -> torch.Tensor | None:
+                  calib_ids: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
     """--rotate spinquant's training windows: with a --calib text, one fresh window per
     step (--spinquant-steps windows, at least --nsamples: SpinQuant trains one pass over
     its data, and reusing a few windows overfits R1 to them); with --calib-self, the
-    generated samples."""
+    generated samples (calib_ids: computed only then)."""
     if o.calib is None:
-        return calib_ids
+        return calib_ids()
     return file_windows(Path(o.calib), tok, max(o.nsamples, o.spinquant_steps), o.seqlen,
                         o.seed)
 

@@ -93,6 +93,13 @@ class QuantizeOptions:
         return SCHEMES[self.scheme]
 
     @property
+    def activation_clip(self) -> float:
+        """--act-clip, or its default: 0.9 for 4-bit activations, 1.0 otherwise."""
+        if self.act_clip is not None:
+            return self.act_clip
+        return 0.9 if self.bits[1] == 4 else 1.0
+
+    @property
     def lm_head_scheme(self) -> str:
         """--lm-head resolved: auto is w8a8 when the scheme quantizes weights."""
         if self.lm_head == "auto":

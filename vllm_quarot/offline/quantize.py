@@ -398,7 +398,7 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
             factorize(inter // o.tp)
     except HadamardSizeError as e:
         raise QuantizeError(str(e)) from e
-    act_clip = o.act_clip if o.act_clip is not None else (0.9 if a_bits == 4 else 1.0)
+    act_clip = o.activation_clip
     fmt = QuaRotFormat(
         scheme=o.scheme,
         weight=WeightSpec(w_bits, o.group_size, True, o.weight_method if w_bits < 16 else "none"),
@@ -796,7 +796,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
         rotations = None
         if o.rotate == "spinquant":
             rotations = _rotations(progress, lambda: _learn_rotations(
-                model_dir, spinquant_ids(tok, o, None if o.calib else calib_ids()), plan, o),
+                model_dir, spinquant_ids(tok, o, calib_ids), plan, o),
                 cfg.num_hidden_layers)
         with staged_dir(out_dir, o.overwrite) as stage:
             writer = ShardedWriter(stage, shard_bytes(o.max_shard_size))

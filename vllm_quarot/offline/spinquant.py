@@ -131,10 +131,11 @@ class CayleySGD(torch.optim.Optimizer):
                 w_hat = m @ x.t() - 0.5 * x @ (x.t() @ m @ x.t())
                 w = w_hat - w_hat.t()
                 state["momentum_buffer"] = w @ x
-                alpha = min(lr, 2.0 * q / (w.abs().sum(0).max().item() + eps))
+                norm1 = w.abs().sum(0).max().item()
+                alpha = min(lr, 2.0 * q / (norm1 + eps))
                 # diagnostics: the step, and the rotation it makes (α·‖W‖₁ = 2q at the cap)
                 state["step_size"] = alpha
-                state["step_norm"] = alpha * w.abs().sum(0).max().item()
+                state["step_norm"] = alpha * norm1
                 eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
                 a = 0.5 * alpha * w
                 x_new = torch.linalg.solve(eye - a, x + a @ x)
