@@ -76,6 +76,16 @@ class QuaRotLinearKernel(ABC):
         """x [M, K] in the model dtype -> [M, N] in the same dtype."""
 
 
+def request_amx() -> None:
+    """Ask Linux for this process's permission to use AMX tiles (arch_prctl
+    XCOMP_PERM; idempotent) before a vLLM kernel runs AMX code: without it the first
+    tile instruction is SIGILL. vLLM 0.32's CPU W4A16 / int8 kernels assume the
+    permission, which a bf16 oneDNN matmul happens to request, so a model whose every
+    linear is quantized used to kill its worker (exit -4) at the first forward."""
+    if torch.cpu._is_amx_tile_supported():
+        torch._C._cpu._init_amx()
+
+
 def register(layer: torch.nn.Module, name: str, t: torch.Tensor) -> None:
     """Replace or add a frozen parameter (kernels keep their repacked tensors on the layer
     so that vLLM moves and accounts for them like any weight)."""

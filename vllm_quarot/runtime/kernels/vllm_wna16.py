@@ -5,13 +5,21 @@ QuaRot's symmetric int4 codes are exactly GPTQ's ``uint4b8`` codes minus 8, so t
 checkpoint's tensors become compressed-tensors' WNA16 layout (int32 words of eight
 codes + 8 along the input dimension, scales in the activation dtype) and vLLM's kernel
 takes it from there (its own repacking, ISA choice and GEMM).
+
+On CPUs with AMX, vLLM 0.32's CPU kernel quantizes bf16 activations to 8 bits when
+``VLLM_CPU_INT4_W4A8`` is on (its default): a W4A16 checkpoint would then be served as
+W4A8, which is another model. The glue turns that switch off for QuaRot's layers only
+(``_exact_w4a16``) and checks afterwards that the layer took the 16-bit path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
+import vllm.envs
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
 from vllm.model_executor.layers.quantization.utils.quant_utils import (
     pack_quantized_values_into_int32,
@@ -23,7 +31,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.scalar_type import scalar_types
 
-from vllm_quarot.runtime.kernels.base import LinearConfig, QuaRotLinearKernel
+from vllm_quarot.runtime.kernels.base import LinearConfig, QuaRotLinearKernel, request_amx
 
 
 def _no_loader(*_args, **_kwargs) -> None:  # parameters built after loading
@@ -42,6 +50,22 @@ def _mp_config(c: LinearConfig) -> MPLinearLayerConfig:
 def _vllm_kernel(c: LinearConfig) -> type:
     """vLLM's choice for this layer (raises ValueError with its reasons if none)."""
     return choose_mp_linear_kernel(_mp_config(c))
+
+
+@contextlib.contextmanager
+def _exact_w4a16() -> Iterator[None]:
+    """vLLM's CPU kernel reads ``envs.VLLM_CPU_INT4_W4A8`` when it processes a layer: an
+    attribute set on the module wins over its lazy lookup, for this call only."""
+    had = "VLLM_CPU_INT4_W4A8" in vars(vllm.envs)
+    old = vars(vllm.envs).get("VLLM_CPU_INT4_W4A8")
+    vllm.envs.VLLM_CPU_INT4_W4A8 = False
+    try:
+        yield
+    finally:
+        if had:
+            vllm.envs.VLLM_CPU_INT4_W4A8 = old
+        else:
+            delattr(vllm.envs, "VLLM_CPU_INT4_W4A8")
 
 
 class VLLMWNA16LinearKernel(QuaRotLinearKernel):
@@ -84,8 +108,14 @@ class VLLMWNA16LinearKernel(QuaRotLinearKernel):
                                      weight_loader=_no_loader)))
         self.vllm_kernel = self.vllm_kernel_cls(
             _mp_config(c), w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-            w_zp_param_name=None, w_gidx_param_name=None)
-        self.vllm_kernel.process_weights_after_loading(layer)
+            w_zp_param_name=None)
+        if c.device_type == "cpu":
+            request_amx()
+        with _exact_w4a16():
+            self.vllm_kernel.process_weights_after_loading(layer)
+        if getattr(layer, "use_w4a8", False):
+            raise RuntimeError(f"{self.vllm_kernel_cls.__name__} switched to 8-bit "
+                               "activations: not a W4A16 layer")
 
     def apply_weights(self, layer, x, bias):
         return self.vllm_kernel.apply_weights(layer, x, bias)
