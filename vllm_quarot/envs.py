@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     VLLM_QUAROT_NO_EXT: bool
     VLLM_QUAROT_CPU_ISA: str | None
     VLLM_QUAROT_CUDA_EXT: bool
+    VLLM_QUAROT_PATCHES: bool
 
 
 def _csv(name: str) -> list[str]:
@@ -33,6 +34,8 @@ ENVIRONMENT_VARIABLES: dict[str, Callable[[], Any]] = {
     "VLLM_QUAROT_CPU_ISA": lambda: os.environ.get("VLLM_QUAROT_CPU_ISA"),
     # 1: build the experimental csrc/cuda extension at install time (nothing calls it yet).
     "VLLM_QUAROT_CUDA_EXT": lambda: os.environ.get("VLLM_QUAROT_CUDA_EXT") == "1",
+    # 0: apply none of the fixes to vLLM (runtime/vllm_patches.py) in any process.
+    "VLLM_QUAROT_PATCHES": lambda: os.environ.get("VLLM_QUAROT_PATCHES", "1") != "0",
 }
 
 
