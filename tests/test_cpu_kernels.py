@@ -88,6 +88,10 @@ def _random_layer(n: int, k: int, bits: int, groups: int, seed: int):
 
 SHAPES = [  # (M, K, N, groups): ragged M, K and N off the 64/16-wide blocks
     (1, 64, 48, 1), (3, 136, 37, 1), (5, 256, 100, 4), (17, 200, 70, 5), (70, 512, 130, 1),
+    # M >= 16 with groups of a multiple of 64 run AMX under "amx": one or two 16-row tiles
+    # in the last 32-row pair, an odd number of 16-channel blocks (half a 32-channel
+    # panel), more than one 256-row chunk, several groups
+    (16, 64, 16, 1), (33, 128, 48, 2), (48, 640, 200, 5), (300, 256, 70, 2),
 ]
 
 

@@ -21,7 +21,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "hadamard.h"
 #include "isa.h"
 
@@ -43,28 +47,47 @@ using at::Tensor;
 
 static const char* isa_name(int isa) {
   switch (isa) {
+    case kAmx: return "amx";
     case kAvx512Vnni: return "avx512_vnni";
     case kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
-static bool cpu_has(int isa) {
+// AMX: the CPU has AMX-TILE and AMX-INT8, the OS saves tile state (XCR0 bits 17, 18),
+// and Linux grants this process the tile data permission (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; idempotent, once per process).
+static bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+  }();
+  return ok;
+}
+
+bool cpu_has(int isa) {
   __builtin_cpu_init();
   switch (isa) {
+    case kAmx: return cpu_has(kAvx512Vnni) && amx_usable();
     case kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vnni");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
 }
 
 static int parse_isa(const std::string& name) {
-  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2, kScalar})
     if (name == isa_name(isa)) return isa;
   TORCH_CHECK(false, "quarot_cpu: unknown ISA '", name,
-              "' (expected avx512_vnni, avx2 or scalar)");
+              "' (expected amx, avx512_vnni, avx2 or scalar)");
 }
 
 static int initial_isa() {
@@ -73,20 +96,25 @@ static int initial_isa() {
     TORCH_CHECK(cpu_has(isa), "VLLM_QUAROT_CPU_ISA=", env, " but this CPU lacks it");
     return isa;
   }
-  for (int isa : {kAvx512Vnni, kAvx2})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2})
     if (cpu_has(isa)) return isa;
   return kScalar;
 }
 
 static std::atomic<int> g_isa{initial_isa()};
 
-int current_isa() { return g_isa.load(); }
+int current_isa() {
+  const int isa = g_isa.load();
+  return isa == kAmx ? kAvx512Vnni : isa;
+}
+
+bool amx_enabled() { return g_isa.load() == kAmx; }
 
 std::string isa() { return isa_name(g_isa.load()); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2, kScalar})
     if (cpu_has(isa)) out.emplace_back(isa_name(isa));
   return out;
 }
@@ -436,56 +464,277 @@ static DotFn pick_dot(int isa, int64_t mr, int64_t nb) {
 }
 
 // ----------------------------------------------------------------------------
-// GEMM driver: tiles of kTileM rows × kTileN·16 channels; work items are (channel tile,
-// chunk of row tiles), channel-major so each thread keeps its weights hot in cache.
+// Epilogue, shared by every path. Per K-group g, a tile's int32 partial sums become float:
+//   facc[r][c] (+)= (acc[r][c] − off·asum[r][g]) · w_scale[g][c]
+// and after the last group: out[r][c] = facc[r][c] · a_scale[r] (+ bias[c]). The same
+// float operations in the same order as quarot::int_linear, hence bit-exact.
+// Hook for Rotated Runtime Smooth: a float factor per (row, K-group) multiplies the
+// group's term in the first line, where w_scale[g][c] is applied (see csrc/README.md).
+struct Epi {
+  const float* a_scale;  // [M]
+  const int32_t* asums;  // [M, G]
+  const float* w_scale;  // [G, npad]
+  const float* bias;     // [N] or null
+  int64_t groups, npad, n;
+  int32_t off;  // 8 (4-bit weights stored w + 8) or 128 (8-bit)
+};
+
+// acc: mr × nc int32 (row stride lda); facc: float scratch (row stride ldf), used only
+// when groups > 1; rows r0.., channels c0...
+template <typename T>
+static QUAROT_INLINE void epi_body(const Epi& e, const int32_t* acc, int64_t lda, float* facc,
+                                   int64_t ldf, int64_t r0, int64_t mr, int64_t c0, int64_t nc,
+                                   int64_t g, T* out) {
+  const float* ws = e.w_scale + g * e.npad + c0;
+  const float* b = e.bias ? e.bias + c0 : nullptr;
+  const bool last = g == e.groups - 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int32_t corr = e.off * e.asums[(r0 + r) * e.groups + g];
+    const int32_t* ar = acc + r * lda;
+    float* fr = facc + r * ldf;
+    if (!last) {
+      if (g == 0)
+        for (int64_t c = 0; c < nc; ++c) fr[c] = static_cast<float>(ar[c] - corr) * ws[c];
+      else
+        for (int64_t c = 0; c < nc; ++c) fr[c] += static_cast<float>(ar[c] - corr) * ws[c];
+      continue;
+    }
+    const float s = e.a_scale[r0 + r];
+    T* o = out + (r0 + r) * e.n + c0;
+    float v[64];
+    for (int64_t c0b = 0; c0b < nc; c0b += 64) {  // chunks of 64: a vectorizable temp
+      const int64_t w = std::min<int64_t>(64, nc - c0b);
+      if (g == 0)
+        for (int64_t c = 0; c < w; ++c) v[c] = static_cast<float>(ar[c0b + c] - corr) * ws[c0b + c];
+      else
+        for (int64_t c = 0; c < w; ++c)
+          v[c] = fr[c0b + c] + static_cast<float>(ar[c0b + c] - corr) * ws[c0b + c];
+      for (int64_t c = 0; c < w; ++c) v[c] *= s;
+      if (b)
+        for (int64_t c = 0; c < w; ++c) v[c] += b[c0b + c];
+      for (int64_t c = 0; c < w; ++c) o[c0b + c] = static_cast<T>(v[c]);
+    }
+  }
+}
+
+#define QUAROT_EPI_ARGS                                                                   \
+  const Epi &e, const int32_t *acc, int64_t lda, float *facc, int64_t ldf, int64_t r0, \
+      int64_t mr, int64_t c0, int64_t nc, int64_t g, T *out
+#define QUAROT_EPI_CALL e, acc, lda, facc, ldf, r0, mr, c0, nc, g, out
 
 template <typename T>
-static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
-                      int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
-                      int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void epi_avx512(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) static void epi_avx2(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+template <typename T>
+static void epi_scalar(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+
+template <typename T>
+using EpiFn = void (*)(QUAROT_EPI_ARGS);
+
+template <typename T>
+static EpiFn<T> pick_epi(int isa) {
+  return isa == kAvx512Vnni ? &epi_avx512<T> : isa == kAvx2 ? &epi_avx2<T> : &epi_scalar<T>;
+}
+
+// ----------------------------------------------------------------------------
+// Vector GEMM driver (AVX512-VNNI, AVX2, scalar): register tiles of kTileM rows ×
+// kTileN·16 channels; work items are (channel tile, chunk of row tiles), channel-major
+// so each thread keeps its weights hot in cache.
+
+template <typename T>
+static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
+                        int64_t bits, T* out) {
   const int isa = current_isa();
-  const int64_t nblk = npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
+  const EpiFn<T> epi = pick_epi<T>(isa);
+  const int64_t nblk = e.npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
   const int64_t mtiles = (m + kTileM - 1) / kTileM;
   const int64_t mchunk = 16;  // row tiles per work item (64 rows)
   const int64_t mchunks = (mtiles + mchunk - 1) / mchunk;
   const int64_t wstride = k / kstep(bits) * 64;  // bytes per block of 16 channels
-  const int64_t gs = k / groups;
-  const int32_t off = bits == 4 ? 8 : 128;
+  const int64_t gs = k / e.groups;
   at::parallel_for(0, ntiles * mchunks, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) int32_t acc[kTileM * 64];
     alignas(64) float facc[kTileM * 64];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t nt = item / mchunks, mc = item % mchunks;
       const int64_t b0 = nt * kTileN, nb = std::min(kTileN, nblk - b0);
-      const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, n - c0);
+      const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, e.n - c0);
       const uint8_t* wt = w + b0 * wstride;
       const int64_t mt1 = std::min(mtiles, (mc + 1) * mchunk);
       for (int64_t mt = mc * mchunk; mt < mt1; ++mt) {
         const int64_t r0 = mt * kTileM, mr = std::min(kTileM, m - r0);
         const DotFn dot = pick_dot(isa, mr, nb);
-        for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t g = 0; g < e.groups; ++g) {
           dot(a + r0 * k, k, wt, wstride, g * gs, (g + 1) * gs, bits, acc);
-          const float* ws = w_scale + g * npad + c0;
-          for (int64_t r = 0; r < mr; ++r) {
-            const int32_t corr = off * asums[(r0 + r) * groups + g];
-            for (int64_t c = 0; c < nc; ++c) {
-              const float v = static_cast<float>(acc[r * 64 + c] - corr) * ws[c];
-              facc[r * 64 + c] = g == 0 ? v : facc[r * 64 + c] + v;
-            }
-          }
-        }
-        for (int64_t r = 0; r < mr; ++r) {
-          const float s = a_scale[r0 + r];
-          T* o = out + (r0 + r) * n + c0;
-          for (int64_t c = 0; c < nc; ++c) {
-            float v = facc[r * 64 + c] * s;
-            if (bias) v += bias[c0 + c];
-            o[c] = static_cast<T>(v);
-          }
+          epi(e, acc, 64, facc, 64, r0, mr, c0, nc, g, out);
         }
       }
     }
   });
+}
+
+// ----------------------------------------------------------------------------
+// AMX-INT8 driver, for M >= kAmxMinRows and group sizes that are multiples of 64.
+//
+// Tiles (tmm0-7): C00 C01 C10 C11 (int32, 16 rows × 16 channels each) = 32 rows × 32
+// channels; A0 A1 (16 rows × 64 activation codes, loaded straight from the [M, K]
+// codes with stride K); B0 B1 (64 k × 16 channels in AMX's VNNI layout: row i holds
+// k = 4i..4i+3 of each channel — exactly one 8-bit repacked block row, or the low /
+// high nibbles of one 4-bit row, so 4-bit weights are unpacked with two AND and one
+// shift per 64 bytes). tdpbsud multiplies signed activation codes by the unsigned
+// stored weights (w + 8, w + 128); the offset is removed in the epilogue as above.
+//
+// Work items are (panel of 32 channels, chunk of kAmxChunk rows), panel-major. Each
+// thread unpacks a panel's 4-bit weights once into an L2-resident buffer (K × 32
+// bytes) and reuses it for every row tile of every chunk it gets of that panel.
+
+static constexpr int64_t kAmxMinRows = 16;
+static constexpr int64_t kAmxChunk = 256;
+
+// Configures the tiles for ma0 (1..16) and ma1 (0..16) rows in the two row tiles.
+static void amx_config(int ma0, int ma1) {
+  TileCfg cfg;
+  const int rows[8] = {ma0, ma0, ma1, ma1, ma0, ma1, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
+    cfg.colsb[t] = rows[t] ? 64 : 0;
+  }
+  amx_load_config(cfg);
+}
+
+// The compiler does not know that the tile instructions (inline asm) read memory:
+// fence ordinary stores (the unpacked panel) before them.
+#define QUAROT_MEM_FENCE() __asm__ volatile("" ::: "memory")
+
+// C tiles over k-steps [kt0, kt1) (64 k each) of one row-tile pair and one panel, then
+// stored to acc [32 rows][32 channels] int32.
+template <bool TWO_M, bool TWO_N>
+static void amx_tile(const int8_t* a, int64_t lda, const uint8_t* bpan, int64_t bstride,
+                     int64_t kt0, int64_t kt1, int32_t* acc) {
+  _tile_zero(0);
+  if (TWO_N) _tile_zero(1);
+  if (TWO_M) _tile_zero(2);
+  if (TWO_M && TWO_N) _tile_zero(3);
+  for (int64_t kt = kt0; kt < kt1; ++kt) {
+    const uint8_t* bk = bpan + kt * bstride;
+    _tile_loadd(4, a + kt * 64, lda);
+    _tile_loadd(6, bk, 64);
+    if (TWO_N) _tile_loadd(7, bk + 1024, 64);
+    _tile_dpbsud(0, 4, 6);
+    if (TWO_N) _tile_dpbsud(1, 4, 7);
+    if (TWO_M) {
+      _tile_loadd(5, a + 16 * lda + kt * 64, lda);
+      _tile_dpbsud(2, 5, 6);
+      if (TWO_N) _tile_dpbsud(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, 128);
+  if (TWO_N) _tile_stored(1, acc + 16, 128);
+  if (TWO_M) _tile_stored(2, acc + 16 * 32, 128);
+  if (TWO_M && TWO_N) _tile_stored(3, acc + 16 * 32 + 16, 128);
+}
+
+using AmxTileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t,
+                           int32_t*);
+
+// 4-bit panel of nbp blocks (16 channels each) -> [K/64][nbp][16 rows × 64 bytes].
+__attribute__((target("avx512f,avx512bw"))) static void amx_unpack4(const uint8_t* w,
+                                                                  int64_t wstride, int64_t nbp,
+                                                                  int64_t k, uint8_t* dst) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const int64_t kts = k / 64;
+  for (int64_t kt = 0; kt < kts; ++kt)
+    for (int64_t jb = 0; jb < nbp; ++jb) {
+      const uint8_t* src = w + jb * wstride + kt * 8 * 64;
+      uint8_t* d = dst + (kt * 2 + jb) * 1024;
+      for (int i = 0; i < 8; ++i) {
+        const __m512i v = _mm512_loadu_si512(src + 64 * i);
+        _mm512_store_si512(d + 128 * i, _mm512_and_si512(v, mask));
+        _mm512_store_si512(d + 128 * i + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+      }
+    }
+}
+
+template <typename T>
+static void gemm_amx(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
+                     int64_t bits, T* out) {
+  const EpiFn<T> epi = pick_epi<T>(kAvx512Vnni);
+  const int64_t nblk = e.npad / kNB, npan = (nblk + 1) / 2;
+  const int64_t mchunks = (m + kAmxChunk - 1) / kAmxChunk;
+  const int64_t wstride = k / kstep(bits) * 64;
+  const int64_t kts = k / 64, gkt = kts / e.groups;  // k-steps in all, per group
+  at::parallel_for(0, npan * mchunks, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) int32_t acc[32 * 32];
+    alignas(64) float facc[32 * 32];
+    // the unpacked panel (4-bit weights only), K × 32 bytes
+    uint8_t* buf = bits == 4 ? static_cast<uint8_t*>(std::aligned_alloc(64, k * 32)) : nullptr;
+    int64_t have = -1, cfg = -1;
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t p = item / mchunks, mc = item % mchunks;
+      const int64_t b0 = 2 * p, nbp = std::min<int64_t>(2, nblk - b0);
+      const int64_t c0 = b0 * kNB, nc = std::min(nbp * kNB, e.n - c0);
+      const uint8_t* bpan;
+      int64_t bstride;
+      if (bits == 4) {
+        if (have != p) {
+          amx_unpack4(w + b0 * wstride, wstride, nbp, k, buf);
+          QUAROT_MEM_FENCE();
+          have = p;
+        }
+        bpan = buf, bstride = 2048;
+      } else {
+        // 8-bit: 16 consecutive repacked rows are a B tile; the two blocks are wstride
+        // apart, which amx_tile expects 1024 bytes apart: use one tile per block instead.
+        bpan = w + b0 * wstride, bstride = 1024;
+      }
+      const int64_t r1 = std::min(m, (mc + 1) * kAmxChunk);
+      for (int64_t r0 = mc * kAmxChunk; r0 < r1; r0 += 32) {
+        const int64_t mr = std::min<int64_t>(32, r1 - r0);
+        const int ma0 = static_cast<int>(std::min<int64_t>(16, mr)), ma1 = static_cast<int>(mr - ma0);
+        if (cfg != mr) {
+          amx_config(ma0, ma1);
+          cfg = mr;
+        }
+        const bool two_n = nbp == 2 && bits == 4;
+        AmxTileFn fn = ma1 ? (two_n ? &amx_tile<true, true> : &amx_tile<true, false>)
+                           : (two_n ? &amx_tile<false, true> : &amx_tile<false, false>);
+        for (int64_t g = 0; g < e.groups; ++g) {
+          if (bits == 4) {
+            fn(a + r0 * k, k, bpan, bstride, g * gkt, (g + 1) * gkt, acc);
+          } else {  // each block its own B tiles, 1024 bytes a k-step apart
+            fn(a + r0 * k, k, bpan, bstride, g * gkt, (g + 1) * gkt, acc);
+            if (nbp == 2) {
+              alignas(64) int32_t acc2[32 * 32];
+              fn(a + r0 * k, k, bpan + wstride, bstride, g * gkt, (g + 1) * gkt, acc2);
+              for (int64_t r = 0; r < mr; ++r)
+                std::memcpy(acc + r * 32 + 16, acc2 + r * 32, 16 * sizeof(int32_t));
+            }
+          }
+          epi(e, acc, 32, facc, 32, r0, mr, c0, nc, g, out);
+        }
+      }
+    }
+    if (cfg != -1) amx_release();
+    std::free(buf);
+  });
+}
+
+template <typename T>
+static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
+                      int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
+                      int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
+  const Epi e{a_scale, asums, w_scale, bias, groups, npad, n, bits == 4 ? 8 : 128};
+  if (amx_enabled() && m >= kAmxMinRows && (k / groups) % 64 == 0)
+    gemm_amx<T>(e, a, m, k, w, bits, out);
+  else
+    gemm_vector<T>(e, a, m, k, w, bits, out);
 }
 
 Tensor gemm(const Tensor& codes, const Tensor& scales, const Tensor& asums, const Tensor& w_packed,
