@@ -18,8 +18,20 @@ start-up time.
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--models smollm2,1.1b] [--eager]
 
-Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from source,
-~15 min on 2 cores). Writes benchmarks/results/vs_llamacpp.md and vs_llamacpp.png.
+Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from source
+for the CPU at hand, -march=native, ~15 min on 2 idle cores). It need not go into the
+project's venv: a venv of its own that sees the project's packages works, e.g.
+
+    python -m venv ~/.cache/vllm-quarot/venv-llamacpp
+    echo $PWD/.venv/lib/python3.11/site-packages \
+        > ~/.cache/vllm-quarot/venv-llamacpp/lib/python3.11/site-packages/zz_project.pth
+    ~/.cache/vllm-quarot/venv-llamacpp/bin/pip install llama-cpp-python
+    PYTHONPATH=$PWD ~/.cache/vllm-quarot/venv-llamacpp/bin/python benchmarks/vs_llamacpp.py
+
+Ratios are against llama.cpp's best configuration in each column (the fastest of the
+GGUF types run). ``--baseline-tree DIR`` adds the QuaRot engines once more with the
+vllm_quarot package (and native kernels) of another checkout, e.g. main: a before /
+after comparison in one run. Writes benchmarks/results/<machine>/vs_llamacpp.md and .png.
 """
 
 from __future__ import annotations
@@ -362,12 +374,19 @@ def main() -> None:
     ap.add_argument("--gguf", default="Q4_0,Q4_1,Q8_0", help="llama.cpp quantizations")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/results/<machine tag>)")
     ap.add_argument("--name", default="vs_llamacpp", help="result files' name (.md, .png)")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run the QuaRot engines with this checkout's vllm_quarot")
     ap.add_argument("--from-raw", type=Path, default=None,
                     help="make the table and plot from the per-engine lines a run printed")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.out is None and a.worker is None:
+        from cpu_peak import machine_tag
+
+        a.out = Path("benchmarks/results") / machine_tag()
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.worker is not None:  # inside the subprocess
         os.sched_setaffinity(0, range(a.threads))
@@ -430,6 +449,13 @@ def main() -> None:
                            a.threads, vllm_env)
             res[name] = dict(r, mib=_mib(ckpt))
             log(label, name, res[name])
+            if a.baseline_tree is not None:  # the same engine with another checkout's code
+                base = f"{name} ({a.baseline_tree.resolve().name}'s kernels)"
+                env = dict(vllm_env, PYTHONPATH=str(a.baseline_tree.resolve()))
+                r = run_worker(["vllm", str(ckpt), str(vocab), "quarot", a.quarot_dtype],
+                               a.threads, env)
+                res[base] = dict(r, mib=_mib(ckpt))
+                log(label, base, res[base])
         all_res[label] = res
     report(all_res, checks, conc, a)
 
@@ -460,10 +486,14 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     mode = "eager" if a.eager else "compiled (vLLM default)"
     lines = []
     for label, res in all_res.items():
-        ref_name = "llama.cpp Q4_0" if "llama.cpp Q4_0" in res else next(iter(res))
-        ref = res[ref_name]
-        lines += [f"\n**{label}** (ratios vs {ref_name}; F32 GGUF vs transformers logits: "
-                  f"{checks[label]:.1e} relative)\n",
+        llama = [n for n in res if n.startswith("llama.cpp")] or [next(iter(res))]
+        # per column, llama.cpp's best configuration
+        ref = {f"tok_s_{c}": max(res[n][f"tok_s_{c}"] for n in llama) for c in conc}
+        ref["ttft_s"] = min(res[n]["ttft_s"] for n in llama)
+        best = {key: next(n for n in llama if res[n][key] == v) for key, v in ref.items()}
+        lines += [f"\n**{label}** (ratios vs llama.cpp's best configuration per column: "
+                  + ", ".join(f"{key.removeprefix('tok_s_')}: {n}" for key, n in best.items())
+                  + f"; F32 GGUF vs transformers logits: {checks[label]:.1e} relative)\n",
                   "| engine | " + " | ".join(f"tok/s ×{c} seq" for c in conc)
                   + " | TTFT 1024-token prompt (s) | start-up (s) | weights (MiB) |",
                   "|---|" + "---:|" * (len(conc) + 3)]
@@ -482,11 +512,14 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     from vllm_quarot.runtime.ops import cpu as cpu_ops
 
     cmd = " ".join(["benchmarks/vs_llamacpp.py", *sys.argv[1:]])
+    from cpu_peak import header
+
     (a.out / f"{a.name}.md").write_text(
         f"# llama.cpp vs vLLM on the same weights (CPU, {a.threads} threads, vLLM {mode}, "
         f"QuaRot kernels {cpu_ops.isa()}, QuaRot lm_head {a.lm_head})\n\n"
-        f"Command: `.venv/bin/python {cmd}`\n\nTTFT ratio: llama.cpp's time / this "
-        f"engine's (> 1: faster).\n{table}\n\n![tok/s vs concurrency]({png.name})\n")
+        f"{header('.venv/bin/python ' + cmd)}\nEach figure is the median of {REPEATS} runs. "
+        f"TTFT ratio: llama.cpp's time / this engine's (> 1: faster).\n{table}\n\n"
+        f"![tok/s vs concurrency]({png.name})\n")
     print(f"wrote {a.out / a.name}.md and {png}")
 
 

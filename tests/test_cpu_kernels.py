@@ -33,6 +33,32 @@ def test_this_machine_has_a_vector_path():
     assert "scalar" in ISAS and len(ISAS) >= 2, ISAS
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith("flags")), set())
+
+
+def test_every_path_the_cpu_has_is_offered():
+    flags = _cpu_flags()
+    assert ("avx2" in flags) == ("avx2" in ISAS)
+    assert ("avx512_vnni" in flags and "avx512bw" in flags) == ("avx512_vnni" in ISAS)
+    # AMX also needs Linux's tile permission, which a kernel >= 5.16 grants on request
+    assert ("amx_int8" in flags and "avx512_vnni" in flags) == ("amx" in ISAS)
+
+
+def test_peak_microbenchmarks_run():
+    for seq, isa in (("avx2_maddubs", "avx2"), ("avx512_vnni", "avx512_vnni"),
+                     ("amx_int8", "amx")):
+        if isa in ISAS:
+            macs = Q.peak(seq, 1, 1000)
+            assert 1e8 < macs < 1e14, (seq, macs)
+    buf = torch.ones(1 << 20, dtype=torch.uint8)
+    assert 1e8 < Q.read_bandwidth(buf, 1, 2) < 1e13
+    with pytest.raises(RuntimeError, match="unknown sequence"):
+        Q.peak("sse9", 1, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,clip", [(4, 1.0), (4, 0.9), (8, 1.0)])
 def test_quantize_equals_reference(isa, dtype, bits, clip):
@@ -103,12 +129,13 @@ def test_gemm_equals_int_linear(isa, m, k, n, groups, w_bits, a_bits):
     codes, scales, asums = Q.quantize(x, None, a_bits, 1.0, None, groups)
     packed = Q.repack_weight(w, w_bits)
     scale_t = Q.repack_scale(w_scale)
-    for out_dtype in (torch.float32, torch.bfloat16):
-        ref = ops.int_linear(codes, scales, w, w_scale, bias, out_dtype)
-        out = Q.gemm(codes, scales, asums, packed, scale_t, bias, n, w_bits, out_dtype)
-        assert out.dtype == out_dtype
-        torch.testing.assert_close(out, ref, rtol=1e-6 if out_dtype == torch.float32 else 8e-3,
-                                   atol=1e-5)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for b in (bias, None):
+            ref = ops.int_linear(codes, scales, w, w_scale, b, out_dtype)
+            out = Q.gemm(codes, scales, asums, packed, scale_t, b, n, w_bits, out_dtype)
+            assert out.dtype == out_dtype
+            # bit-exact: int32 sums, then the reference's float operations in its order
+            assert torch.equal(out, ref), (out - ref).abs().max()
 
 
 @pytest.mark.parametrize("online_hadamard", [False, True])
