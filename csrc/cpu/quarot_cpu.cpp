@@ -655,10 +655,27 @@ static EpiFn<T> pick_epi(int isa) {
   return isa == kAvx2 ? &epi_avx2<T> : &epi_scalar<T>;
 }
 
+// Work items [0, n) handed out one at a time, in order, to whichever thread asks: on a
+// shared machine a thread that loses its core holds back only its current item (static
+// halves would make the other thread wait for the slower one at the join).
+class ItemQueue {
+ public:
+  explicit ItemQueue(int64_t n) : n_(n) {}
+  int64_t workers() const { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_)); }
+  int64_t next() {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < n_ ? i : -1;
+  }
+
+ private:
+  const int64_t n_;
+  std::atomic<int64_t> next_{0};
+};
+
 // ----------------------------------------------------------------------------
 // Vector GEMM driver (AVX512-VNNI, AVX2, scalar): register tiles of kTileM rows ×
 // kTileN·16 channels; work items are (channel tile, chunk of row tiles), channel-major
-// so each thread keeps its weights hot in cache.
+// (consecutive items share a channel tile's weights), handed out by an ItemQueue.
 
 template <typename T>
 static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
@@ -671,10 +688,11 @@ static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, con
   const int64_t mchunks = (mtiles + mchunk - 1) / mchunk;
   const int64_t wstride = k / kstep(bits) * 64;  // bytes per block of 16 channels
   const int64_t gs = k / e.groups;
-  at::parallel_for(0, ntiles * mchunks, 1, [&](int64_t i0, int64_t i1) {
+  ItemQueue queue(ntiles * mchunks);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     alignas(64) int32_t acc[kTileM * 64];
     alignas(64) float facc[kTileM * 64];
-    for (int64_t item = i0; item < i1; ++item) {
+    for (int64_t item; (item = queue.next()) >= 0;) {
       const int64_t nt = item / mchunks, mc = item % mchunks;
       const int64_t b0 = nt * kTileN, nb = std::min(kTileN, nblk - b0);
       const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, e.n - c0);
@@ -710,7 +728,7 @@ static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, con
 // of weights is unpacked once into a 16 KiB L1 buffer and every row-tile pair of the
 // chunk runs over it, its C tiles parked in a chunk × 32 int32 buffer between blocks;
 // after a group's last block the epilogue turns the chunk's sums into float.
-// Threads split the items (chunks × panels): distinct 32-channel column ranges of the
+// Threads take items from an ItemQueue: distinct 32-channel column ranges of the
 // output, 64 bf16 bytes, one cache line per row.
 
 static constexpr int64_t kAmxMinRows = 16;
@@ -825,7 +843,8 @@ static void gemm_amx(const Epi& e, const int8_t* a, int64_t m, int64_t k, const 
       static_cast<int8_t*>(std::aligned_alloc(64, (m + 15) / 16 * astride)), &std::free);
   amx_pack_a(a, m, k, ap.get());
   QUAROT_MEM_FENCE();
-  at::parallel_for(0, mchunks * npan, 1, [&](int64_t i0, int64_t i1) {
+  ItemQueue queue(mchunks * npan);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     // the chunk's C (int32, 32 channels a row), its float group sums, one unpacked B block
     std::unique_ptr<int32_t, decltype(&std::free)> cbuf(
         static_cast<int32_t*>(std::aligned_alloc(64, chunk * 32 * 4)), &std::free);
@@ -833,7 +852,7 @@ static void gemm_amx(const Epi& e, const int8_t* a, int64_t m, int64_t k, const 
         static_cast<float*>(std::aligned_alloc(64, chunk * 32 * 4)), &std::free);
     alignas(64) uint8_t bblk[kAmxKBlock * 2048];
     amx_config();
-    for (int64_t item = i0; item < i1; ++item) {
+    for (int64_t item; (item = queue.next()) >= 0;) {
       const int64_t mc = item / npan, p = item % npan;
       const int64_t b0 = 2 * p, nbp = std::min<int64_t>(2, nblk - b0);
       const int64_t c0 = b0 * kNB, nc = std::min(nbp * kNB, e.n - c0);
