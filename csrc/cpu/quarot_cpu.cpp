@@ -722,7 +722,7 @@ static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, con
 //
 // Blocking: the activation codes are first copied into 16-row × 64-k tiles, contiguous
 // (no 4 KiB-strided rows that all fall into one L1 set), zero rows padding M to 16.
-// Work items are (chunk of up to 256 rows, panel of 32 channels), chunk-major: a thread
+// Work items are (chunk of up to 128 rows, panel of 32 channels), chunk-major: a thread
 // walks every panel of its chunk while the chunk's codes (≤ 1 MiB) stay in its L2.
 // Within an item, K (per group) goes in blocks of kAmxKBlock k-steps: the panel's block
 // of weights is unpacked once into a 16 KiB L1 buffer and every row-tile pair of the
@@ -733,8 +733,10 @@ static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, con
 
 static constexpr int64_t kAmxMinRows = 16;
 
-static int64_t amx_chunk(int64_t k) {  // rows per work item: codes of a chunk ≤ ~1 MiB
-  return std::max<int64_t>(32, std::min<int64_t>(256, (1 << 20) / k / 32 * 32));
+// Rows per work item: ≤ 128 (the chunk's parked C, 16 KiB, and the unpacked B block,
+// 16 KiB, share L1 with the streaming codes), codes of a chunk ≤ ~1 MiB (L2).
+static int64_t amx_chunk(int64_t k) {
+  return std::max<int64_t>(32, std::min<int64_t>(128, (1 << 20) / k / 32 * 32));
 }
 
 static void amx_config() {
