@@ -49,10 +49,11 @@ from cpu_e2e import CACHE, make_model, quantize_model
 from models import smollm2_dir, smollm2_gguf
 
 CONCURRENCY = (1, 8, 32)
-N_DEC = 64
+# --decode-tokens / --long-prompt set these for the workers through the environment
+N_DEC = int(os.environ.get("VS_LLAMACPP_DECODE_TOKENS", 64))
 PROMPT = 16
 REPEATS = 3  # each figure: the median of 3 timed runs (this machine is noisy)
-LONG = 1024
+LONG = int(os.environ.get("VS_LLAMACPP_LONG_PROMPT", 1024))
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
 
 
@@ -174,12 +175,14 @@ class LlamaCpp:
     together, greedy."""
 
     def __init__(self, gguf: Path, threads: int, n_seq: int, n_ctx: int,
-                 f32_cache: bool = False):
+                 f32_cache: bool = False, extra_bufts: bool = True):
         import llama_cpp as L
 
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        # extra buffer types: llama.cpp's weight repacking and its AMX matmul (default on)
+        mp.use_extra_bufts = extra_bufts
         self.model = L.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise SystemExit(f"llama.cpp cannot load {gguf}")
@@ -230,9 +233,11 @@ class LlamaCpp:
         return self._decode([(t, p, 0, True) for p, t in enumerate(ids)]).copy()
 
 
-def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int) -> dict:
+def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int,
+                 extra_bufts: bool = True) -> dict:
     t = time.perf_counter()
-    eng = {c: LlamaCpp(Path(gguf), threads, c, c * (PROMPT + N_DEC + 8)) for c in concurrency}
+    eng = {c: LlamaCpp(Path(gguf), threads, c, c * (PROMPT + N_DEC + 8),
+                       extra_bufts=extra_bufts) for c in concurrency}
     res: dict = {"startup_s": time.perf_counter() - t}
     def timed(e: LlamaCpp, prompts: list[list[int]], n: int) -> float:
         t = time.perf_counter()
@@ -245,7 +250,7 @@ def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int) ->
         res[f"tok_s_{c}"] = c * N_DEC / _median(
             timed(e, [prompt_ids(100 * r + i, vocab=vocab) for i in range(c)], N_DEC)
             for r in range(1, REPEATS + 1))
-    long = LlamaCpp(Path(gguf), threads, 1, LONG + 16)
+    long = LlamaCpp(Path(gguf), threads, 1, LONG + 16, extra_bufts=extra_bufts)
     long.generate([prompt_ids(7, LONG, vocab)], 1)
     res["ttft_s"] = _median(timed(long, [prompt_ids(8 + r, LONG, vocab)], 1)
                             for r in range(REPEATS))
@@ -377,12 +382,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results/<machine tag>)")
     ap.add_argument("--name", default="vs_llamacpp", help="result files' name (.md, .png)")
+    ap.add_argument("--decode-tokens", type=int, default=N_DEC,
+                    help="greedy tokens generated per sequence")
+    ap.add_argument("--long-prompt", type=int, default=LONG, help="TTFT prompt length")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the QuaRot engines with this checkout's vllm_quarot")
     ap.add_argument("--from-raw", type=Path, default=None,
                     help="make the table and plot from the per-engine lines a run printed")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global N_DEC, LONG
+    N_DEC, LONG = a.decode_tokens, a.long_prompt
+    os.environ["VS_LLAMACPP_DECODE_TOKENS"] = str(a.decode_tokens)
+    os.environ["VS_LLAMACPP_LONG_PROMPT"] = str(a.long_prompt)
     if a.out is None and a.worker is None:
         from cpu_peak import machine_tag
 
@@ -392,7 +404,8 @@ def main() -> None:
         os.sched_setaffinity(0, range(a.threads))
         kind, target, vocab = a.worker[0], a.worker[1], int(a.worker[2])
         if kind == "llama":
-            res = llama_worker(target, a.threads, conc, vocab)
+            res = llama_worker(target, a.threads, conc, vocab,
+                               extra_bufts=a.worker[3:4] != ["no-extra-bufts"])
         else:
             q = None if a.worker[3] == "none" else a.worker[3]
             res = vllm_worker(target, q, a.worker[4], not a.eager, conc, vocab)
@@ -431,7 +444,14 @@ def main() -> None:
         res: dict[str, dict] = {}
         for kind in filter(None, a.gguf.split(",")):
             g = quantize_gguf(f32, kind, a.threads)
-            res[f"llama.cpp {kind}"] = run_worker(["llama", str(g), str(vocab)], a.threads)
+            try:
+                res[f"llama.cpp {kind}"] = run_worker(["llama", str(g), str(vocab)], a.threads)
+            except SystemExit as exc:  # e.g. llama.cpp's AMX matmul crashing on a shape
+                log(f"{label}: llama.cpp {kind} with its extra buffer types (repack, AMX) "
+                    f"failed ({str(exc).splitlines()[0]} ...): running it without them")
+                kind = f"{kind} (no extra buffer types)"
+                res[f"llama.cpp {kind}"] = run_worker(
+                    ["llama", str(g), str(vocab), "no-extra-bufts"], a.threads)
             res[f"llama.cpp {kind}"]["mib"] = g.stat().st_size / 2**20
             log(label, f"llama.cpp {kind}", res[f"llama.cpp {kind}"])
         for dtype in filter(None, a.base_dtypes.split(",")):
@@ -495,7 +515,7 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
                   + ", ".join(f"{key.removeprefix('tok_s_')}: {n}" for key, n in best.items())
                   + f"; F32 GGUF vs transformers logits: {checks[label]:.1e} relative)\n",
                   "| engine | " + " | ".join(f"tok/s ×{c} seq" for c in conc)
-                  + " | TTFT 1024-token prompt (s) | start-up (s) | weights (MiB) |",
+                  + f" | TTFT {LONG}-token prompt (s) | start-up (s) | weights (MiB) |",
                   "|---|" + "---:|" * (len(conc) + 3)]
         for name, r in res.items():
             cells = [f"{r[f'tok_s_{c}']:.1f} ({r[f'tok_s_{c}'] / ref[f'tok_s_{c}']:.2f}×)"
@@ -517,7 +537,8 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     (a.out / f"{a.name}.md").write_text(
         f"# llama.cpp vs vLLM on the same weights (CPU, {a.threads} threads, vLLM {mode}, "
         f"QuaRot kernels {cpu_ops.isa()}, QuaRot lm_head {a.lm_head})\n\n"
-        f"{header('.venv/bin/python ' + cmd)}\nEach figure is the median of {REPEATS} runs. "
+        f"{header('.venv/bin/python ' + cmd)}\nEach figure is the median of {REPEATS} runs "
+        f"({N_DEC} greedy tokens per sequence after a {PROMPT}-token prompt). "
         f"TTFT ratio: llama.cpp's time / this engine's (> 1: faster).\n{table}\n\n"
         f"![tok/s vs concurrency]({png.name})\n")
     print(f"wrote {a.out / a.name}.md and {png}")
