@@ -366,6 +366,7 @@ def plot(results: dict, concurrency: list[int], path: Path) -> None:
 
 
 def main() -> None:
+    global N_DEC, LONG
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,1.1b")
     ap.add_argument("--eager", action="store_true",
@@ -391,7 +392,6 @@ def main() -> None:
                     help="make the table and plot from the per-engine lines a run printed")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    global N_DEC, LONG
     N_DEC, LONG = a.decode_tokens, a.long_prompt
     os.environ["VS_LLAMACPP_DECODE_TOKENS"] = str(a.decode_tokens)
     os.environ["VS_LLAMACPP_LONG_PROMPT"] = str(a.long_prompt)
