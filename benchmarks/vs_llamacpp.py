@@ -309,7 +309,9 @@ def vllm_worker(model: str, quantization: str | None, dtype: str, compile_: bool
 
 
 def run_worker(args: list[str], threads: int, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *args, "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", *args, "--threads", str(threads),
+           "--concurrency", os.environ.get("VS_LLAMACPP_CONCURRENCY",
+                                           ",".join(map(str, CONCURRENCY)))]
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=full_env)
@@ -394,6 +396,7 @@ def main() -> None:
     a = ap.parse_args()
     N_DEC, LONG = a.decode_tokens, a.long_prompt
     os.environ["VS_LLAMACPP_DECODE_TOKENS"] = str(a.decode_tokens)
+    os.environ["VS_LLAMACPP_CONCURRENCY"] = a.concurrency
     os.environ["VS_LLAMACPP_LONG_PROMPT"] = str(a.long_prompt)
     if a.out is None and a.worker is None:
         from cpu_peak import machine_tag
