@@ -12,6 +12,12 @@ time includes its activation quantization. Weights are cycled over enough copies
 exceed the last-level cache, as in a real model where each layer's weights are read
 once per step. Prints a markdown table of times and speed-ups and saves a PNG plot.
 
+``--decode MODEL`` instead times the linear layers of one batch-1 decode step of a model
+shape (every decoder layer's merged qkv_proj, o_proj, merged gate_up_proj and down_proj
+with its online R4, then the 8-bit lm_head, each with its own weights: the whole set is
+read once per step, from DRAM) on each dispatch path, against the weight-streaming bound
+(the step's weight bytes at cpu_peak.py's read bandwidth).
+
 Contenders are timed round-robin (one call each in turn, medians), so that the load of
 a shared machine falls on all of them alike.
 
@@ -146,6 +152,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=[label for label, _, _ in SHAPES],
                     help="subset of: " + ", ".join(label for label, _, _ in SHAPES))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--decode", choices=sorted(DECODE_MODELS), default=None,
+                    help="time a batch-1 decode step's linear layers of this model shape")
+    ap.add_argument("--steps", type=int, default=9, help="--decode: timed steps per path")
     ap.add_argument("--slow", action="store_true",
                     help="also QuaRot W4A16 and the W4A4 PyTorch reference ops")
     ap.add_argument("--peak", type=Path, default=None,
@@ -156,6 +165,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out or Path("benchmarks/results") / machine_tag()
     torch.set_num_threads(args.threads)
+    if args.decode:
+        return decode_step(args)
     if not cpu_ops.AVAILABLE:
         raise SystemExit("the native CPU kernels are not built (vllm_quarot/_C_cpu missing)")
     with single_process_group():
@@ -233,6 +244,69 @@ def run(args: argparse.Namespace) -> None:
         f"## Native W4A4 against this machine's limits\n\n{peak_note}\n\n{ftable}\n")
     _plot(speedups, args.m, args.out / f"{args.name}.png")
     print(f"\nsaved {args.out / args.name}.md and .png")
+
+
+DECODE_MODELS = {"1.1b": "Llama 1.1B (TinyLlama shape)", "smollm2": "SmolLM2-135M"}
+
+
+def decode_step(args: argparse.Namespace) -> None:
+    """One batch-1 decode step's linear layers, per dispatch path, vs the weight bound."""
+    from cpu_peak import MODELS, weight_bytes
+
+    name = DECODE_MODELS[args.decode]
+    cfg = MODELS[name]
+    peak_file = args.peak or args.out / "cpu_peak.json"
+    bw = json.loads(peak_file.read_text())["read_bytes_per_s"][str(args.threads)]["best"]
+    h, i, hd = cfg["hidden"], cfg["inter"], cfg["hidden"] // cfg["heads"]
+    shapes = [(h, (cfg["heads"] + 2 * cfg["kv_heads"]) * hd, 0), (cfg["heads"] * hd, h, 0),
+              (h, 2 * i, 0), (i, h, i)] * cfg["layers"]
+    q = torch.ops.quarot_cpu
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    print(f"building {len(shapes)} W4A4 layers + the W8A8 lm_head of {name} ...", flush=True)
+    for k, n, r4 in shapes + [(h, cfg["vocab"], 0)]:
+        bits = 8 if n == cfg["vocab"] else 4
+        w = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8,
+                          generator=g)
+        had = hadamard_factor(k, torch.float32) if r4 else None
+        layers.append((q.repack_weight(w, bits), q.repack_scale(torch.rand(n, 1, generator=g)),
+                       n, bits, had, torch.randn(1, k, dtype=torch.bfloat16, generator=g)))
+    nbytes = weight_bytes(cfg, 4, 8)
+
+    def step() -> float:
+        t = time.perf_counter()
+        for wp, st, n, bits, had, x in layers:
+            q.linear(x, had, wp, st, None, n, bits, 8 if bits == 8 else 4, 1.0, None)
+        return time.perf_counter() - t
+
+    isas = [i for i in cpu_ops.supported_isas() if i != "scalar"]
+    times: dict[str, list[float]] = {isa: [] for isa in isas}
+    for _ in range(args.steps):  # round-robin over the paths
+        for isa in isas:
+            previous = cpu_ops.set_isa(isa)
+            times[isa].append(step())
+            cpu_ops.set_isa(previous)
+    lines = [f"Weights read per step: {nbytes / 1e6:.0f} MB; read bandwidth "
+             f"{bw / 1e9:.1f} GB/s ({args.threads} threads, {peak_file}): bound "
+             f"{bw / nbytes:.1f} steps/s.", "",
+             "| path | step ms (median) | best | steps/s (median) | fraction of the bound |",
+             "|---|---:|---:|---:|---:|"]
+    for isa, ts in times.items():
+        ts.sort()
+        med = ts[len(ts) // 2]
+        lines.append(f"| {isa} | {med * 1e3:.1f} | {ts[0] * 1e3:.1f} | {1 / med:.1f} | "
+                     f"{nbytes / med / bw:.0%} |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = ".venv/bin/python benchmarks/cpu_layers.py " + " ".join(sys.argv[1:])
+    out = args.out / f"decode_step_{args.decode}_{args.threads}thread.md"
+    out.write_text(f"# Batch-1 decode step, linear layers only: {name} (QuaRot W4A4, 8-bit "
+                   f"lm_head)\n\n{header(cmd.strip())}\nEach step: every layer's own "
+                   f"weights, read once (the set exceeds the caches); quantization and the "
+                   f"online R4 included; medians of {args.steps} steps per path, "
+                   f"round-robin.\n\n{table}\n")
+    print(f"wrote {out}")
 
 
 def _plot(speedups: dict[str, list[float]], ms: list[int], path: Path) -> None:
