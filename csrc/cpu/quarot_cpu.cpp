@@ -15,8 +15,9 @@
 // One 64-byte row is one zmm: 16 int32 lanes, each a 4-byte dot product with a
 // broadcast group of 4 activation codes.
 //
-// Dispatch: AVX512-VNNI, AVX2 (maddubs on nibbles) or portable scalar, chosen from the
-// CPU at load time; VLLM_QUAROT_CPU_ISA=avx512_vnni|avx2|scalar forces one (tests).
+// Dispatch: AMX-INT8 (GEMMs of M >= 16 rows; AVX512-VNNI for the rest), AVX512-VNNI,
+// AVX2 (maddubs on nibbles) or portable scalar, chosen from the CPU at load time;
+// VLLM_QUAROT_CPU_ISA=amx|avx512_vnni|avx2|scalar forces one (tests).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
