@@ -29,7 +29,7 @@ ENVIRONMENT_VARIABLES: dict[str, Callable[[], Any]] = {
     # 1: do not build (setup.py) or load the native CPU library; the reference torch ops
     # serve instead. Kept as the short form of disabling every native kernel.
     "VLLM_QUAROT_NO_EXT": lambda: os.environ.get("VLLM_QUAROT_NO_EXT") == "1",
-    # avx512_vnni | avx2 | scalar: force the native CPU kernels' instruction set (read
+    # amx | avx512_vnni | avx2 | scalar: force the native CPU kernels' instruction set (read
     # by csrc/cpu itself at load; listed here so that every variable is in one place).
     "VLLM_QUAROT_CPU_ISA": lambda: os.environ.get("VLLM_QUAROT_CPU_ISA"),
     # 1: build the experimental csrc/cuda extension at install time (nothing calls it yet).
