@@ -58,7 +58,9 @@ GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
 
 
 def prompt_ids(i: int, n: int = PROMPT, vocab: int = 31000) -> list[int]:
-    return [(37 * i + 11 * j) % (vocab - 200) + 100 for j in range(n)]
+    from vllm_quarot.eval.throughput import prompt_ids as ids
+
+    return ids(i, n, vocab)
 
 
 # ---------------------------------------------------------------- the same weights as GGUF
@@ -282,8 +284,7 @@ def check_same_model(hf_dir: Path, f32: Path, threads: int) -> float:
 
 def vllm_worker(model: str, quantization: str | None, dtype: str, compile_: bool,
                 concurrency: list[int], vocab: int) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     t = time.perf_counter()
     llm = LLM(model, quantization=quantization, dtype=dtype, enforce_eager=not compile_,
@@ -292,19 +293,11 @@ def vllm_worker(model: str, quantization: str | None, dtype: str, compile_: bool
     res: dict = {"startup_s": time.perf_counter() - t,
                  "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch.")}
 
-    def gen(prompts: list[list[int]], n: int) -> float:
-        p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=x) for x in prompts], p, use_tqdm=False)
-        return time.perf_counter() - t
+    from vllm_quarot.eval.throughput import decode_tokens_per_s, time_to_first_token
 
     for c in concurrency:
-        gen([prompt_ids(i, vocab=vocab) for i in range(c)], 4)  # warm-up (shapes)
-        res[f"tok_s_{c}"] = c * N_DEC / _median(
-            gen([prompt_ids(100 * r + i, vocab=vocab) for i in range(c)], N_DEC)
-            for r in range(1, REPEATS + 1))
-    gen([prompt_ids(7, LONG, vocab)], 1)
-    res["ttft_s"] = _median(gen([prompt_ids(8 + r, LONG, vocab)], 1) for r in range(REPEATS))
+        res[f"tok_s_{c}"] = decode_tokens_per_s(llm, c, N_DEC, vocab, REPEATS, PROMPT)
+    res["ttft_s"] = time_to_first_token(llm, LONG, vocab, REPEATS)
     return res
 
 

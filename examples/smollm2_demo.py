@@ -44,33 +44,22 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
-def decode_tps(llm, prompts: list[str], tokens: int) -> float:
-    """Generated tokens per second for prompts decoded together (after a warm-up)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    t = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    return len(prompts) * tokens / (time.perf_counter() - t)
-
-
 def serve(model: Path, windows: list[list[int]], n_gen: int) -> dict:
     """One engine: generations, perplexity, KV capacity, decode speed; then stopped."""
     from vllm import LLM, SamplingParams
 
     from vllm_quarot.eval.perplexity import shutdown_llm, vllm_perplexity
+    from vllm_quarot.eval.throughput import decode_tokens_per_s, kv_capacity_tokens
 
     llm = LLM(str(model), dtype="bfloat16", enforce_eager=True, max_model_len=2048,
               max_num_seqs=32, seed=0)
-    cache = llm.llm_engine.vllm_config.cache_config
-    capacity = (cache.num_gpu_blocks or 0) * cache.block_size
+    capacity = kv_capacity_tokens(llm)
     greedy = SamplingParams(max_tokens=n_gen, temperature=0.0)
     gens = [o.outputs[0].text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
     ppl = vllm_perplexity(llm, windows)
-    batch = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(32)]
-    tps1 = decode_tps(llm, PROMPTS[:1], 128)
-    tps32 = decode_tps(llm, batch, 64)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    tps1 = decode_tokens_per_s(llm, 1, 128, vocab)
+    tps32 = decode_tokens_per_s(llm, 32, 64, vocab)
     shutdown_llm(llm)
     del llm
     gc.collect()
