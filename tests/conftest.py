@@ -33,6 +33,27 @@ def pytest_addoption(parser):
                           "end-to-end tests marked quick")
 
 
+def pytest_report_header(config):
+    """The CPU's ISA in the header: kernels are chosen per ISA, so a failure on another
+    machine is read next to what that machine has."""
+    import platform
+
+    flags: set[str] = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+           if f in flags]
+    return f"cpu: {model} ({os.cpu_count()} cores) isa: {' '.join(isa) or 'unknown'}"
+
+
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--quick"):
         return

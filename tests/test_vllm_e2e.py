@@ -126,7 +126,12 @@ def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, sc
         calib=str(TINYSTORIES), nsamples=4, seqlen=64))
     out = engine(out_dir).run(PROMPTS)
     assert out["quantization"] == "quarot"
-    simulate(out_dir, out["results"])
+    # 8-bit activations of clip 1.0 run on vLLM's int8 kernels, whose own per-token
+    # quantizer (vectorised per ISA) may break a rounding tie the other way than the
+    # simulation's: one code in 255, amplified by this random model's ~500-nat logits
+    # (seen: 0.06 nats at -520 on an AVX-512 CI machine). The tokens stay exact.
+    simulate(out_dir, out["results"],
+             logprob_rtol=1e-3 if scheme.startswith("w8a8") else 0.0)
 
 
 def test_a8_layers_and_4bit_lm_head_match_simulation(tmp_path, engine, random_llama):
