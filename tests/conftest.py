@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 if not torch.cuda.is_available():
     # The Triton kernels (the GPU path) run on CPU tensors under Triton's interpreter;
     # it is chosen when kernels are defined, so before anything imports them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
-
+from vllm_quarot.eval.zoo import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize  # noqa: E402
 
 TINYSTORIES = DATA_DIR / "tinystories" / "validation_head.txt"
