@@ -354,6 +354,7 @@ def make_random_model(
     tie: bool = False,
     seed: int = 0,
     key_bias: float = 0.0,
+    vocab: int = 512,
 ) -> Path:
     """Save a random model on which greedy decoding is stable under float noise.
 
@@ -377,7 +378,7 @@ def make_random_model(
     cfg = AutoConfig.for_model(
         model_type,
         architectures=[cls],
-        vocab_size=512,
+        vocab_size=vocab,  # the tokenizer's 512 ids are all inside it
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_attention_heads=heads,
