@@ -39,6 +39,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _pivots(text: str) -> int | None:
+    """--kv-pivots: auto (None) or a count."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
@@ -91,6 +101,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="4-bit KV cache: per layer, choose key/value shift, SmoothAttention "
                         "and R3 by attention error on the calibration text (needs --calib "
                         "or --calib-self; RTN without either keeps R3 everywhere)")
+    p.add_argument("--kv-pivots", type=_pivots, default=None, metavar="auto|N",
+                   help="4-bit KV cache: the first N tokens of every sequence keep 16-bit "
+                        "keys and values (IntactKV; N*256 bytes more per cache block and KV "
+                        "head at head_dim 64); auto (default): the attention sinks the KV "
+                        "calibration finds (tokens drawing >= 5%% of the attention), 0 "
+                        "without it")
     p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default=QuantizeOptions.lm_head,
                    help="quantize the lm_head too (R1 fused into it; GPTQ when the layers "
                    "use GPTQ): w8a8, w4a8 or w4a16; none keeps it 16-bit; auto (default): "

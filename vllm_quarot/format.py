@@ -17,8 +17,13 @@ QUANT_METHOD = "quarot"
 # 3: activation.layer_bits (per-layer activation precision); 1 and 2 read as none
 # 4: kv_cache.shift (per-layer key/value centring, KV_SHIFT_FILE) and rotation.r3.layers
 #    (R3 on some layers only); 1-3 read as no shift and R3 on every layer
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# 6: kv_cache.pivots (the first tokens' keys and values kept 16-bit: IntactKV); 1-5 read
+#    as none
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# kv_cache.pivots: at most this many leading tokens per sequence (they live in the tail of
+# the sequence's first cache block, which holds at least 32 tokens on CPU)
+MAX_KV_PIVOTS = 8
 # the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
 # subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
 KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
@@ -124,6 +129,10 @@ class KVCacheSpec:
     # attention output; it takes the massive bias components (Qwen2's k_proj biases)
     # out of the 4-bit range
     shift: bool = False
+    # IntactKV: the first `pivots` tokens of every sequence keep 16-bit (float16) keys and
+    # values (after the shift and R3), the others are 4-bit; they are the attention sinks,
+    # whose one key draws a third of every later query's attention on Qwen2.5
+    pivots: int = 0
 
 
 R1_KINDS = ("randomized-hadamard", "cayley-learned", "none")
@@ -381,6 +390,13 @@ class QuaRotFormat:
                 f"rotation.r3.layers must be increasing layer indices, got {list(r.r3.layers)}")
         if kv is not None and kv.shift and kv.bits != 4:
             raise CheckpointFormatError("kv_cache.shift is served with 4-bit caches only")
+        if kv is not None and (not isinstance(kv.pivots, int) or isinstance(kv.pivots, bool)
+                               or not 0 <= kv.pivots <= MAX_KV_PIVOTS):
+            raise CheckpointFormatError(
+                f"kv_cache.pivots must be an integer in [0, {MAX_KV_PIVOTS}], got "
+                f"{kv.pivots!r}")
+        if kv is not None and kv.pivots and kv.bits != 4:
+            raise CheckpointFormatError("kv_cache.pivots is served with 4-bit caches only")
         for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
             if online is not None:
                 online.check(name)

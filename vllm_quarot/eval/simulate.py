@@ -86,8 +86,9 @@ _KV_ATTENTION_COUNT = itertools.count()
 def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
     """Register an attention function that, after RoPE, subtracts the layer's key and
     value shifts (kv_cache.shift), rotates queries and keys by R3 (on the layers it
-    applies to), fake-quantizes keys and values per token and head, runs SDPA and adds
-    the value shift back."""
+    applies to), fake-quantizes keys and values per token and head except those of the
+    first kv_cache.pivots tokens (kept in float16), runs SDPA and adds the value shift
+    back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -97,15 +98,15 @@ def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
     def attention(module, query, key, value, attention_mask, **kwargs):
         i = module.layer_idx
         dtype = key.dtype
-        k, v = key.float(), value.float()  # [B, kv_heads, T, D]
+        k, v = key.float(), value.float()  # [B, kv_heads, T, D], T from position 0
         if shifts is not None:
             k = k - shifts[i][0][:, None, :]
             v = v - shifts[i][1][:, None, :]
         if r3 is not None and r3.applies_to(i):
             query = hadamard_transform(query.float()).to(query.dtype)
             k = hadamard_transform(k)
-        key = fake_quantize_asym(k, kv.bits, kv.clip_ratio).to(dtype)
-        value = fake_quantize_asym(v, kv.bits, kv.clip_ratio)
+        key = keep_pivots(fake_quantize_asym(k, kv.bits, kv.clip_ratio), k, kv.pivots).to(dtype)
+        value = keep_pivots(fake_quantize_asym(v, kv.bits, kv.clip_ratio), v, kv.pivots)
         if shifts is None:
             value = value.to(dtype)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -118,6 +119,17 @@ def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
 
     AttentionInterface.register(name, attention)
     return name
+
+
+def keep_pivots(quantized: torch.Tensor, exact: torch.Tensor, pivots: int) -> torch.Tensor:
+    """The 4-bit cache's keys or values [B, kv_heads, T, D] with the first ``pivots``
+    positions replaced by the exact ones rounded to float16, as the runtime stores them
+    (kv_cache.pivots)."""
+    if not pivots:
+        return quantized
+    out = quantized.clone()
+    out[:, :, :pivots] = exact[:, :, :pivots].half().float()
+    return out
 
 
 def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str],

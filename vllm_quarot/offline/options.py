@@ -76,6 +76,10 @@ class QuantizeOptions:
     # with a 4-bit KV cache and calibration text: choose key/value shift, SmoothAttention
     # and R3 per layer by measured attention error (offline/kv_calibration.py)
     kv_calibrate: bool = True
+    # IntactKV: the first N tokens of every sequence keep 16-bit keys and values; None
+    # (auto): with --kv-calibrate, the leading tokens that draw >= PIVOT_SHARE of the
+    # attention in some layer (the attention sinks), else 0
+    kv_pivots: int | None = None
     # the lm_head quantized too (R1 is fused into it like every linear): auto, none,
     # w8a8, w4a8, w4a16 (LM_HEADS); GPTQ when the layers use GPTQ
     lm_head: str = "auto"
@@ -180,6 +184,15 @@ def check_options(o: QuantizeOptions) -> None:
     for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
         if v is not None and not 0.0 < v <= 1.0:
             raise QuantizeError(f"{name} must be in (0, 1], got {v}")
+    if o.kv_pivots is not None:
+        from vllm_quarot.format import MAX_KV_PIVOTS
+
+        if not 0 <= o.kv_pivots <= MAX_KV_PIVOTS:
+            raise QuantizeError(f"--kv-pivots must be auto or 0..{MAX_KV_PIVOTS}, got "
+                                f"{o.kv_pivots}")
+        if o.kv_pivots and o.bits[2] is None:
+            raise QuantizeError(f"--kv-pivots {o.kv_pivots}: scheme {o.scheme} keeps a "
+                                "16-bit KV cache")
     if o.precision not in PRECISIONS:
         raise QuantizeError(f"--precision must be float32 or float64, got {o.precision!r}")
     if o.device not in DEVICES:

@@ -531,6 +531,8 @@ class _Streamer:
         # --kv-calibrate: each layer's choice and its (k, v) shift vectors
         self.kv_choices: dict[int, dict[str, Any]] = {}
         self.kv_shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # kv_cache.pivots: --kv-pivots N, or (auto) the most sinks a layer so far showed
+        self.kv_pivots = o.kv_pivots or 0
 
     def run(self, tok: Any, calib_ids: Callable[[], torch.Tensor | None]) -> None:
         """Embedding, layers, head; parts a previous run finished (--resume) are read
@@ -588,6 +590,8 @@ class _Streamer:
         self.layer_errors = dict(st.get("layer_errors") or {})
         self.act_errors = dict(st.get("act_errors") or {})
         self.kv_choices = {int(i): c for i, c in (st.get("kv_choices") or {}).items()}
+        self.kv_pivots = max([self.kv_pivots, *(c.get("pivots", 0)
+                                                for c in self.kv_choices.values())])
         self.kv_shifts = {i: (t[f"kv.{i}.k_shift"], t[f"kv.{i}.v_shift"])
                           for i in self.kv_choices}
         if self.o.verify:
@@ -679,13 +683,20 @@ class _Streamer:
         q, k, v = kv_calibration.layer_qkv(runner.module, x, (cos.to(x.dtype), sin.to(x.dtype)))
         kv = self.plan.fmt.kv_cache
         assert kv is not None
+        q, k, v = q.cpu(), k.cpu(), v.cpu()
+        # the attention sinks: every window starts a sequence, so its first tokens play
+        # the part they play at serving time
+        lead = kv_calibration.leading_attention(q, k, kv_calibration.MAX_AUTO_PIVOTS)
+        if self.o.kv_pivots is None:
+            self.kv_pivots = max(self.kv_pivots, kv_calibration.sinks(lead))
         qk_norm = hasattr(runner.module.self_attn, "k_norm")
         cal = kv_calibration.calibrate_layer(
-            q.cpu(), k.cpu(), v.cpu(), kv.bits, kv.clip_ratio,
-            r3_allowed=self.plan.fmt.rotation.r3 is not None, smooth_allowed=not qk_norm)
+            q, k, v, kv.bits, kv.clip_ratio, r3_allowed=self.plan.fmt.rotation.r3 is not None,
+            smooth_allowed=not qk_norm, pivots=self.kv_pivots)
         if cal.smooth is not None:
             kv_calibration.apply_smoothing(sd, cal.smooth.double(), self.cfg.num_attention_heads)
-        self.kv_choices[i] = cal.choice.summary()
+        self.kv_choices[i] = {**cal.choice.summary(), "pivots": self.kv_pivots,
+                              "leading_attention": [round(x, 4) for x in lead]}
         self.kv_shifts[i] = (cal.k_shift, cal.v_shift)
 
     def linear(self, sd: dict[str, torch.Tensor], prefix: str, name: str,
@@ -825,6 +836,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions) -> 
                 fmt = _with_kv_choices(fmt, streamer.kv_choices)
                 if fmt.kv_cache is not None and fmt.kv_cache.shift:
                     write_kv_shift(stage, streamer.kv_shifts)
+            if fmt.kv_cache is not None and streamer.kv_pivots:
+                fmt = dataclasses.replace(fmt, kv_cache=dataclasses.replace(
+                    fmt.kv_cache, pivots=streamer.kv_pivots))
             fmt = dataclasses.replace(fmt, quantizer={**fmt.quantizer, "source": source})
             fmt.validate()
             _write_metadata(model_dir, stage, cfg, fmt, plan.out_dtype, o)
