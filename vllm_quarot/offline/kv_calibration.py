@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_quarot.hadamard import hadamard_transform
-from vllm_quarot.quant import fake_quantize_asym
+from vllm_quarot.transforms import kv_fake_quant
 
 SMOOTH_ALPHAS = (0.0, 0.5)  # 0: no smoothing; QServe's α = 0.5
 MAX_WINDOWS = 8  # calibration windows used per layer
@@ -112,10 +112,7 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     part in the shift means."""
     q, k, v = q.float(), k.float(), v.float()
     ref = attention(q, k, v)
-
-    def fq(x: torch.Tensor) -> torch.Tensor:
-        return with_pivots(fake_quantize_asym(x, bits, clip), x, pivots)
-
+    fq = lambda x: kv_fake_quant(x, bits, clip, pivots=pivots)  # noqa: E731
     zeros = torch.zeros(k.shape[1], k.shape[-1], device=k.device)
 
     # values: shifted or not, judged with exact keys
@@ -163,16 +160,6 @@ def _candidate(q: torch.Tensor, k: torch.Tensor, alpha: float, shift: bool, r3: 
     if r3:
         kr, qs = hadamard_transform(kr), hadamard_transform(qs)
     return qs, kr, lam, c
-
-
-def with_pivots(quantized: torch.Tensor, exact: torch.Tensor, pivots: int) -> torch.Tensor:
-    """Keys or values [B, Hkv, T, D] as the cache holds them: the first ``pivots``
-    positions exact (float16), the rest as quantized."""
-    if not pivots:
-        return quantized
-    out = quantized.clone()
-    out[:, :, :pivots] = exact[:, :, :pivots].half().to(out.dtype)
-    return out
 
 
 def leading_attention(q: torch.Tensor, k: torch.Tensor, n: int, first_query: int = 16
