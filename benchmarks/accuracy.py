@@ -157,6 +157,10 @@ MODELS = {
     # SmolLM2 with Qwen2's massive key biases planted (models.smollm2_qwen2_keys_dir)
     "smollm2-qwen2keys": ("wikitext-2-raw/wiki.test.raw", 2048, True,
                           "tinystories/validation_head.txt"),
+    # SmolLM2 with a real Qwen2.5's key/query statistics and its own attention sink
+    # (zoo.smollm2_qwen25_dir)
+    "smollm2-qwen25": ("wikitext-2-raw/wiki.test.raw", 2048, True,
+                       "tinystories/validation_head.txt"),
 }
 
 
@@ -169,6 +173,10 @@ def model_dir(name: str) -> Path:
         from vllm_quarot.eval.zoo import smollm2_qwen2_keys_dir
 
         return smollm2_qwen2_keys_dir()
+    if name == "smollm2-qwen25":
+        from vllm_quarot.eval.zoo import smollm2_qwen25_dir
+
+        return smollm2_qwen25_dir()
     return DATA / "stories260K" / "hf"
 
 

@@ -62,14 +62,16 @@ class EngineProcess:
         return "".join(self.lines)
 
     def run(self, prompts: list[str], max_tokens: int = 32, sequential: bool = False,
-            timeout: float = 600) -> dict:
-        """Greedy tokens and prompt log-probs of prompts; "log" is everything the engine
+            timeout: float = 600, prompt_logprobs: bool = True) -> dict:
+        """Greedy tokens and prompt log-probs of prompts (none without prompt_logprobs:
+        only such requests read vLLM's prefix cache); "log" is everything the engine
         printed so far (its kernel choices, KV cache size, ...)."""
         assert self.proc.stdin is not None
         with self._got:
             n = len(self._results)
             self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
-                                              "sequential": sequential}) + "\n")
+                                              "sequential": sequential,
+                                              "prompt_logprobs": prompt_logprobs}) + "\n")
             self.proc.stdin.flush()
             ok = self._got.wait_for(lambda: len(self._results) > n
                                     or self.proc.poll() is not None, timeout)

@@ -37,22 +37,28 @@ def engine_args(a: argparse.Namespace) -> dict:
     )
 
 
-def generate(llm, prompts: list[str], max_tokens: int, sequential: bool) -> dict:
+def generate(llm, prompts: list[str], max_tokens: int, sequential: bool,
+             prompt_logprobs: bool = True) -> dict:
+    """Greedy tokens, and the prompt log-probs unless prompt_logprobs is false (vLLM
+    reads no prefix cache for a request that wants them: num_cached_tokens is 0)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            prompt_logprobs=0)
+                            prompt_logprobs=0 if prompt_logprobs else None)
     if sequential:  # one request at a time (later ones hit the prefix cache)
         outs = [o for p in prompts for o in llm.generate([p], params, use_tqdm=False)]
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
     results = []
     for out in outs:
-        pairs = zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)
-        lps = [None] + [d[t].logprob for d, t in pairs]
+        lps = None
+        if prompt_logprobs:
+            pairs = zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)
+            lps = [None] + [d[t].logprob for d, t in pairs]
         results.append({"prompt_token_ids": list(out.prompt_token_ids),
                         "token_ids": list(out.outputs[0].token_ids),
-                        "prompt_logprobs": lps})
+                        "prompt_logprobs": lps,
+                        "num_cached_tokens": out.num_cached_tokens or 0})
     cfg = llm.llm_engine.vllm_config
     return {"quantization": cfg.model_config.quantization, "results": results}
 
@@ -119,6 +125,6 @@ if __name__ == "__main__":
                 continue
             req = json.loads(line)
             out = generate(llm, req["prompts"], req.get("max_tokens", 32),
-                           req.get("sequential", False))
+                           req.get("sequential", False), req.get("prompt_logprobs", True))
             print("RESULT_JSON " + json.dumps(out), flush=True)
     shutdown_llm(llm)

@@ -111,6 +111,9 @@ BAD_OPTIONS = [
      "--tp 3 does not fit this model: 3 does not divide both the inputs of o_proj (heads "
      "× head_dim 64) and down_proj (intermediate 172); nearest --tp that works: 2"),
     (["--tp", "two"], "argument --tp: invalid int value: 'two'"),
+    (["--kv-pivots", "9", "--scheme", "w4a4kv4"], "--kv-pivots must be auto or 0..8, got '9'"),
+    (["--kv-pivots", "some"], "--kv-pivots must be auto or 0..8, got 'some'"),
+    (["--kv-pivots", "2"], "--kv-pivots 2: scheme w4a4 keeps a 16-bit KV cache"),
 ]
 
 

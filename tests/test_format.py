@@ -75,3 +75,20 @@ def test_replace_validates():
     assert fmt.replace(quantizer={"x": 1}).quantizer == {"x": 1}
     with pytest.raises(CheckpointFormatError, match="scheme 'w4a4kv4' means"):
         fmt.replace(kv_cache=None)
+
+
+def test_kv_cache_pivots():
+    """kv_cache.pivots (v6, IntactKV): absent (every older version) reads as 0; a count
+    in [0, MAX_KV_PIVOTS] on a 4-bit cache, nothing else."""
+    fmt = QuaRotFormat.from_dict(GOOD)
+    assert fmt.kv_cache.pivots == 0
+    v5 = {**GOOD, "format_version": 5}
+    assert QuaRotFormat.from_dict(v5).kv_cache.pivots == 0
+    two = {**GOOD, "kv_cache": {"bits": 4, "pivots": 2}}
+    assert QuaRotFormat.from_dict(two).to_dict()["kv_cache"]["pivots"] == 2
+    for bad, msg in ((9, "must be an integer in \\[0, 8\\]"), (-1, "must be an integer"),
+                     (True, "valid integer"), ("2", "valid integer"), (1.5, "valid integer")):
+        with pytest.raises(CheckpointFormatError, match=msg):
+            QuaRotFormat.from_dict({**GOOD, "kv_cache": {"bits": 4, "pivots": bad}})
+    with pytest.raises(CheckpointFormatError, match="pivots is served with 4-bit caches"):
+        QuaRotFormat.from_dict({**GOOD, "kv_cache": {"bits": 8, "pivots": 1}})

@@ -17,7 +17,10 @@ from vllm_quarot.runtime.kv_attention import (
     KV4_DTYPE,
     QuaRotCPUAttentionImpl,
     pack_kv,
+    pivot_tail,
+    pivot_tail_bytes,
     slot_bytes,
+    token_positions,
     unpack_kv,
 )
 from vllm_quarot.runtime.ops import cpu as cpu_ops
@@ -76,6 +79,7 @@ def _impl(r3: bool, heads=4, kv_heads=2, d=64, path="reference"):
     impl.had = hadamard_factor(d, torch.float32) if r3 else None
     impl.native = path != "reference"
     impl.layer_ready, impl.k_shift, impl.v_shift, impl.v_shift_heads = True, None, None, None
+    impl.pivots = 0
     return impl
 
 
@@ -204,3 +208,132 @@ def test_shifted_keys_and_values(r3, path):
     ref = exact(k, v, q)
     err = {s: ((o - ref).norm() / ref.norm()).item() for s, o in outs.items()}
     assert err[True] < err[False] / 4, err
+
+
+# ------------------------------------------------------------ pivots (kv_cache.pivots)
+
+
+def _padded_cache(num_blocks: int, kv_heads: int, bs: int, d: int, pivots: int) -> torch.Tensor:
+    """A KV4 cache as vLLM lays it out with pivots: [blocks, kv heads, block, bytes] views
+    of pages padded by the pivots' float16 tail (block stride > the codes' bytes)."""
+    page = kv_heads * bs * slot_bytes(d) + pivot_tail_bytes(kv_heads, d, pivots)
+    raw = torch.zeros(num_blocks * page + 64, dtype=torch.uint8)[32:]  # an offset storage
+    return torch.as_strided(raw, (num_blocks, kv_heads, bs, slot_bytes(d)),
+                            (page, bs * slot_bytes(d), slot_bytes(d), 1))
+
+
+def test_token_positions():
+    """Positions of a step's query tokens: a chunk at the end of a longer context, a
+    decode token, a whole prompt, and padding after the last."""
+    pos = token_positions(torch.tensor([0, 3, 4, 9]), torch.tensor([10, 7, 5]), 11)
+    assert pos.tolist() == [7, 8, 9, 6, 0, 1, 2, 3, 4, -1, -1]
+
+
+def _write(impl, cache, k, v, pos_from, table, bs, seq_len):
+    """Write tokens pos_from..pos_from+len(k) of one sequence, as one prefill chunk."""
+    n = k.shape[0]
+    slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(pos_from, pos_from + n)])
+    meta = SimpleNamespace(query_start_loc=torch.tensor([0, n]), seq_lens=torch.tensor([seq_len]))
+    impl._metadata = lambda _layer: meta
+    impl.do_kv_cache_update(None, k, v, cache, slots)
+
+
+@pytest.mark.parametrize("r3", [False, True])
+def test_pivots_stay_exact_through_chunks_and_a_shared_first_block(r3, path):
+    """kv_cache.pivots = 2: the first two tokens of each sequence keep float16 keys and
+    values (after R3) in the tail of their first block, written by the prefill chunk
+    that holds them; attention reads them there. Sequence A is prefilled in two chunks
+    (20 + 17 tokens); sequence B shares A's first block (a prefix-cache hit: its first
+    16 tokens are not written again) and prefills 7 more. Both attend as float64
+    attention over exact pivots and 4-bit codes for the rest."""
+    torch.manual_seed(3)
+    heads, kv_heads, d, bs, pivots = 4, 2, 64, 16, 2
+    impl = _impl(r3, heads, kv_heads, d, path)
+    impl.pivots = pivots
+    cache = _padded_cache(12, kv_heads, bs, d, pivots)
+    # the pivots are unlike the other tokens: a sink's small key, a large value
+    k_a = torch.randn(37, kv_heads, d) * 3
+    v_a = torch.randn(37, kv_heads, d)
+    k_a[:pivots] *= 0.1
+    v_a[:pivots] *= 5
+    table_a = [7, 2, 9]
+    _write(impl, cache, k_a[:20], v_a[:20], 0, table_a, bs, 20)
+    _write(impl, cache, k_a[20:], v_a[20:], 20, table_a, bs, 37)
+    k_b = torch.cat([k_a[:16], torch.randn(7, kv_heads, d) * 3])
+    v_b = torch.cat([v_a[:16], torch.randn(7, kv_heads, d)])
+    table_b = [7, 4]
+    _write(impl, cache, k_b[16:], v_b[16:], 16, table_b, bs, 23)
+    tail = pivot_tail(cache, pivots)
+    assert tail is not None and tail[[7, 2, 9, 4]].any(dim=(1, 2, 3, 4)).tolist() == [
+        True, False, False, False]  # only A's first block holds pivots
+    q = torch.randn(5 + 3, heads, d)
+    meta = SimpleNamespace(
+        query_start_loc=torch.tensor([0, 5, 8]), seq_lens=torch.tensor([37, 23]),
+        block_table=torch.tensor([[7, 2, 9], [7, 4, 0]]), causal=True)
+    out = torch.empty(8, heads, d)
+    impl.forward(None, q, None, None, cache, meta, out)
+
+    h = hadamard_matrix(d) if r3 else torch.eye(d, dtype=torch.float64)
+    start = 0
+    for k, v, n, tq in ((k_a, v_a, 37, 5), (k_b, v_b, 23, 3)):
+        kr = (k.double() @ h).float()
+        kq = fake_quantize_asym(kr, 4, 1.0).double()
+        vq = fake_quantize_asym(v, 4, 1.0).double()
+        kq[:pivots] = kr[:pivots].half().double()
+        vq[:pivots] = v[:pivots].half().double()
+        qq = q[start:start + tq].double() @ h
+        for hd in range(heads):
+            g = hd // (heads // kv_heads)
+            s = qq[:, hd] @ kq[:, g].t() / math.sqrt(d)
+            pos = torch.arange(n - tq, n).unsqueeze(1)
+            s = s.masked_fill(torch.arange(n).unsqueeze(0) > pos, float("-inf"))
+            ref = torch.softmax(s, -1) @ vq[:, g]
+            assert torch.allclose(out[start:start + tq, hd].double(), ref, atol=1e-4), (
+                (out[start:start + tq, hd].double() - ref).abs().max())
+        start += tq
+
+
+def test_pivot_of_a_one_token_first_chunk(path):
+    """A first chunk shorter than the pivots (one token, P = 2): its only key is the
+    exact pivot, so attention returns its float16 value."""
+    impl = _impl(False, 4, 2, 64, path)
+    impl.pivots = 2
+    cache = _padded_cache(2, 2, 16, 64, 2)
+    k, v = torch.randn(1, 2, 64), torch.randn(1, 2, 64) * 7
+    _write(impl, cache, k, v, 0, [1], 16, 1)
+    meta = SimpleNamespace(query_start_loc=torch.tensor([0, 1]), seq_lens=torch.tensor([1]),
+                           block_table=torch.tensor([[1]]), causal=True)
+    out = torch.empty(1, 4, 64)
+    impl.forward(None, torch.randn(1, 4, 64), None, None, cache, meta, out)
+    want = v[0].half().float().repeat_interleave(2, dim=0)
+    assert torch.allclose(out[0], want, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="native kernels not built")
+@pytest.mark.parametrize("r3", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_pivot_bytes_equal_the_reference(r3, dtype):
+    """The C++ writer stores the reference's pivots and codes, byte for byte without R3
+    (with R3, float-order ties may move a code by one step and a pivot by an fp16 ulp)."""
+    torch.manual_seed(4)
+    k, v = (torch.randn(40, 2, 64, dtype=dtype) * 3 for _ in range(2))
+    caches = []
+    for native in (False, True):
+        cache = _padded_cache(6, 2, 16, 64, 3)
+        impl = _impl(r3, path="native" if native else "reference")
+        impl.pivots, impl.clip_ratio = 3, 0.95
+        # two sequences in one step: 25 tokens (from position 0) and 15 (a later chunk
+        # from position 16: its tokens are no pivots)
+        slots = torch.cat([torch.arange(25) + 16 * 0, torch.arange(15) + 16 * 3 + 0])
+        slots[16:25] = torch.arange(9) + 16 * 5
+        meta = SimpleNamespace(query_start_loc=torch.tensor([0, 25, 40]),
+                               seq_lens=torch.tensor([25, 31]))
+        impl._metadata = lambda _layer, meta=meta: meta
+        impl.do_kv_cache_update(None, k, v, cache, slots)
+        caches.append(cache)
+    ta, tb = (pivot_tail(c, 3) for c in caches)
+    assert ta[0].abs().sum() > 0 and not ta[1:].any()
+    if not r3:
+        assert torch.equal(caches[0], caches[1]) and torch.equal(ta, tb)
+    else:
+        assert torch.allclose(ta.float(), tb.float(), rtol=2e-3, atol=1e-3)

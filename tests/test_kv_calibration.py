@@ -34,6 +34,33 @@ def test_key_shift_leaves_attention_unchanged():
         2, dim=0), ref, atol=1e-10)
 
 
+def test_pivots_stay_exact_in_the_kv_quantizer():
+    """transforms.kv_fake_quant with pivots (kv_cache.pivots): the first P positions
+    are the float16 keys, the rest the 4-bit ones, gradients straight through."""
+    from vllm_quarot.transforms import kv_fake_quant
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 20, 64) * 4).requires_grad_()
+    q4 = kv_fake_quant(x, 4, 1.0)
+    got = kv_fake_quant(x, 4, 1.0, ste=True, pivots=3)
+    assert torch.equal(got[..., :3, :], x[..., :3, :].half().float())
+    assert torch.equal(got[..., 3:, :], q4[..., 3:, :])
+    got.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_attention_sinks_set_the_pivots():
+    """leading_attention / sinks: a first token that draws most of the attention is a
+    pivot, a uniform attention has none."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 64, 32), torch.randn(2, 2, 64, 32) * 0.1
+    assert kvc.sinks(kvc.leading_attention(q, k, 4)) == 0
+    q[..., 0] += 5.0
+    k[:, :, 0, 0] = 10.0  # token 0: every query's top key (score ~8.8 against ~0)
+    lead = kvc.leading_attention(q, k, 4)
+    assert lead[0] > 0.5 and kvc.sinks(lead) == 1
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_smoothing_is_invariant_through_rope(tmp_path, shared_data, arch):
     """λ shared by the two channels of each RoPE pair, fused into q_proj/k_proj rows and
@@ -94,8 +121,11 @@ def test_calibrated_kv4_beats_r3_everywhere_and_plain_kv4(tmp_path, kv_models, n
     qc = json.loads((tmp_path / "calibrated" / "config.json").read_text())["quantization_config"]
     choices = qc["quantizer"]["kv_calibration"]
     assert sorted(choices) == ["0", "1", "2"]
-    assert all(c["error"] <= min(c["plain_error"], c["r3_error"]) + 1e-6
-               for c in choices.values())
+    # QuaRot's choice (R3) stays unless another cuts the error by MARGIN, so plain KV4
+    # may be a hair better where it is kept (layer 1 of "llama": 0.10519 vs 0.10506
+    # once the windows start with BOS)
+    assert all(c["error"] <= c["r3_error"] + 1e-6
+               and c["error"] <= c["plain_error"] / (1 - kvc.MARGIN) for c in choices.values())
     assert qc["rotation"]["r3"]["layers"] == [int(i) for i, c in choices.items() if c["r3"]]
     if name == "llama":
         assert kl["calibrated"] <= 1.1 * kl["r3"], kl

@@ -292,3 +292,58 @@ def test_unsupported_cache_dtype_on_cpu_is_an_error(refusals):
     """vLLM's own CPU backend silently runs int8_per_token_head with wrong output."""
     out = refusals["int8-cache-on-cpu"]
     assert "--kv-cache-dtype int8_per_token_head is not supported on CPU" in out
+
+
+# ------------------------------------------------ KV4 pivots (IntactKV, kv_cache.pivots)
+
+
+@pytest.fixture(scope="module")
+def qwen25_sink_kv4(tmp_path_factory) -> Path:
+    """A random Qwen2.5-shaped model (14 heads / 2 KV heads, k biases of 145-211, q
+    biases up to 0.56 of them) whose BOS is an attention sink
+    (zoo.make_qwen25_like_model), KV4 with the choices and the pivots calibrated: the
+    sink draws ~30 % of the attention, so auto gives P = 1."""
+    from vllm_quarot.eval.zoo import make_qwen25_like_model
+
+    root = tmp_path_factory.mktemp("qwen25-sink")
+    src = make_qwen25_like_model(root / "src")
+    out = root / "kv4"
+    quantize(src, out, QuantizeOptions(scheme="kv4", weight_method="rtn",
+                                       calib=str(TINYSTORIES), nsamples=8, seqlen=128))
+    return out
+
+
+def test_kv4_pivots_through_chunked_prefill_and_prefix_cache(engine, qwen25_sink_kv4):
+    """A kv_cache.pivots checkpoint: the float16 pivots live in the padded tail of each
+    sequence's first page. Chunked prefill: prompts longer than the 32-token chunk;
+    vLLM's prompt log-probs and tokens are the simulation's with pivots, not without.
+    Prefix caching (only requests without prompt log-probs read the cache): a second
+    request sharing a prefix of more than one 128-token block reuses the first's first
+    block, pivots included, and still decodes the simulation's tokens. The capacity
+    counts the tail and stays above 3.4x bf16. (Preemption is not exercised here.)"""
+    ckpt = qwen25_sink_kv4
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache"]["pivots"] == 1
+    eng = engine(ckpt, *KV4_ENGINE)
+    out = eng.run([LONG_PREFIX + " Lily", PROMPTS[0], PROMPTS[1]], max_tokens=8)
+    assert len(out["results"][0]["prompt_token_ids"]) > 32
+    simulate(ckpt, out["results"], distinct=False)
+    no_pivots = view(ckpt, ckpt.parent / "no-pivots",
+                     lambda c: c["quantization_config"]["kv_cache"].update(pivots=0))
+    with pytest.raises(AssertionError):
+        simulate(no_pivots, out["results"], distinct=False)
+
+    shared = " ".join([LONG_PREFIX] * 3)  # > 128 tokens: one whole cached block
+    cached = eng.run([shared + " Lily", shared + " Tom"], max_tokens=8, sequential=True,
+                     prompt_logprobs=False)["results"]
+    assert cached[0]["num_cached_tokens"] == 0 and cached[1]["num_cached_tokens"] >= 128
+    sim = load_simulated(ckpt)
+    for r in cached:
+        assert r["token_ids"] == greedy(sim, torch.tensor([r["prompt_token_ids"]]),
+                                        len(r["token_ids"]))
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    bf16_per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * 64 * 2
+    ratio = _kv_capacity(out["log"]) / ((1 << 30) // bf16_per_token)
+    assert ratio >= 3.4, ratio
+    print(f"KV4 with 1 pivot: {ratio:.3f}x the bf16 capacity")

@@ -12,7 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from vllm_quarot.errors import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
@@ -25,7 +32,8 @@ from vllm_quarot.models import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "KV_SHIFT_FILE", "QUANT_METHOD", "READABLE_VERSIONS", "SCHEMES",
+    "FORMAT_VERSION", "KV_SHIFT_FILE", "MAX_KV_PIVOTS", "QUANT_METHOD", "READABLE_VERSIONS",
+    "SCHEMES",
     "SUPPORTED_ARCHITECTURES", "ActivationSpec", "CheckpointFormatError", "KVCacheSpec",
     "LMHeadSpec", "OnlineHadamard", "QuaRotFormat", "R1Spec", "R2Spec", "RotationSpec",
     "SchemeSpec", "WeightSpec",
@@ -37,8 +45,13 @@ QUANT_METHOD = "quarot"
 # 4: kv_cache.shift (per-layer key/value centring, KV_SHIFT_FILE) and rotation.r3.layers
 #    (R3 on some layers only); 1-3 read as no shift and R3 on every layer
 # 5: lm_head (a quantized lm_head); 1-4 read as a 16-bit lm_head
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# 6: kv_cache.pivots (the first tokens' keys and values kept 16-bit: IntactKV); 1-5 read
+#    as none
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# kv_cache.pivots: at most this many leading tokens per sequence (they live in the tail of
+# the sequence's first cache block, which holds at least 32 tokens on CPU)
+MAX_KV_PIVOTS = 8
 # the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
 # subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
 KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
@@ -136,6 +149,11 @@ class KVCacheSpec(_Section):
     # attention output; it takes the massive bias components (Qwen2's k_proj biases)
     # out of the 4-bit range
     shift: bool = False
+    # IntactKV: the first `pivots` tokens of every sequence keep 16-bit (float16) keys and
+    # values (after the shift and R3), the others are 4-bit; they are the attention sinks,
+    # whose one key draws a third of every later query's attention on Qwen2.5
+    # (format v6; 0: none)
+    pivots: StrictInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> KVCacheSpec:
@@ -149,6 +167,11 @@ class KVCacheSpec(_Section):
                 f"asymmetric {str(self.asymmetric).lower()}")
         if self.shift and self.bits != 4:
             raise CheckpointFormatError("kv_cache.shift is served with 4-bit caches only")
+        if not 0 <= self.pivots <= MAX_KV_PIVOTS:
+            raise CheckpointFormatError(
+                f"kv_cache.pivots must be an integer in [0, {MAX_KV_PIVOTS}], got {self.pivots}")
+        if self.pivots and self.bits != 4:
+            raise CheckpointFormatError("kv_cache.pivots is served with 4-bit caches only")
         return self
 
 

@@ -5,9 +5,10 @@ Around each quantized linear the vLLM plugin (``runtime/``) computes
 ``x → R4 (down_proj only) → quantize per token (or per (token, block) on the
 row-parallel linears of a tensor-parallel checkpoint, or with a static scale)``, and in
 the KV cache ``keys, values → minus their shift → R3 on queries and keys → 4-bit per
-token and head``. ``linear_input_specs`` / ``kv_spec`` derive these from a checkpoint
-format, ``install_linear_inputs`` / ``install_kv_attention`` put them on a transformers
-model as forward pre-hooks and an attention function. Their users:
+token and head (float16 for the first kv_cache.pivots tokens)``. ``linear_input_specs``
+/ ``kv_spec`` derive these from a checkpoint format, ``install_linear_inputs`` /
+``install_kv_attention`` put them on a transformers model as forward pre-hooks and an
+attention function. Their users:
 
 - the simulation (``eval/simulate.py``): the reference that vLLM's outputs are tested
   against;
@@ -138,26 +139,35 @@ def install_linear_inputs(model: torch.nn.Module, specs: dict[str, LinearInputSp
 
 @dataclass(frozen=True)
 class KVSpec:
-    """The 4-bit KV cache: bits, clip, R3 (on the layers it applies to) and the
-    per-layer key/value shifts (layer -> (k, v) [kv_heads, head_dim]) or None."""
+    """The 4-bit KV cache: bits, clip, R3 (on the layers it applies to), the
+    per-layer key/value shifts (layer -> (k, v) [kv_heads, head_dim]) or None, and the
+    pivots: the first ``pivots`` tokens of every sequence keep float16 keys and values
+    (kv_cache.pivots, IntactKV; 0: none)."""
 
     bits: int
     clip: float
     r3: OnlineHadamard | None
     shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    pivots: int = 0
 
 
 def kv_spec(fmt: QuaRotFormat, shifts=None) -> KVSpec | None:
     kv = fmt.kv_cache
     if kv is None:
         return None
-    return KVSpec(kv.bits, kv.clip_ratio, fmt.rotation.r3, shifts if kv.shift else None)
+    return KVSpec(kv.bits, kv.clip_ratio, fmt.rotation.r3, shifts if kv.shift else None,
+                  kv.pivots)
 
 
-def kv_fake_quant(x: torch.Tensor, bits: int, clip: float, ste: bool = False) -> torch.Tensor:
-    """Keys or values as the 4-bit cache returns them: asymmetric per token and head."""
+def kv_fake_quant(x: torch.Tensor, bits: int, clip: float, ste: bool = False,
+                  pivots: int = 0) -> torch.Tensor:
+    """Keys or values [..., T, D] (T from a sequence's first token) as the 4-bit cache
+    returns them: asymmetric per token and head, except the first ``pivots`` tokens,
+    which the cache keeps in float16 (kv_cache.pivots)."""
     with torch.no_grad():
         xq = fake_quantize_asym(x.detach(), bits, clip)
+        if pivots:
+            xq[..., :pivots, :] = x.detach()[..., :pivots, :].half().to(xq.dtype)
     return _ste(x, xq) if ste else xq
 
 
@@ -167,7 +177,9 @@ def quantize_kv_states(layer: int, query: torch.Tensor, key: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(query, key, value, value shift to add back or None) after RoPE, as the cache
     attends: keys and values minus their shift, R3 on queries and keys (float32),
-    fake-quantized keys and values. Shapes [B, heads or kv_heads, T, D]."""
+    fake-quantized keys and values but for the pivots (the first ``spec.pivots``
+    positions: T must start at the sequence's first token). Shapes
+    [B, heads or kv_heads, T, D]."""
     dtype = key.dtype
     k, v = key.float(), value.float()
     v_add = None
@@ -181,8 +193,8 @@ def quantize_kv_states(layer: int, query: torch.Tensor, key: torch.Tensor,
         query = hadamard_transform(query.float(), had).to(query.dtype)
         k = hadamard_transform(k, had)
     if quantize:
-        k = kv_fake_quant(k, spec.bits, spec.clip, ste)
-        v = kv_fake_quant(v, spec.bits, spec.clip, ste)
+        k = kv_fake_quant(k, spec.bits, spec.clip, ste, spec.pivots)
+        v = kv_fake_quant(v, spec.bits, spec.clip, ste, spec.pivots)
     return query, k.to(dtype), v, v_add
 
 

@@ -44,7 +44,11 @@ def spinquant_ids(tok: Any, o: QuantizeOptions, plan: Plan,
 
 
 def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """nsamples windows of seqlen tokens at seeded random offsets of the tokenized file."""
+    """nsamples windows of seqlen tokens at seeded random offsets of the tokenized file.
+    Each window is a sequence as the model is served one: when the tokenizer starts its
+    sequences with BOS, so does every window (its first token replaced by BOS), else
+    the attention sink that BOS carries in those models never shows in calibration
+    (the KV calibration keeps it exact: kv_cache.pivots)."""
     g = torch.Generator().manual_seed(seed)
     ids = tok(path.read_text(encoding="utf-8"), return_tensors="pt", verbose=False).input_ids[0]
     if ids.numel() <= seqlen:
@@ -52,7 +56,11 @@ def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) ->
             f"calibration file {path} has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
         )
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None and tok("a").input_ids[:1] == [bos]:
+        windows[:, 0] = bos
+    return windows
 
 
 def self_generated(model_dir: Path, tok: Any, n: int, seqlen: int, seed: int,

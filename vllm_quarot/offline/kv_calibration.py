@@ -39,6 +39,12 @@ MAX_TOKENS = 512  # tokens per window
 # another choice replaces QuaRot's only when it cuts the attention error by this much
 # (smaller differences are calibration noise, and were seen to lose end to end)
 MARGIN = 0.1
+# kv_cache.pivots auto: the leading tokens (at most MAX_AUTO_PIVOTS) that draw at least
+# PIVOT_SHARE of the attention of the queries after them in some layer are the attention
+# sinks kept exact (SmolLM2 and the Qwen2.5 surrogate: token 0, 10-70 % in most layers;
+# token 1 at most 2 %)
+MAX_AUTO_PIVOTS = 4
+PIVOT_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,17 +102,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
-                    clip: float, r3_allowed: bool, smooth_allowed: bool) -> KVCalibration:
+                    clip: float, r3_allowed: bool, smooth_allowed: bool,
+                    pivots: int = 0) -> KVCalibration:
     """Choose R3 / SmoothAttention / shift for one layer from its post-RoPE queries,
-    keys and values (float32, [B, H or Hkv, T, D]) by the relative error of the
-    attention output with 4-bit keys and values, against full precision."""
+    keys and values (float32, [B, H or Hkv, T, D], every window a sequence from its
+    start) by the relative error of the attention output with 4-bit keys and values,
+    against full precision. The first ``pivots`` tokens of each window keep exact
+    (float16) keys and values in every candidate, as the cache stores them, and take no
+    part in the shift means."""
     q, k, v = q.float(), k.float(), v.float()
     ref = attention(q, k, v)
-    fq = lambda x: kv_fake_quant(x, bits, clip)  # noqa: E731
+    fq = lambda x: kv_fake_quant(x, bits, clip, pivots=pivots)  # noqa: E731
     zeros = torch.zeros(k.shape[1], k.shape[-1], device=k.device)
 
     # values: shifted or not, judged with exact keys
-    v_mean = v.mean(dim=(0, 2))
+    v_mean = v[:, :, pivots:].mean(dim=(0, 2))
     v_err = {s: _rel(attention(q, k, fq(v - c[:, None]) + c[:, None]), ref)
              for s, c in ((False, zeros), (True, v_mean))}
     v_shift = v_err[True] < (1 - MARGIN) * v_err[False]
@@ -118,14 +128,14 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     errors: dict[tuple[float, bool, bool], float] = {}
     alphas = SMOOTH_ALPHAS if smooth_allowed else (0.0,)
     for cand in product(alphas, (False, True), (False, True) if r3_allowed else (False,)):
-        qs, kr, _lam, _c = _candidate(q, k, *cand)
+        qs, kr, _lam, _c = _candidate(q, k, *cand, pivots=pivots)
         errors[cand] = _rel(attention(qs, fq(kr), v), ref)
     default = (0.0, False, r3_allowed)
     best = min(errors, key=lambda c: errors[c])
     if errors[best] > (1 - MARGIN) * errors[default]:
         best = default
     alpha, shift, r3 = best
-    qs, kr, lam, c = _candidate(q, k, alpha, shift, r3)
+    qs, kr, lam, c = _candidate(q, k, alpha, shift, r3, pivots=pivots)
     choice = KVChoice(r3=r3, alpha=alpha, k_shift=shift, v_shift=v_shift,
                       error=_rel(attention(qs, fq(kr), vq), ref),
                       plain_error=_plain_error(q, k, v, ref, fq),
@@ -133,22 +143,44 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     return KVCalibration(choice, lam, c, v_mean if v_shift else zeros)
 
 
-def _candidate(q: torch.Tensor, k: torch.Tensor, alpha: float, shift: bool, r3: bool
+def _candidate(q: torch.Tensor, k: torch.Tensor, alpha: float, shift: bool, r3: bool,
+               pivots: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(queries, keys as they enter the 4-bit cache, λ or None, key shift [Hkv, D]) of
-    one candidate: SmoothAttention with exponent alpha (none at 0), minus the keys'
-    mean when shift, then R3 on both when r3."""
+    one candidate: SmoothAttention with exponent alpha (none at 0), minus the mean of
+    the keys after the pivots when shift, then R3 on both when r3."""
     lam = smoothing_scales(k, alpha) if alpha else None
     ks, qs = k, q
     if lam is not None:
         group = q.shape[1] // k.shape[1]
         ks, qs = k / lam[:, None], q * lam.repeat_interleave(group, dim=0)[:, None]
-    c = ks.mean(dim=(0, 2)) if shift else torch.zeros(k.shape[1], k.shape[-1],
-                                                       device=k.device)
+    c = ks[:, :, pivots:].mean(dim=(0, 2)) if shift else torch.zeros(
+        k.shape[1], k.shape[-1], device=k.device)
     kr = ks - c[:, None]
     if r3:
         kr, qs = hadamard_transform(kr), hadamard_transform(qs)
     return qs, kr, lam, c
+
+
+def leading_attention(q: torch.Tensor, k: torch.Tensor, n: int, first_query: int = 16
+                      ) -> list[float]:
+    """The share of attention that each of the first n tokens draws: the mean over
+    heads, windows and queries at positions >= first_query of softmax(q·kᵀ/√D) on that
+    key (causal; q [B, H, T, D], k [B, Hkv, T, D], post-RoPE, full precision)."""
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, dim=1)
+    qq = q[:, :, first_query:]
+    t = k.shape[2]
+    s = qq @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5
+    pos = torch.arange(first_query, t, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(t, device=q.device)[None] > pos, float("-inf"))
+    p = s.softmax(-1)
+    return [p[..., j].mean().item() for j in range(n)]
+
+
+def sinks(lead: list[float]) -> int:
+    """How many leading tokens to keep exact: up to the last that draws PIVOT_SHARE."""
+    return max((j + 1 for j, share in enumerate(lead) if share >= PIVOT_SHARE), default=0)
 
 
 def _plain_error(q, k, v, ref, fq) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vllm_quarot.errors import QuaRotError
+from vllm_quarot.format import MAX_KV_PIVOTS
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
 from vllm_quarot.hadamard import HadamardSizeError, factorize
 from vllm_quarot.models import head_dim as _head_dim
@@ -171,6 +172,12 @@ class QuantizeOptions:
         True, "4-bit KV cache: choose key/value shift, SmoothAttention and R3 per layer "
         "by attention error (on --calib text, else on "
         f"{KV_SELF_SAMPLES} samples the model generates itself)")
+    kv_pivots: str = option(
+        "auto", "4-bit KV cache: the first N tokens of every sequence keep 16-bit keys "
+        "and values (IntactKV; N*256 bytes more per cache block and KV head at head_dim "
+        "64); auto: the attention sinks the KV calibration finds (leading tokens drawing "
+        ">= 1/20 of the attention in some layer), 0 without it", metavar="auto|N",
+        check=lambda v: parse_kv_pivots(v) and None)
     lm_head: str = option(
         "auto", "quantize the lm_head too (R1 fused; GPTQ when the layers use GPTQ); "
         "auto: w8a8 when the scheme quantizes weights (lossless), else none",
@@ -194,6 +201,12 @@ class QuantizeOptions:
         if self.act_clip is not None:
             return self.act_clip
         return 0.9 if self.bits[1] == 4 else 1.0
+
+    @property
+    def pivots(self) -> int | None:
+        """--kv-pivots as a count; None for auto (the KV calibration's attention sinks,
+        0 without it)."""
+        return parse_kv_pivots(self.kv_pivots)
 
     @property
     def lm_head_scheme(self) -> str:
@@ -343,6 +356,9 @@ def check_options(o: QuantizeOptions) -> None:
         raise QuantizeError(
             f"--group-size {o.group_size} at {w_bits} bits: a group must fill whole "
             f"32-bit words of packed codes (a multiple of {32 // w_bits})")
+    if o.pivots and o.bits[2] is None:
+        raise QuantizeError(f"--kv-pivots {o.kv_pivots}: scheme {o.scheme} keeps a "
+                            "16-bit KV cache")
     resolve_device(o.device)
     if o.a8_layers is not None and (o.bits[1] != 4 or o.static):
         raise QuantizeError(
@@ -411,6 +427,19 @@ def parse_a8_layers(spec: str) -> int | list[str] | str:
             f"--a8-layers takes auto, a number, or names like layers.1.mlp.down_proj; "
             f"got {spec!r}")
     return ["model." + n.removeprefix("model.") for n in names]
+
+
+def parse_kv_pivots(spec: str | int) -> int | None:
+    """--kv-pivots: "auto" (None) or a count in [0, MAX_KV_PIVOTS]."""
+    if isinstance(spec, str) and spec.strip() == "auto":
+        return None
+    try:
+        n = int(spec)
+    except ValueError:
+        n = -1
+    if isinstance(spec, bool) or not 0 <= n <= MAX_KV_PIVOTS:
+        raise QuantizeError(f"--kv-pivots must be auto or 0..{MAX_KV_PIVOTS}, got {spec!r}")
+    return n
 
 
 def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:

@@ -126,7 +126,8 @@ class QuantizeSummary:
             worst_kv = max(self.kv_choices.items(), key=lambda kv: kv[1]["error"])
             lines.append(f"KV cache: R3 on {len(r3)} of {len(self.kv_choices)} layers, "
                          f"shift on {shifted}; largest attention error layer {worst_kv[0]} "
-                         f"{worst_kv[1]['error']:.4f}")
+                         f"{worst_kv[1]['error']:.4f}; pivots "
+                         f"{max(c.get('pivots', 0) for c in self.kv_choices.values())}")
         if self.verify_max_rel_err is not None:
             lines.append(f"verify: rotated fp64 model vs original, max rel err "
                          f"{self.verify_max_rel_err:.2e}")
@@ -202,6 +203,8 @@ class QuantizeRun:
         self.kv_choices: dict[int, dict[str, Any]] = {}
         self.kv_shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_bytes = 0
+        # kv_cache.pivots: --kv-pivots N, or (auto) the most sinks a layer so far showed
+        self.kv_pivots = o.pivots or 0
 
     @contextmanager
     def step(self, name: str) -> Iterator[dict[str, Any]]:
@@ -382,6 +385,9 @@ class QuantizeRun:
                 changes.update(_kv_changes(fmt, self.kv_choices))
                 quantizer["kv_calibration"] = {str(i): self.kv_choices[i]
                                                for i in sorted(self.kv_choices)}
+            kv_cache = changes.get("kv_cache", fmt.kv_cache)
+            if kv_cache is not None and self.kv_pivots:  # IntactKV (--kv-pivots)
+                changes["kv_cache"] = kv_cache.model_copy(update={"pivots": self.kv_pivots})
             quantizer["source"] = self.source
             fmt = fmt.replace(**changes, quantizer=quantizer)
             if fmt.kv_cache is not None and fmt.kv_cache.shift:
@@ -474,13 +480,19 @@ class QuantizeRun:
         q, k, v = kv_calibration.layer_qkv(runner.module, x, (cos, sin))
         kv = self.plan.fmt.kv_cache
         assert kv is not None
+        q, k, v = q.cpu(), k.cpu(), v.cpu()
+        # the attention sinks: every window starts a sequence, so its first tokens play
+        # the part they play at serving time
+        lead = kv_calibration.leading_attention(q, k, kv_calibration.MAX_AUTO_PIVOTS)
+        if self.o.pivots is None:
+            self.kv_pivots = max(self.kv_pivots, kv_calibration.sinks(lead))
         cal = kv_calibration.calibrate_layer(
-            q.cpu(), k.cpu(), v.cpu(), kv.bits, kv.clip_ratio,
-            r3_allowed=self.plan.fmt.rotation.r3 is not None,
-            smooth_allowed=not self.family.qk_norm)
+            q, k, v, kv.bits, kv.clip_ratio, r3_allowed=self.plan.fmt.rotation.r3 is not None,
+            smooth_allowed=not self.family.qk_norm, pivots=self.kv_pivots)
         if cal.smooth is not None:
             kv_calibration.apply_smoothing(sd, cal.smooth.double(), self.cfg.num_attention_heads)
-        self.kv_choices[i] = cal.choice.summary()
+        self.kv_choices[i] = {**cal.choice.summary(), "pivots": self.kv_pivots,
+                              "leading_attention": [round(x, 4) for x in lead]}
         self.kv_shifts[i] = (cal.k_shift, cal.v_shift)
 
     def linear(self, sd: dict[str, torch.Tensor], prefix: str, name: str,
@@ -592,6 +604,8 @@ class QuantizeRun:
         self.layer_errors = dict(st.get("layer_errors") or {})
         self.act_errors = dict(st.get("act_errors") or {})
         self.kv_choices = {int(i): c for i, c in (st.get("kv_choices") or {}).items()}
+        self.kv_pivots = max([self.kv_pivots, *(c.get("pivots", 0)
+                                                for c in self.kv_choices.values())])
         self.kv_shifts = {i: (t[f"kv.{i}.k_shift"], t[f"kv.{i}.v_shift"])
                           for i in self.kv_choices}
         if self.o.verify:

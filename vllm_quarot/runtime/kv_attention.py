@@ -15,6 +15,13 @@ the checkpoint asks for it) is applied here: keys before quantization, queries b
 attention. A ``kv_cache.shift`` checkpoint has keys and values stored minus per-layer
 constant vectors (``vllm_quarot.kv_shift``): subtracted before R3 and quantization,
 the value shift added back to the attention output.
+A ``kv_cache.pivots`` = P checkpoint (IntactKV) keeps the first P tokens of every
+sequence exact: their keys (after the shift and R3) and values are also stored in
+float16 in a tail of the page of the sequence's first block ([kv heads, P, K | V]: P·256
+bytes per KV head at head_dim 64; vLLM pads every page by that, so the capacity counts
+it), and attention reads them there instead of their 4-bit codes. The first block is
+what prefix caching shares, recompute after preemption rewrites, and what chunked
+prefill fills first, so the pivots travel with it.
 Writing and attending run on the native kernels of csrc/cpu/kv4_attention.cpp
 (``torch.ops.quarot_cpu.kv4_*``: no dequantized copy of the cache, online softmax)
 when the extension is built; the plain PyTorch code below (dequantize the sequence's
@@ -48,14 +55,53 @@ from vllm_quarot.runtime.ops import cpu as cpu_ops
 KV4_DTYPE = "int4_per_token_head"
 
 
-def _quarot_kv_settings() -> tuple[float, OnlineHadamard | None, KVShift | None]:
-    """(clip ratio, R3, per-layer shifts) of a QuaRot checkpoint; (1.0, None, None)
-    for other models."""
-    quant_config = get_current_vllm_config().quant_config
+def _quarot_kv_settings(vllm_config=None
+                        ) -> tuple[float, OnlineHadamard | None, KVShift | None, int]:
+    """(clip ratio, R3, per-layer shifts, pivots) of a QuaRot checkpoint; (1.0, None,
+    None, 0) for other models."""
+    config = vllm_config if vllm_config is not None else get_current_vllm_config()
+    quant_config = config.quant_config
     fmt = getattr(quant_config, "fmt", None)
     if fmt is None or fmt.kv_cache is None:
-        return 1.0, None, None
-    return fmt.kv_cache.clip_ratio, fmt.rotation.r3, getattr(quant_config, "kv_shift", None)
+        return 1.0, None, None, 0
+    return (fmt.kv_cache.clip_ratio, fmt.rotation.r3, getattr(quant_config, "kv_shift", None),
+            fmt.kv_cache.pivots)
+
+
+# kv_cache.pivots of the checkpoint this process serves, as the attention layers found it
+# (customize_spec, a classmethod without a config, sizes the page tail from it)
+_SERVED_PIVOTS: int | None = None
+
+
+def _served_pivots() -> int:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    if config is not None and config.model_config is not None:
+        return _quarot_kv_settings(config)[3]
+    return _SERVED_PIVOTS or 0
+
+
+def pivot_tail_bytes(num_kv_heads: int, head_dim: int, pivots: int) -> int:
+    """Bytes a page gains for the pivots: float16 K and V per pivot and KV head."""
+    return num_kv_heads * pivots * 2 * head_dim * 2
+
+
+def pivot_tail(kv_cache: torch.Tensor, pivots: int) -> torch.Tensor | None:
+    """The float16 view [blocks, kv heads, P, 2 (K, V), D] of the pivots at the end of
+    every page of a KV4 cache [blocks, kv heads, block, bytes] (pages padded by
+    ``pivot_tail_bytes``); None without pivots."""
+    if not pivots:
+        return None
+    blocks, hkv, bs, row = kv_cache.shape
+    d = row - 8  # slot_bytes(D) = D + 8
+    page = hkv * bs * row
+    if kv_cache.stride(0) < page + pivot_tail_bytes(hkv, d, pivots):
+        raise ValueError(f"KV4 cache pages of {kv_cache.stride(0)} bytes have no room for "
+                         f"{pivots} pivots after {page} bytes of codes")
+    raw = torch.as_strided(kv_cache, (blocks, pivot_tail_bytes(hkv, d, pivots)),
+                           (kv_cache.stride(0), 1), kv_cache.storage_offset() + page)
+    return raw.view(torch.float16).view(blocks, hkv, pivots, 2, d)
 
 
 def _layer_index(layer_name: str) -> int:
@@ -63,6 +109,19 @@ def _layer_index(layer_name: str) -> int:
     if m is None:
         raise ValueError(f"KV4: cannot tell the decoder layer of attention {layer_name!r}")
     return int(m.group(1))
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, n: int
+                    ) -> torch.Tensor:
+    """Each of the step's n query tokens' position in its sequence (-1 for padding)."""
+    qsl = query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    seq = torch.repeat_interleave(torch.arange(q_lens.numel()), q_lens)
+    pos = torch.full((n,), -1, dtype=torch.long)
+    m = min(n, seq.numel())
+    start = (seq_lens.long() - q_lens)[seq[:m]]
+    pos[:m] = start + torch.arange(m) - qsl[seq[:m]]
+    return pos
 
 
 class QuaRotCPUAttentionBackend(CPUAttentionBackend):
@@ -76,7 +135,12 @@ class QuaRotCPUAttentionBackend(CPUAttentionBackend):
             raise ValueError(f"KV4 needs an even head_dim shared by K and V, got {spec}")
         if spec.state_content_bytes is not None:
             return spec
-        return replace(spec, state_content_bytes=slot_bytes(spec.head_size))
+        spec = replace(spec, state_content_bytes=slot_bytes(spec.head_size))
+        pivots = _served_pivots()
+        if pivots:  # IntactKV: every page ends in the float16 pivots of its KV heads
+            spec = replace(spec, page_size_padded=spec.unpadded_page_size_bytes
+                           + pivot_tail_bytes(spec.num_heads, spec.head_size, pivots))
+        return spec
 
     @staticmethod
     def get_impl_cls():
@@ -148,7 +212,9 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("KV4 does not support ALiBi, sinks or soft-capping")
         if self.sliding_window != -1:
             raise NotImplementedError("KV4 does not support sliding-window attention yet")
-        self.clip_ratio, self.r3, self.shifts = _quarot_kv_settings()
+        self.clip_ratio, self.r3, self.shifts, self.pivots = _quarot_kv_settings()
+        global _SERVED_PIVOTS
+        _SERVED_PIVOTS = self.pivots
         if self.r3 and self.r3.size != self.head_size:
             raise ValueError(f"checkpoint R3 size {self.r3.size} != head_dim {self.head_size}")
         if self.shifts is not None:
@@ -193,20 +259,41 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             n = slot_mapping.shape[0]
             key = key[:n].view(n, self.num_kv_heads, self.head_size).float() - self.k_shift
             value = value[:n].view(n, self.num_kv_heads, self.head_size).float() - self.v_shift
+        tail, meta = None, None
+        if self.pivots:
+            tail = pivot_tail(kv_cache, self.pivots)
+            meta = self._metadata(layer)
         if self.native:
-            torch.ops.quarot_cpu.kv4_cache_update(key, value, kv_cache, slot_mapping.long(),
-                                                  self.had, self.clip_ratio)
+            torch.ops.quarot_cpu.kv4_cache_update(
+                key, value, kv_cache, slot_mapping.long(), self.had, self.clip_ratio, tail,
+                None if meta is None else meta.query_start_loc.int(),
+                None if meta is None else meta.seq_lens.int())
             return
         n = slot_mapping.shape[0]
         slots = slot_mapping.long()
         valid = slots >= 0
-        rows = torch.cat(
-            [pack_kv(self._r3(key[:n]), self.clip_ratio),
-             pack_kv(value[:n], self.clip_ratio)], dim=-1
-        )[valid]
+        k = self._r3(key[:n])
+        rows = torch.cat([pack_kv(k, self.clip_ratio), pack_kv(value[:n], self.clip_ratio)],
+                         dim=-1)
         block_size = kv_cache.shape[2]
-        slots = slots[valid]
-        kv_cache[slots // block_size, :, slots % block_size] = rows
+        kv_cache[slots[valid] // block_size, :, slots[valid] % block_size] = rows[valid]
+        if tail is not None:  # the pivots' exact keys and values, in float16
+            assert meta is not None
+            pos = token_positions(meta.query_start_loc, meta.seq_lens, n)
+            piv = valid & (pos >= 0) & (pos < self.pivots)
+            blk = slots[piv] // block_size
+            tail[blk, :, pos[piv], 0] = k[piv].to(torch.float16)
+            tail[blk, :, pos[piv], 1] = value[:n][piv].to(torch.float16)
+
+    @staticmethod
+    def _metadata(layer) -> CPUAttentionMetadata:
+        """This step's metadata of the layer (vLLM hands the cache update none)."""
+        from vllm.model_executor.layers.attention.attention import get_attention_context
+
+        meta = get_attention_context(layer.layer_name)[0]
+        if meta is None:
+            raise RuntimeError(f"KV4 pivots: no attention metadata for {layer.layer_name}")
+        return meta
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -222,11 +309,12 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
     def _attend(self, query, kv_cache, attn_metadata, output) -> None:
+        tail = pivot_tail(kv_cache, self.pivots) if self.pivots else None
         if self.native:
             m = attn_metadata
             torch.ops.quarot_cpu.kv4_attention(
                 query, kv_cache, m.block_table.int(), m.seq_lens.int(), m.query_start_loc.int(),
-                self.scale, bool(m.causal), self.had, output)
+                self.scale, bool(m.causal), self.had, output, tail)
             return
         d = self.head_size
         half = d // 2 + 4
@@ -242,8 +330,14 @@ class QuaRotCPUAttentionImpl(CPUAttentionBackendImpl):
             blocks = attn_metadata.block_table[r, :n_blocks].long()
             cache = kv_cache[blocks].permute(1, 0, 2, 3).reshape(self.num_kv_heads, -1,
                                                                   2 * half)[:, :seq_len]
-            k = unpack_kv(cache[..., :half], d).repeat_interleave(group, dim=0)
-            v = unpack_kv(cache[..., half:], d).repeat_interleave(group, dim=0)
+            k = unpack_kv(cache[..., :half], d)
+            v = unpack_kv(cache[..., half:], d)
+            if tail is not None:  # the first tokens' exact keys and values
+                p = min(self.pivots, seq_len)
+                k[:, :p] = tail[blocks[0], :, :p, 0].float()
+                v[:, :p] = tail[blocks[0], :, :p, 1].float()
+            k = k.repeat_interleave(group, dim=0)
+            v = v.repeat_interleave(group, dim=0)
             q = self._r3(query[start:end]).float().transpose(0, 1)  # [H, Tq, D]
             tq = end - start
             pos_q = torch.arange(seq_len - tq, seq_len).unsqueeze(1)

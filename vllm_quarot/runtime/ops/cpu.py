@@ -55,11 +55,13 @@ if AVAILABLE:
         return codes.new_empty((codes.shape[0], n), dtype=out_dtype)
 
     @torch.library.register_fake("quarot_cpu::kv4_cache_update")
-    def _(key, value, kv_cache, slot_mapping, had_k, clip_ratio):
+    def _(key, value, kv_cache, slot_mapping, had_k, clip_ratio, pivot_tail=None,
+          query_start_loc=None, seq_lens=None):
         return None
 
     @torch.library.register_fake("quarot_cpu::kv4_attention")
-    def _(query, kv_cache, block_table, seq_lens, query_start_loc, scale, causal, had_k, output):
+    def _(query, kv_cache, block_table, seq_lens, query_start_loc, scale, causal, had_k, output,
+          pivot_tail=None):
         return None
 
     @torch.library.register_fake("quarot_cpu::linear")
