@@ -95,6 +95,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="quantize the lm_head too (R1 fused into it; GPTQ when the layers "
                    "use GPTQ): w8a8, w4a8 or w4a16; none keeps it 16-bit; auto (default): "
                    "w8a8 when the scheme quantizes weights (lossless), else none")
+    p.add_argument("--smooth", choices=("runtime",), default=None,
+                   help="Rotated Runtime Smooth: after the rotations, each linear's input "
+                   "channels are smoothed in groups by their run-time maxima over the token "
+                   "and the integer GEMM scales each group's partial sum (format v6 "
+                   "activation.smooth; CPU kernels only)")
+    p.add_argument("--smooth-group", type=int, default=QuantizeOptions.smooth_group,
+                   metavar="G", help="--smooth: input channels per smoothing group")
+    p.add_argument("--smooth-reorder", action=argparse.BooleanOptionalAction,
+                   default=QuantizeOptions.smooth_reorder,
+                   help="--smooth: group channels by their calibration maxima (default on; "
+                   "needs calibration text)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel-ready: block-diagonal online R4 (N blocks) and "
                    "per-(token, 1/N slice) activation scales on o_proj/down_proj, so the "

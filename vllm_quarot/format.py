@@ -17,8 +17,10 @@ QUANT_METHOD = "quarot"
 # 3: activation.layer_bits (per-layer activation precision); 1 and 2 read as none
 # 4: kv_cache.shift (per-layer key/value centring, KV_SHIFT_FILE) and rotation.r3.layers
 #    (R3 on some layers only); 1-3 read as no shift and R3 on every layer
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# 6: activation.smooth (Rotated Runtime Smooth, per-linear smooth_perm tensors); 1-5
+#    read as no smoothing
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 # the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
 # subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
 KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
@@ -79,6 +81,47 @@ class LMHeadSpec:
         return f"w{self.bits}a{self.activation_bits or 16}"
 
 
+SMOOTH_METHODS = ("runtime",)
+# the tokens a smoothing factor is the maximum over: "token" (each token alone) is what
+# the runtime serves; the maximum over the tokens of a step would make a request's output
+# depend on the requests batched with it
+SMOOTH_MAXIMA = ("token",)
+
+
+@dataclass(frozen=True)
+class SmoothSpec:
+    """activation.smooth (v6, the quantizer's --smooth runtime): Rotated Runtime Smooth.
+    Every quantized decoder-layer linear splits its (rotated) input channels into groups
+    of ``group_size`` — in the order of its ``smooth_perm`` tensor when ``reorder``
+    (channels sorted by their calibration maxima), else in natural order — divides each
+    group by its largest |x| over the token (``maxima``), quantizes the token at the
+    activation bits and clip ratio, and the integer GEMM scales each group's partial sum
+    by (token scale × smoothing factor). Weights are per output channel, never rescaled."""
+
+    method: str = "runtime"
+    group_size: int = 64
+    maxima: str = "token"
+    reorder: bool = True
+
+    def check(self) -> None:
+        if self.method not in SMOOTH_METHODS:
+            raise CheckpointFormatError(
+                f"activation.smooth.method must be one of {', '.join(SMOOTH_METHODS)}, got "
+                f"{self.method!r}")
+        if self.maxima not in SMOOTH_MAXIMA:
+            raise CheckpointFormatError(
+                f"activation.smooth.maxima {self.maxima!r} is not served by this vllm-quarot "
+                f"(it serves {', '.join(SMOOTH_MAXIMA)})")
+        if (not isinstance(self.group_size, int) or self.group_size <= 0
+                or self.group_size % 8):
+            raise CheckpointFormatError(
+                f"activation.smooth.group_size must be a positive multiple of 8, got "
+                f"{self.group_size!r}")
+        if not isinstance(self.reorder, bool):
+            raise CheckpointFormatError(
+                f"activation.smooth.reorder must be true or false, got {self.reorder!r}")
+
+
 @dataclass(frozen=True)
 class ActivationSpec:
     bits: int = 4
@@ -88,6 +131,7 @@ class ActivationSpec:
     # quantized at other bits than ``bits`` (8 for the few with massive outliers: the
     # quantizer's --a8-layers); an 8-bit layer quantizes without clipping
     layer_bits: dict[str, int] = field(default_factory=dict)
+    smooth: SmoothSpec | None = None  # v6: Rotated Runtime Smooth (None: per token)
 
     @property
     def static(self) -> bool:
@@ -287,7 +331,7 @@ class QuaRotFormat:
         try:
             weight = WeightSpec(**_section(cfg, "weight"))
             act = cfg.get("activation")
-            activation = None if act is None else ActivationSpec(**_section(cfg, "activation"))
+            activation = None if act is None else _activation(_section(cfg, "activation"))
             kv = cfg.get("kv_cache")
             kv_cache = None if kv is None else KVCacheSpec(**_section(cfg, "kv_cache"))
             rot = _section(cfg, "rotation")
@@ -350,6 +394,8 @@ class QuaRotFormat:
                 )
             if w.bits == 16:
                 raise CheckpointFormatError("quantized activations need quantized weights")
+            if a.smooth is not None:
+                self._check_smooth(a.smooth)
         if kv is not None:
             if kv.bits not in (4, 8):
                 raise CheckpointFormatError(f"kv_cache bits must be 4 or 8, got {kv.bits}")
@@ -390,6 +436,21 @@ class QuaRotFormat:
                 raise CheckpointFormatError("a quantized lm_head needs a quantized scheme")
         self._check_scheme()
         self._check_rotation_record()
+
+    def _check_smooth(self, smooth: SmoothSpec) -> None:
+        smooth.check()
+        a, w = self.activation, self.weight
+        assert a is not None
+        if a.static:
+            raise CheckpointFormatError("activation.smooth needs per-token activations")
+        if w.bits != 4 or w.group_size != -1:
+            raise CheckpointFormatError(
+                "activation.smooth is served with 4-bit per-output-channel weights (weight "
+                f"bits 4, group_size -1), got bits {w.bits}, group_size {w.group_size}")
+        if self.tp_blocks != 1:
+            raise CheckpointFormatError(
+                "activation.smooth is served with tensor_parallel_blocks 1, got "
+                f"{self.tp_blocks}")
 
     def sections(self) -> SchemeSpec:
         """The scheme the weight / activation / kv_cache sections describe."""
@@ -487,6 +548,15 @@ class QuaRotFormat:
                     "config.json do not match"
                 )
         n, attn = self.tp_blocks, hf_config.num_attention_heads * head_dim
+        smooth = self.activation.smooth if self.activation is not None else None
+        if smooth is not None:
+            sizes = {"hidden size": hidden, "heads × head_dim": attn,
+                     "intermediate size": hf_config.intermediate_size}
+            bad = [f"{k} {v}" for k, v in sizes.items() if v % smooth.group_size]
+            if bad:
+                raise CheckpointFormatError(
+                    f"activation.smooth.group_size {smooth.group_size} does not divide the "
+                    f"{', '.join(bad)} of this model")
         if attn % n or hf_config.intermediate_size % n:
             raise CheckpointFormatError(
                 f"tensor_parallel_blocks {n} does not divide the inputs of o_proj ({attn}) "
@@ -523,6 +593,15 @@ def _scheme_of(weight: WeightSpec, activation: ActivationSpec | None,
                kv_cache: KVCacheSpec | None) -> str | None:
     got = _sections(weight, activation, kv_cache)
     return next((name for name, spec in SCHEMES.items() if spec == got), None)
+
+
+def _activation(sec: dict[str, Any]) -> ActivationSpec:
+    sec = dict(sec)
+    smooth = sec.pop("smooth", None)
+    if smooth is not None and not isinstance(smooth, dict):
+        raise CheckpointFormatError(
+            f"quantization_config.activation.smooth must be an object or null, got {smooth!r}")
+    return ActivationSpec(**sec, smooth=None if smooth is None else SmoothSpec(**smooth))
 
 
 def _online_hadamard(rot: dict[str, Any], key: str) -> OnlineHadamard | None:

@@ -90,8 +90,11 @@ def smooth_quantize(
     """Runtime-smoothed per-token quantization of x [..., K]: (int8 codes [..., K] in the
     order ``perm`` (the channel order; None: natural), float32 scales [..., K/G]).
 
-    s_g = max(max_{j in g} |x_j|, eps) (the smoothing factor), y = x / s per group,
-    (codes, a) = quantize_per_token(y), scale_g = a · s_g: dequantized x_j = code_j · scale_g.
+    With m_g = max_{j in g} |x_j| (over the token): the smoothing factor s_g = max(m_g,
+    eps), the per-token scale of the smoothed row a = max(max_g(m_g / s_g) · clip/qmax,
+    eps), the group's scale a · s_g, and code_j = round(x_j / (a · s_g)): dequantized
+    x_j = code_j · scale_g. (Quantizing x_j / s_g by a rounds twice; dividing once by
+    the scale the GEMM multiplies back is the same up to last-bit ties, and cheaper.)
     """
     xf = x.float()
     if perm is not None:
@@ -100,9 +103,12 @@ def smooth_quantize(
     if k % group_size:
         raise ValueError(f"smoothing group size {group_size} does not divide {k}")
     g = xf.reshape(*xf.shape[:-1], k // group_size, group_size)
-    s = g.abs().amax(dim=-1, keepdim=True).clamp_(min=_EPS)
-    q, a = quantize_per_token((g / s).reshape(xf.shape), bits, clip_ratio)
-    return q, a * s.squeeze(-1)
+    m = g.abs().amax(dim=-1, keepdim=True)
+    s = m.clamp(min=_EPS)
+    a = (m / s).amax(dim=-2, keepdim=True).mul_(clip_ratio / qmax(bits)).clamp_(min=_EPS)
+    scale = a * s
+    q = torch.round(g / scale).clamp_(-qmax(bits) - 1, qmax(bits)).to(torch.int8)
+    return q.reshape(xf.shape), scale.squeeze(-1)
 
 
 def fake_smooth_quantize(

@@ -5,10 +5,9 @@
 // Math (identical to quarot::smooth_quantize / quarot::smooth_int_linear, the PyTorch
 // reference ops in vllm_quarot/runtime/ops/reference.py):
 //   v     = (Hadamard(x) when R4 is fused, else x) in float32, gathered in the order perm
-//   s_g   = max(max_{j in g} |v_j|, 1e-12)             the smoothing factor of group g
-//   y_j   = v_j / s_g                                   smoothed row (|y| <= 1)
-//   a     = max(max_j |y_j| · clip/qmax, 1e-12)         the per-token scale
-//   code  = clamp(round_half_even(y / a), -qmax-1, qmax), scale_g = a · s_g
+//   m_g   = max_{j in g} |v_j|, s_g = max(m_g, 1e-12)   the smoothing factor of group g
+//   a     = max(max_g(m_g / s_g) · clip/qmax, 1e-12)    the smoothed row's per-token scale
+//   scale_g = a · s_g, code_j = clamp(round_half_even(v_j / scale_g), -qmax-1, qmax)
 //   out   = ((Σ_g float(Σ_{k in g} code·w) · scale_g) · w_scale[n]) + bias[n]
 // in float32, in this order, without FMA contraction (built with -ffp-contract=off; the
 // vector kernels use separate multiply and add instructions).
@@ -63,31 +62,31 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, in
     v = tmp;
   }
   const int64_t groups = k / gs;
-  float amax = 0.f;
+  float ymax = 0.f;  // max over the groups of m_g / s_g: the smoothed row's max |y|
   for (int64_t g = 0; g < groups; ++g) {
-    float* vg = v + g * gs;
-    float s = 0.f;
-    for (int64_t i = 0; i < gs; ++i) s = std::max(s, std::fabs(vg[i]));
-    s = std::max(s, kEps);
+    const float* vg = v + g * gs;
+    float mg = 0.f;
+    for (int64_t i = 0; i < gs; ++i) mg = std::max(mg, std::fabs(vg[i]));
+    const float s = std::max(mg, kEps);
     gbuf[g] = s;
-    for (int64_t i = 0; i < gs; ++i) {
-      vg[i] = vg[i] / s;
-      amax = std::max(amax, std::fabs(vg[i]));
-    }
+    ymax = std::max(ymax, mg / s);
   }
-  const float a = std::max(amax * ratio, kEps);
+  const float a = std::max(ymax * ratio, kEps);
   const int qmax = (1 << (bits - 1)) - 1;
   const float lo = static_cast<float>(-qmax - 1), hi = static_cast<float>(qmax);
   for (int64_t g = 0; g < groups; ++g) {
+    const float sc = a * gbuf[g];
+    const float* vg = v + g * gs;
+    int8_t* qg = q + g * gs;
     int32_t sum = 0;
-    for (int64_t i = g * gs; i < (g + 1) * gs; ++i) {
-      float c = std::nearbyint(v[i] / a);
+    for (int64_t i = 0; i < gs; ++i) {
+      float c = std::nearbyint(vg[i] / sc);
       c = std::min(std::max(c, lo), hi);
-      q[i] = static_cast<int8_t>(c);
+      qg[i] = static_cast<int8_t>(c);
       sum += static_cast<int32_t>(c);
     }
     asum[g] = sum;
-    scale[g] = a * gbuf[g];
+    scale[g] = sc;
   }
 }
 

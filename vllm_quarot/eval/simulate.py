@@ -26,6 +26,7 @@ from vllm_quarot.quant import (
     dequantize_weight,
     fake_quantize_asym,
     fake_quantize_per_token_blocks,
+    fake_smooth_quantize,
     quantize_static,
     unpack_weight,
 )
@@ -56,6 +57,7 @@ def load_simulated(
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     input_scales: dict[str, torch.Tensor] = {}
+    perms: dict[str, torch.Tensor] = {}  # activation.smooth.reorder: channel orders
     for name in src.keys():
         if name.endswith(".weight_packed"):
             base = name.removesuffix(".weight_packed")
@@ -69,11 +71,13 @@ def load_simulated(
             quantized.add(base)
         elif name.endswith(".input_scale"):
             input_scales[name.removesuffix(".input_scale")] = src.get(name).float()
+        elif name.endswith(".smooth_perm"):
+            perms[name.removesuffix(".smooth_perm")] = src.get(name).long()
         elif not name.endswith(".weight_scale"):
             state[name] = src.get(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    _install_hooks(model, fmt, quantized, input_scales, act_bits_override or {})
+    _install_hooks(model, fmt, quantized, input_scales, act_bits_override or {}, perms)
     if fmt.kv_cache is not None:
         shifts = read_kv_shift(model_dir, cfg) if fmt.kv_cache.shift else None
         model.set_attn_implementation(_kv_attention(fmt, shifts))
@@ -122,9 +126,11 @@ def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
 
 def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str],
                    input_scales: dict[str, torch.Tensor],
-                   override: dict[str, int | None]) -> None:
+                   override: dict[str, int | None],
+                   perms: dict[str, torch.Tensor] | None = None) -> None:
     act = fmt.activation
     static = act is not None and act.static
+    smooth = act.smooth if act is not None else None
     for name in sorted(quantized):
         mod = model.get_submodule(name)
         r4 = fmt.rotation.r4 if name.endswith("down_proj") else None
@@ -144,14 +150,21 @@ def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str
         for suffix, b in override.items():
             if name.endswith(suffix):
                 bits = b
+        # Rotated Runtime Smooth on the decoder layers' linears (not the lm_head)
+        group = smooth.group_size if smooth is not None and not head else 0
+        perm = (perms or {}).get(name) if group and smooth.reorder else None
+        if group and smooth.reorder and perm is None:
+            raise CheckpointFormatError(f"{name}.smooth_perm is missing from the checkpoint")
 
         def hook(_m, args, had_k=had_k, r4_blocks=r4_blocks, scale=scale, bits=bits,
-                 blocks=blocks, clip=clip):
+                 blocks=blocks, clip=clip, group=group, perm=perm):
             x = args[0]
             if had_k is not None:
                 x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
             if bits is None:
                 pass
+            elif group:
+                x = fake_smooth_quantize(x, bits, clip, group, perm)
             elif scale is not None:
                 x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
             else:

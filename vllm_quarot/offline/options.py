@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
+from vllm_quarot.format import SMOOTH_METHODS
 from vllm_quarot.hadamard import HadamardSizeError, factorize
 
 # scheme -> (weight bits, activation bits or None, kv bits or None): the format's table
@@ -79,6 +80,11 @@ class QuantizeOptions:
     # the lm_head quantized too (R1 is fused into it like every linear): auto, none,
     # w8a8, w4a8, w4a16 (LM_HEADS); GPTQ when the layers use GPTQ
     lm_head: str = "auto"
+    # Rotated Runtime Smooth (format v6 activation.smooth): "runtime" or None; groups of
+    # smooth_group input channels, reordered by their calibration maxima (smooth_reorder)
+    smooth: str | None = None
+    smooth_group: int = 64
+    smooth_reorder: bool = True
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -120,7 +126,12 @@ class QuantizeOptions:
         """GPTQ, static activation scales, --a8-layers or learned rotations: calibration
         activations are computed."""
         return (self.uses_gptq or self.static or self.a8_layers is not None
-                or self.rotate == "spinquant")
+                or self.rotate == "spinquant" or self.smooth_reorders)
+
+    @property
+    def smooth_reorders(self) -> bool:
+        """--smooth runtime with channels grouped by their calibration maxima."""
+        return self.smooth is not None and self.smooth_reorder
 
     @property
     def calibrates_kv(self) -> bool:
@@ -199,6 +210,7 @@ def check_options(o: QuantizeOptions) -> None:
         if o.spinquant_weights not in SPINQUANT_WEIGHTS:
             raise QuantizeError(f"--spinquant-weights must be one of "
                                 f"{', '.join(SPINQUANT_WEIGHTS)}, got {o.spinquant_weights!r}")
+    _check_smooth(o)
     shard_bytes(o.max_shard_size)
     if o.nsamples <= 0:
         raise QuantizeError(f"--nsamples must be positive, got {o.nsamples}")
@@ -239,11 +251,35 @@ def shard_bytes(size: str) -> int:
     return int(value)
 
 
+def _check_smooth(o: QuantizeOptions) -> None:
+    """--smooth runtime: 4-bit per-channel weights, per-token activations, one TP block."""
+    if o.smooth is None:
+        return
+    if o.smooth not in SMOOTH_METHODS:
+        raise QuantizeError(f"--smooth must be one of {', '.join(SMOOTH_METHODS)}, got "
+                            f"{o.smooth!r}")
+    w_bits, a_bits, _ = o.bits
+    if a_bits is None or o.static or w_bits != 4:
+        raise QuantizeError(
+            f"--smooth runtime smooths per-token activations in front of 4-bit weights; "
+            f"scheme {o.scheme} has none (use w4a4kv4, w4a4, w4a8kv4 or w4a8)")
+    if o.group_size != -1:
+        raise QuantizeError("--smooth runtime runs with per-output-channel weights "
+                            f"(--group-size -1), got --group-size {o.group_size}")
+    if o.tp != 1:
+        raise QuantizeError(f"--smooth runtime is served with --tp 1, got --tp {o.tp}")
+    if o.smooth_group <= 0 or o.smooth_group % 8:
+        raise QuantizeError(
+            f"--smooth-group must be a positive multiple of 8, got {o.smooth_group}")
+
+
 def _calibration_user(o: QuantizeOptions) -> str:
     if o.static:
         return "static activation scales"
     if o.uses_gptq:
         return "GPTQ"
+    if o.smooth_reorders:
+        return "--smooth runtime with --smooth-reorder (channel maxima)"
     return "--rotate spinquant" if o.rotate == "spinquant" else "--a8-layers"
 
 
@@ -291,6 +327,14 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
                 f"--group-size {o.group_size} does not divide the {', '.join(bad)} of "
                 "this model")
     _check_tp(o, inter, n_heads * head_dim)
+    if o.smooth is not None:
+        sizes = {"hidden size": hidden, "intermediate size (down_proj)": inter,
+                 "heads × head_dim (o_proj)": n_heads * head_dim}
+        bad = [f"{name} {k}" for name, k in sizes.items() if k % o.smooth_group]
+        if bad:
+            raise QuantizeError(
+                f"--smooth-group {o.smooth_group} does not divide the {', '.join(bad)} of "
+                "this model")
     if o.tp > 1 and o.group_size != -1 and o.bits[0] < 16:
         sizes = {"o_proj": n_heads * head_dim // o.tp, "down_proj": inter // o.tp}
         bad = [f"{name} {k}" for name, k in sizes.items() if k % o.group_size]

@@ -32,6 +32,7 @@ from vllm_quarot.format import (
     OnlineHadamard,
     QuaRotFormat,
     RotationSpec,
+    SmoothSpec,
     WeightSpec,
 )
 from vllm_quarot.hadamard import (
@@ -82,6 +83,7 @@ from vllm_quarot.quant import (
     pack_weight,
     qmax,
     quantize_weight_rtn,
+    smooth_order,
 )
 
 if TYPE_CHECKING:
@@ -189,6 +191,7 @@ class _LayerRunner:
         self.rotary = rotary
         self.r4_blocks = r4_blocks
         self.r4_hook = None
+        self.input_maxima: dict[str, torch.Tensor] = {}  # filled by sequential()
 
     def load(self, sd: dict[str, torch.Tensor], online_r4: bool) -> None:
         self.module.load_state_dict({k: v.to(self.dtype) for k, v in sd.items()}, strict=True)
@@ -250,6 +253,9 @@ class _LayerRunner:
         pe = (cos.to(self.dtype), sin.to(self.dtype))
         spans = [slice(i, i + batch) for i in range(0, n, batch)]
         errors: dict[str, float] = {}
+        # per-channel max |x| of each group's input over the calibration tokens (after
+        # R4): --smooth runtime groups channels by it
+        self.input_maxima = {}
 
         def on(x: torch.Tensor) -> torch.Tensor:
             return x.to(self.device, self.dtype)
@@ -261,9 +267,13 @@ class _LayerRunner:
             acc = HessianAccumulator(first.in_features, self.device)
             meter = _ActErrorMeter(a_bits, act_clip,
                                    tp_blocks if group[0] in RESIDUAL_OUT else 1)
+            amax = torch.zeros(first.in_features, dtype=torch.float64)
             for x in inputs:
                 acc.add(x)
                 meter.observe(x, first.weight)
+                amax = torch.maximum(amax, x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+                                     .to("cpu", torch.float64))
+            self.input_maxima[group[0]] = amax
             if a_bits is not None:
                 errors[group[0]] = meter.value
             for name, w in quantize_group(group, acc).items():
@@ -403,7 +413,9 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
         scheme=o.scheme,
         weight=WeightSpec(w_bits, o.group_size, True, o.weight_method if w_bits < 16 else "none"),
         activation=None if a_bits is None else ActivationSpec(
-            a_bits, act_clip, "static-per-tensor" if o.static else "per-token"),
+            a_bits, act_clip, "static-per-tensor" if o.static else "per-token",
+            smooth=None if o.smooth is None else SmoothSpec(
+                o.smooth, o.smooth_group, "token", o.smooth_reorder)),
         kv_cache=None if kv_bits is None else KVCacheSpec(kv_bits, -1, True, o.kv_clip),
         rotation=RotationSpec(
             r1_seed=o.seed,
@@ -663,6 +675,11 @@ class _Streamer:
                 h_cal, quantize_group, self.plan.a_bits if self.o.a8_layers else None,
                 self.plan.act_clip, self.o.tp, spill_dir=self.spill_dir)
             self.act_errors.update({prefix + k: v for k, v in errors.items()})
+            if self.o.smooth_reorders:  # each group's inputs in their smoothing order
+                for group in SEQUENTIAL_GROUPS:
+                    perm = smooth_order(runner.input_maxima[group[0]])
+                    for name in group:
+                        self._emit(f"{prefix}{name}.smooth_perm", perm.clone())
         for k, v in sd.items():
             if not any(k.startswith(n + ".") for n in LINEARS):
                 self._emit(prefix + k, v.to(self.plan.out_dtype))

@@ -76,6 +76,7 @@ class QuaRotConfig(QuantizationConfig):
             from vllm_quarot.validate import validate_model
 
             validate_model(model_name, hf_config, self.fmt)
+            _check_smoothing_platform(self.fmt)
             kv = self.fmt.kv_cache
             if kv is not None and kv.shift:
                 from vllm_quarot.kv_shift import read_kv_shift
@@ -127,6 +128,20 @@ class QuaRotConfig(QuantizationConfig):
         down = prefix.rsplit(".", 1)[-1] == "down_proj"
         return QuaRotLinearMethod(scheme_for(self.fmt, prefix, self.packed_modules_mapping),
                                   HadamardTransform(r4) if down and r4 else None, prefix)
+
+
+def _check_smoothing_platform(fmt: QuaRotFormat) -> None:
+    """Runtime smoothing (activation.smooth) has CPU kernels only: refuse it elsewhere
+    here, in the process that starts the engine, with one line."""
+    if fmt.activation is None or fmt.activation.smooth is None:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise CheckpointFormatError(
+            "this checkpoint smooths activations at run time (activation.smooth, quantized "
+            "with --smooth runtime), which vllm-quarot serves on CPU only: no GPU kernel "
+            "computes it yet. Serve it with vLLM's CPU build, or quantize without --smooth")
 
 
 def _local_dir(model: str, revision: str | None) -> str:
