@@ -25,6 +25,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
+# --smooth runtime as benchmarks/rrs_variants.py chose it (groups of 64 channels,
+# reordered by their calibration maxima); STRIP: score the checkpoint without it
+RRS = dict(smooth="runtime", smooth_group=64, smooth_reorder=True)
+STRIP = {"strip_smooth": True}
+
 # (label, quantize options or None for the 16-bit original, seeded). Options not given
 # are the CLI's defaults (GPTQ: sequential in each layer, weight clip search, act-order,
 # damp 0.01), so a row shows what a user gets. Seeded rows are quantized once per R1
@@ -57,6 +62,16 @@ ROWS: list[tuple[str, dict | None, bool]] = [
     ("W4A8KV4 QuaRot-RTN", dict(scheme="w4a8kv4", weight_method="rtn"), False),
     ("W4A8KV4 QuaRot-RTN, --no-kv-calibrate", dict(scheme="w4a8kv4", weight_method="rtn",
                                                    kv_calibrate=False), False),
+    # Rotated Runtime Smooth (--smooth runtime); "without" rows are the same checkpoint
+    # with activation.smooth and the channel orders removed (STRIP): GPTQ's Hessians and
+    # the KV calibration see 16-bit activations, so --smooth changes no weight (checked
+    # by tests/test_rrs.py), and each pair differs in the activation quantization only
+    ("W4A4KV4 QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4kv4", **RRS), True),
+    ("W4A4KV4 QuaRot-GPTQ (row 20 without RRS)", dict(scheme="w4a4kv4", **RRS, **STRIP),
+     True),
+    ("W4A4 (KV16) QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4", **RRS), True),
+    ("W4A4 (KV16) QuaRot-GPTQ (row 22 without RRS)", dict(scheme="w4a4", **RRS, **STRIP),
+     True),
 ]
 
 MODELS = {
@@ -95,10 +110,36 @@ def _key(opts: object) -> str:
     from vllm_quarot.offline.options import QuantizeOptions
 
     def full(o: object) -> object:
-        return dataclasses.asdict(QuantizeOptions(**o)) if isinstance(o, dict) else o
+        if not isinstance(o, dict):
+            return o
+        d = dataclasses.asdict(QuantizeOptions(**o))
+        if d.get("smooth") is None:  # rows without --smooth keep their pre-RRS keys
+            for f in ("smooth", "smooth_group", "smooth_reorder"):
+                d.pop(f, None)
+        return d
 
     resolved = [full(x) for x in opts] if isinstance(opts, list) else full(opts)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def strip_smoothing(src: Path, dst: Path) -> None:
+    """dst = the checkpoint src without Rotated Runtime Smooth: activation.smooth null and
+    no smooth_perm tensors (every other file and tensor as it is)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    for f in src.glob("*.safetensors"):
+        t = load_file(f)
+        save_file({k: v for k, v in t.items() if not k.endswith(".smooth_perm")}, tmp / f.name,
+                  metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["activation"]["smooth"] = None
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.rename(dst)
 
 
 def _heldout(tok, text_file: Path, n_tokens: int, work: Path) -> Path:
@@ -158,6 +199,8 @@ def main() -> None:
                     help="comma-separated row numbers (default all); ROW:N = N seeds")
     ap.add_argument("--work", default=None, help="where quantized checkpoints are cached")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the model dtype vLLM serves in (the simulation runs in float32)")
     ap.add_argument("--no-sim", action="store_true",
                     help="seeded rows: vLLM for every seed instead of the simulation")
     ap.add_argument("--spinquant-steps", type=int, default=None,
@@ -206,7 +249,19 @@ def main() -> None:
                        "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
                 row.update(overrides(a.set + ([f"spinquant_steps={a.spinquant_steps}"]
                                               if a.spinquant_steps is not None else []), opts))
+                strip = row.pop("strip_smooth", False)
                 ckpt = work / f"row{i:02d}-seed{seed}-{_key(row)}"
+                if strip:  # the smoothed checkpoint of these options, made or reused
+                    src, ckpt = ckpt.with_name(f"rrs-seed{seed}-{_key(row)}"), \
+                        ckpt.with_name(f"row{i:02d}-seed{seed}-{_key(row)}-stripped")
+                    if not (src / "config.json").is_file() and not a.cached_only:
+                        print(f"[accuracy] quantizing: {label} (with RRS), seed {seed}",
+                              flush=True)
+                        quantize(base, src, QuantizeOptions(**row))
+                    if (src / "config.json").is_file() and not (ckpt / "config.json").is_file():
+                        strip_smoothing(src, ckpt)
+                elif row.get("smooth") is not None:  # shared with the stripped row
+                    ckpt = ckpt.with_name(f"rrs-seed{seed}-{_key(row)}")
                 if a.cached_only and not (ckpt / "config.json").is_file():
                     continue
                 if not (ckpt / "config.json").is_file():
@@ -226,17 +281,19 @@ def main() -> None:
             key = _key([row, text, seqlen, len(windows)])
             cache = work / f"scores-row{i:02d}-seed{seed}-{key}.json"
             got = json.loads(cache.read_text()) if cache.is_file() else {}
+            vkey = "vllm" if a.vllm_dtype == "bfloat16" else f"vllm_{a.vllm_dtype}"
             if a.cached_only:  # what was scored, nothing more
-                serve, with_sim = serve and "vllm" in got, with_sim and "sim" in got
+                serve, with_sim = serve and vkey in got, with_sim and "sim" in got
                 if not (serve or with_sim):
                     continue
-            if serve and "vllm" not in got:
-                got["vllm"] = serve_perplexity(ckpt, windows, "quarot" if opts else None)
+            if serve and vkey not in got:
+                got[vkey] = serve_perplexity(ckpt, windows, "quarot" if opts else None,
+                                             dtype=a.vllm_dtype)
             if with_sim and "sim" not in got:
                 got["sim"] = hf_perplexity(load_reference(ckpt), windows)
             work.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(got))
-            v, sim = (got.get("vllm") if serve else None), (got.get("sim") if with_sim else None)
+            v, sim = (got.get(vkey) if serve else None), (got.get("sim") if with_sim else None)
             if v is not None:
                 vals.append(v)
             if sim is not None:
@@ -252,7 +309,8 @@ def main() -> None:
     n_tok = len(windows) * (seqlen - 1)
     lines = [
         f"{a.model}: perplexity on `{text}` ({len(windows)}×{seqlen} tokens, {n_tok} scored); "
-        f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`. vLLM (bf16, the "
+        f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`. vLLM "
+        f"({a.vllm_dtype}, the "
         "serving path) scores R1 seed 0; the simulation (float32) every seed: mean ± "
         "standard deviation over the seeds in brackets. 'vs bf16' compares simulation with "
         "simulation (vLLM with vLLM where a row has no simulation).",

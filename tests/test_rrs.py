@@ -259,7 +259,10 @@ def test_native_fake_impls_pass_opcheck():
 # Format
 
 
-def _fmt(smooth: SmoothSpec | None = SmoothSpec(group_size=32), **kw) -> QuaRotFormat:
+G32 = SmoothSpec(group_size=32)
+
+
+def _fmt(smooth: SmoothSpec | None = G32, **kw) -> QuaRotFormat:
     act = ActivationSpec(bits=4, clip_ratio=0.9, smooth=smooth)
     base = dict(scheme="w4a4", weight=WeightSpec(bits=4, group_size=-1), activation=act,
                 kv_cache=None, rotation=RotationSpec())
@@ -330,15 +333,65 @@ def test_quantizer_options_are_checked(opts, match, shared_data):
         check_options(QuantizeOptions(**base))
 
 
-def test_gpu_is_refused_in_the_calling_process(monkeypatch):
+def test_platforms_without_a_kernel_are_refused_in_the_calling_process(monkeypatch):
     from vllm.platforms import current_platform
 
     from vllm_quarot.runtime import config
+    from vllm_quarot.runtime.ops import triton as triton_ops
 
+    config._check_smoothing_platform(_fmt())  # CPU: served
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
-    with pytest.raises(CheckpointFormatError, match="serves on CPU only"):
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(triton_ops, "AVAILABLE", True)
+    config._check_smoothing_platform(_fmt())  # CUDA + triton, group 32: the Triton kernels
+    with pytest.raises(CheckpointFormatError, match="--smooth-group 64"):
+        config._check_smoothing_platform(_fmt(SmoothSpec(group_size=96)))
+    monkeypatch.setattr(triton_ops, "AVAILABLE", False)
+    with pytest.raises(CheckpointFormatError, match="only on CUDA GPUs with triton"):
+        config._check_smoothing_platform(_fmt())
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: False)  # e.g. ROCm, XPU
+    with pytest.raises(CheckpointFormatError, match="activation.smooth"):
         config._check_smoothing_platform(_fmt())
     config._check_smoothing_platform(_fmt(None))  # no smoothing: nothing to refuse
+
+
+# ----------------------------------------------------------------------------
+# The Triton kernels (GPUs; here under TRITON_INTERPRET=1), bit for bit
+
+
+def _triton():
+    from vllm_quarot.runtime.ops import triton as triton_ops
+
+    if not triton_ops.usable(torch.device("cpu")):
+        pytest.skip("triton is not installed or TRITON_INTERPRET is not set")
+    return triton_ops
+
+
+@pytest.mark.parametrize("m,k,gs", [(1, 64, 16), (5, 192, 64), (19, 256, 128)])
+@pytest.mark.parametrize("reorder", [False, True])
+def test_triton_smooth_quantize_equals_reference(m, k, gs, reorder):
+    t = _triton()
+    x = _x(m, k, seed=m + gs, dtype=torch.bfloat16)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(gs)).int() if reorder \
+        else None
+    for bits, clip in ((4, 0.9), (8, 1.0)):
+        codes, scales = t.smooth_quantize_impl(x, bits, clip, gs, perm)
+        ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm)
+        assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("m,k,n,gs", [(1, 64, 48, 32), (20, 192, 70, 64), (33, 256, 40, 128)])
+def test_triton_smooth_gemm_equals_reference(m, k, n, gs):
+    t = _triton()
+    x = _x(m, k, seed=n)
+    w, ws, bias = _weights(n, k, seed=m)
+    codes, scales = ops.smooth_quantize(x, 4, 0.9, gs, None)
+    packed = t.repack_weight(w, 4)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        for b in (bias, None):
+            out = t.smooth_gemm_impl(codes, scales, packed, ws.reshape(-1), b, out_dtype)
+            ref = ops.smooth_int_linear(codes, scales, w, ws, b, out_dtype)
+            assert torch.equal(out, ref)
 
 
 # ----------------------------------------------------------------------------
@@ -396,24 +449,33 @@ def _layer(fmt: QuaRotFormat, kernel: type | None, monkeypatch, perm: torch.Tens
     return method, layer
 
 
+@pytest.mark.parametrize("kernel", ["native", "triton"])
 @pytest.mark.parametrize("reorder", [False, True])
 @pytest.mark.parametrize("online", [False, True])
-def test_linear_method_native_equals_reference(single_process_group, monkeypatch, reorder,
-                                               online):
-    from vllm_quarot.runtime.kernels import NativeCPURRSKernel, ReferenceRRSKernel
+def test_linear_method_kernels_equal_reference(single_process_group, monkeypatch, kernel,
+                                               reorder, online):
+    from vllm_quarot.runtime.kernels import (
+        NativeCPURRSKernel,
+        ReferenceRRSKernel,
+        TritonRRSKernel,
+    )
 
-    if not cpu_ops.AVAILABLE:
+    if kernel == "native" and not cpu_ops.AVAILABLE:
         pytest.skip("native library not built")
+    if kernel == "triton":
+        _triton()
+    cls = NativeCPURRSKernel if kernel == "native" else TritonRRSKernel
     fmt = _fmt(SmoothSpec(group_size=32, reorder=reorder))
     perm = torch.randperm(320, generator=torch.Generator().manual_seed(3)).int() if reorder \
         else None
     ref_m, ref_l = _layer(fmt, ReferenceRRSKernel, monkeypatch, perm, online)
-    nat_m, nat_l = _layer(fmt, None, monkeypatch, perm, online)
-    assert type(nat_m.kernel) is NativeCPURRSKernel
+    out_m, out_l = _layer(fmt, None if kernel == "native" else cls, monkeypatch, perm, online)
+    assert type(out_m.kernel) is cls
     x = torch.randn(6, 320, generator=torch.Generator().manual_seed(4))
     bias = torch.randn(40)
-    ref, out = ref_m.apply(ref_l, x, bias), nat_m.apply(nat_l, x, bias)
-    if online:  # the Hadamard in another float order: a tie may move one code
+    ref, out = ref_m.apply(ref_l, x, bias), out_m.apply(out_l, x, bias)
+    if online and cls.fuses_hadamard:  # the Hadamard in another float order: a tie may
+        # move one code
         assert torch.allclose(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
     else:
         assert torch.equal(out, ref)
@@ -435,7 +497,8 @@ def test_kernel_choice_for_smoothed_layers(single_process_group, monkeypatch, ca
         assert choose_kernel(c) is NativeCPURRSKernel
     # a plain layer never gets an RRS kernel, a smoothed one never a plain kernel
     assert not choose_kernel(plain).smoothing
-    monkeypatch.setattr(envs, "VLLM_QUAROT_DISABLED_KERNELS", ["NativeCPURRSKernel"])
+    monkeypatch.setattr(envs, "VLLM_QUAROT_DISABLED_KERNELS",
+                        ["NativeCPURRSKernel", "TritonRRSKernel"])
     assert choose_kernel(c) is ReferenceRRSKernel
     with pytest.raises(ValueError, match="no QuaRot kernel"):
         choose_kernel(dataclasses.replace(c, device_type="cuda"))
@@ -579,3 +642,54 @@ def test_vllm_outputs_do_not_depend_on_batch_composition(rrs_ckpt):
         for x, y, z in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:],
                            c["prompt_logprobs"][1:], strict=True):
             assert abs(x - y) < 1e-4 and abs(x - z) < 1e-4
+
+
+# The smoothing kernels compiled for NVIDIA GPUs without one (tests/triton_compile.py's
+# compile_for, in a subprocess outside the interpreter): tensor-core integer dots, no
+# spills, shared memory within the device's.
+_COMPILE = r"""
+import json, sys, torch
+sys.path.insert(0, "tests")
+import triton_compile as tc
+from vllm_quarot.runtime.ops import triton as tk
+for m in (1, 2048):
+    for gs in (64, 128):
+        meta = tk.smooth_gemm_meta(m, gs, True, torch.bfloat16)
+        types = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*i8",
+                 "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+        types |= dict.fromkeys(["M", "N", "K", "stride_a", "stride_as", "stride_w",
+                                "stride_o"], "i32")
+        for cc in tc.CCS:
+            r = tc.compile_for(tk._smooth_gemm_kernel, types, meta, cc)
+            mma = [x for x in r.pop("ptx").splitlines() if "mma" in x and "s32.s8.s8" in x]
+            print(json.dumps({"case": f"gemm-m{m}-g{gs}", "cc": cc, "mma": len(mma), **r}))
+types = {"x_ptr": "*bf16", "perm_ptr": "*i32", "codes_ptr": "*i8", "scale_ptr": "*fp32",
+         "K": "i32", "stride_x": "i32", "stride_c": "i32", "stride_s": "i32", "mult": "fp32"}
+meta = {"qmax": 7, "GS": 64, "PERM": True, "num_warps": 4}
+for cc in tc.CCS:
+    r = tc.compile_for(tk._smooth_quantize_kernel, types, meta, cc)
+    r.pop("ptx")
+    print(json.dumps({"case": "quantize-g64", "cc": cc, "mma": 0, **r}))
+"""
+
+
+def test_triton_kernels_compile_for_gpus():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from triton_compile import SMEM_LIMIT
+
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 15
+    for r in rows:
+        assert r["local"] == 0 and r["stack"] == 0, r  # no spills
+        assert r["shared"] <= SMEM_LIMIT[r["cc"]], r
+        if r["case"].startswith("gemm"):
+            assert r["mma"] > 0, r  # int8 tensor-core dots (mma.sync / wgmma)

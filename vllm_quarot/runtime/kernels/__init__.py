@@ -15,6 +15,7 @@ from vllm_quarot.runtime.kernels.native_cpu import NativeCPULinearKernel
 from vllm_quarot.runtime.kernels.reference import ReferenceLinearKernel
 from vllm_quarot.runtime.kernels.rrs_native_cpu import NativeCPURRSKernel
 from vllm_quarot.runtime.kernels.rrs_reference import ReferenceRRSKernel
+from vllm_quarot.runtime.kernels.rrs_triton import TritonRRSKernel
 from vllm_quarot.runtime.kernels.triton import TritonLinearKernel
 from vllm_quarot.runtime.kernels.vllm_int8 import VLLMInt8LinearKernel
 from vllm_quarot.runtime.kernels.vllm_wna16 import VLLMWNA16LinearKernel
@@ -27,6 +28,7 @@ __all__ = [
     "ReferenceLinearKernel",
     "ReferenceRRSKernel",
     "TritonLinearKernel",
+    "TritonRRSKernel",
     "VLLMInt8LinearKernel",
     "VLLMWNA16LinearKernel",
     "choose_kernel",
@@ -41,10 +43,10 @@ logger = init_logger("vllm.quarot")
 # a layer is offered only the kernels of its kind.
 _POSSIBLE_KERNELS: dict[str, list[type[QuaRotLinearKernel]]] = {
     "cpu": [VLLMInt8LinearKernel, NativeCPULinearKernel, NativeCPURRSKernel,
-            VLLMWNA16LinearKernel, TritonLinearKernel, ReferenceLinearKernel,
-            ReferenceRRSKernel],
+            VLLMWNA16LinearKernel, TritonLinearKernel, TritonRRSKernel,
+            ReferenceLinearKernel, ReferenceRRSKernel],
     "cuda": [VLLMInt8LinearKernel, VLLMWNA16LinearKernel, TritonLinearKernel,
-             ReferenceLinearKernel],
+             TritonRRSKernel, ReferenceLinearKernel],
 }
 
 

@@ -9,6 +9,7 @@ order whose consecutive groups share a smoothing factor); the linears vLLM merge
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -77,7 +78,5 @@ class QuaRotRRS(QuaRotWnAnDynamic):
                       online_hadamard: int, device_type: str) -> LinearConfig:
         c = super().linear_config(in_features, out_features, params_dtype, online_hadamard,
                                   device_type)
-        import dataclasses
-
         return dataclasses.replace(c, smooth_group=self.smooth.group_size,
                                    smooth_reorder=self.smooth.reorder)
