@@ -5,7 +5,8 @@ Loads a W4A4(KV4) checkpoint's simulation, switches its per-token activation
 quantization off and quantizes every linear input (after the online R4) with a
 variant instead:
 
-* ``pertoken``: the checkpoint's own per-token quantization (the baseline);
+* ``checkpoint``: the simulation of the checkpoint as it is (what vLLM serves);
+* ``pertoken``: per-token quantization at the checkpoint's bits and clip (QuaRot);
 * ``rrs:<maxima>:g<G>[:reorder][:clip<c>]``: the input is divided by smoothing
   factors, one per group of G channels, quantized per token at the scheme's bits
   and multiplied back (what an integer GEMM does when it scales each K group's partial
@@ -40,8 +41,8 @@ DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
-    if parts[0] == "pertoken":
-        return {"kind": "pertoken"}
+    if parts[0] in ("pertoken", "checkpoint"):
+        return {"kind": parts[0]}
     if parts[0] != "rrs" or len(parts) < 3:
         raise SystemExit(f"bad variant {spec!r}")
     v = {"kind": "rrs", "maxima": parts[1], "group": int(parts[2].removeprefix("g")),
@@ -73,6 +74,10 @@ def _token_sets(m: torch.Tensor, maxima: str) -> torch.Tensor:
 def rrs_fake_quant(x: torch.Tensor, bits: int, clip: float, group: int, maxima: str,
                    perm: torch.Tensor | None) -> torch.Tensor:
     """x [B, T, K] -> smoothed, quantized per token, unsmoothed (float32)."""
+    if maxima == "tok1":  # what the runtime serves (activation.smooth)
+        from vllm_quarot.quant import fake_smooth_quantize
+
+        return fake_smooth_quantize(x, bits, clip, group, perm)
     qmax = (1 << (bits - 1)) - 1
     xf = x.float()
     if perm is not None:
@@ -137,6 +142,7 @@ def main() -> None:
     from vllm_quarot.eval.perplexity import hf_perplexity, token_windows
     from vllm_quarot.eval.simulate import load_simulated
     from vllm_quarot.format import QuaRotFormat
+    from vllm_quarot.quant import fake_quantize_per_token, smooth_order
 
     fmt = QuaRotFormat.from_dict(
         json.loads((Path(a.ckpt) / "config.json").read_text())["quantization_config"])
@@ -146,7 +152,7 @@ def main() -> None:
     windows = token_windows(tok, DATA / "wikitext-2-raw/wiki.test.raw", a.seqlen,
                             a.max_windows)
     cal = token_windows(tok, a.calib, a.calib_seqlen, a.calib_windows)
-    base = load_simulated(a.ckpt)
+    base = load_simulated(a.ckpt) if "checkpoint" in a.variants else None
     # the same model with 16-bit activations at the linears (R4 still applied)
     model = load_simulated(a.ckpt, act_bits_override={"_proj": None})
     names = linear_names(model)
@@ -155,14 +161,17 @@ def main() -> None:
     for spec in a.variants:
         v = parse_variant(spec)
         t0 = time.time()
-        if v["kind"] == "pertoken":
+        if v["kind"] == "checkpoint":
             ppl = hf_perplexity(base, windows)
         else:
             handles = []
             for name in names:
-                perm = (torch.argsort(amax[name], descending=True) if v["reorder"] else None)
+                perm = (smooth_order(amax[name]).long()
+                        if v["kind"] == "rrs" and v["reorder"] else None)
 
                 def hook(_m, args, perm=perm, v=v):
+                    if v["kind"] == "pertoken":
+                        return (fake_quantize_per_token(args[0], bits, clip0),)
                     return (rrs_fake_quant(args[0], bits, v["clip"] or clip0, v["group"],
                                            v["maxima"], perm),)
                 handles.append(model.get_submodule(name).register_forward_pre_hook(hook))

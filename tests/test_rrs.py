@@ -524,20 +524,45 @@ def test_a_bad_channel_order_is_refused(single_process_group, monkeypatch):
 # Quantizer, simulation and vLLM end to end
 
 
+RRS_OPTIONS = dict(scheme="w4a4kv4", nsamples=8, seqlen=128)
+
+
 @pytest.fixture(scope="module")
-def rrs_ckpt(tmp_path_factory, shared_data) -> Path:
+def rrs_ckpt(tmp_path_factory, random_llama) -> Path:
     """A W4A4KV4 GPTQ checkpoint of the random Llama with --smooth runtime (groups of 32,
     channels reordered by their calibration maxima)."""
     from conftest import TINYSTORIES
-    from tiny_models import make_random_model
 
     from vllm_quarot.offline.quantize import quantize
 
-    src = make_random_model(tmp_path_factory.mktemp("models") / "llama")
     out = tmp_path_factory.mktemp("ckpt") / "llama-w4a4kv4-rrs"
-    quantize(src, out, QuantizeOptions(scheme="w4a4kv4", calib=str(TINYSTORIES), nsamples=8,
-                                       seqlen=128, smooth="runtime", smooth_group=32))
+    quantize(random_llama, out, QuantizeOptions(
+        **RRS_OPTIONS, calib=str(TINYSTORIES), smooth="runtime", smooth_group=32))
     return out
+
+
+def test_smoothing_changes_no_weight(rrs_ckpt, random_llama, tmp_path):
+    """GPTQ's Hessians, the clip search and the KV calibration see 16-bit activations:
+    --smooth runtime adds the channel orders and the format field, nothing else (what
+    benchmarks/accuracy.py's rows without RRS rely on)."""
+    from conftest import TINYSTORIES
+
+    from vllm_quarot.offline.checkpoint import TensorSource
+    from vllm_quarot.offline.quantize import quantize
+
+    plain = tmp_path / "plain"
+    quantize(random_llama, plain, QuantizeOptions(**RRS_OPTIONS, calib=str(TINYSTORIES)))
+    a, b = TensorSource(rrs_ckpt), TensorSource(plain)
+    names = set(a.keys())
+    assert {n for n in names if not n.endswith(".smooth_perm")} == set(b.keys())
+    assert len(names) - len(set(b.keys())) == 2 * 7  # every linear of the 2 layers
+    for n in b.keys():
+        assert torch.equal(a.get(n), b.get(n)), n
+    qa = json.loads((rrs_ckpt / "config.json").read_text())["quantization_config"]
+    qb = json.loads((plain / "config.json").read_text())["quantization_config"]
+    assert qa["activation"].pop("smooth") is not None and qb["activation"].pop("smooth") is None
+    qa["quantizer"].pop("source"), qb["quantizer"].pop("source")
+    assert qa == qb
 
 
 def test_quantizer_writes_the_channel_orders(rrs_ckpt):

@@ -20,9 +20,10 @@
 //   nibble) and k = 8i + 4 + b (high nibble).
 // The offset is removed per group with the group's code sum: Σ(w+8)·a − 8·Σa.
 //
-// Register tiles: AVX512-VNNI 4 rows × 32 channels (8 int32 + 8 float accumulators in
-// zmm: the float ones stay in registers across the groups, so a group boundary costs
-// one convert, one multiply and one add per accumulator); AVX2 2 rows × 16 channels
+// Register tiles: AVX512-VNNI 4 rows × 32 channels, or 2 × 64 when M <= 2 (8 int32 +
+// 8 float accumulators in zmm: the float ones stay in registers across the groups, so a
+// group boundary costs one subtract, convert, multiply and add per accumulator); AVX2
+// 2 rows × 16 channels
 // (maddubs on nibbles ≤ 15: no int16 saturation); scalar code reads the same bytes.
 
 #include <ATen/ATen.h>
@@ -44,6 +45,7 @@ namespace rrs {
 using at::Tensor;
 
 constexpr int64_t kNB = 16;  // output channels per weight block
+constexpr int64_t kF = 64;   // row stride of a tile's float results (up to 4 blocks)
 constexpr float kEps = 1e-12f;
 
 // ----------------------------------------------------------------------------
@@ -198,13 +200,13 @@ Tensor repack_weight(const Tensor& codes, const c10::optional<Tensor>& perm) {
 // ----------------------------------------------------------------------------
 // Tile kernels: rows [0, MR) of a (codes at a, row stride lda; scales xs and code sums
 // asum at row stride groups) × NB blocks of 16 channels (w: block 0 at k = 0, blocks
-// wstride bytes apart) -> f[MR][32] float32 = Σ_g float(partial_g − 8·asum) · xs.
+// wstride bytes apart) -> f[MR][kF] float32 = Σ_g float(partial_g − 8·asum) · xs.
 
 template <int MR, int NB>
 static void tile_scalar(const int8_t* a, int64_t lda, const float* xs, const int32_t* asum,
                         int64_t groups, int64_t gs, const uint8_t* w, int64_t wstride, float* f) {
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NB * kNB; ++c) f[m * 32 + c] = 0.f;
+    for (int c = 0; c < NB * kNB; ++c) f[m * kF + c] = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
     int32_t acc[MR][NB * kNB] = {};
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 8)
@@ -225,7 +227,7 @@ static void tile_scalar(const int8_t* a, int64_t lda, const float* xs, const int
       const float sc = xs[m * groups + g];
       for (int c = 0; c < NB * kNB; ++c) {
         const float p = static_cast<float>(acc[m][c] - corr) * sc;
-        f[m * 32 + c] = f[m * 32 + c] + p;
+        f[m * kF + c] = f[m * kF + c] + p;
       }
     }
   }
@@ -275,7 +277,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void tile_vnni(
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int jb = 0; jb < NB; ++jb) _mm512_storeu_ps(f + m * 32 + jb * kNB, facc[m][jb]);
+    for (int jb = 0; jb < NB; ++jb) _mm512_storeu_ps(f + m * kF + jb * kNB, facc[m][jb]);
 }
 
 template <int MR, int NB>
@@ -318,7 +320,7 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* a, int64
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(f + m * 32 + 8 * h, facc[m][h]);
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(f + m * kF + 8 * h, facc[m][h]);
 }
 
 using TileFn = void (*)(const int8_t*, int64_t, const float*, const int32_t*, int64_t, int64_t,
@@ -328,8 +330,10 @@ struct TileShape {
   int64_t mr, nb;  // rows, 16-channel blocks per tile
 };
 
-static TileShape tile_shape(int isa) {
-  if (isa == kAvx512Vnni) return {4, 2};
+// VNNI: 4 rows × 2 blocks (8 int32 + 8 float zmm accumulators); decode-sized calls
+// (M <= 2) take 2 rows × 4 blocks, so that each broadcast code serves 64 channels.
+static TileShape tile_shape(int isa, int64_t m) {
+  if (isa == kAvx512Vnni) return m <= 2 ? TileShape{2, 4} : TileShape{4, 2};
   if (isa == kAvx2) return {2, 1};
   return {4, 2};
 }
@@ -344,7 +348,9 @@ static TileFn pick_tile(int isa, int64_t mr, int64_t nb) {
   }
   if (isa == kAvx512Vnni) {
     if (nb == 1) RRS_CASES(tile_vnni, 1)
-    RRS_CASES(tile_vnni, 2)
+    if (nb == 2) RRS_CASES(tile_vnni, 2)
+    if (nb == 3) return mr == 1 ? tile_vnni<1, 3> : tile_vnni<2, 3>;
+    return mr == 1 ? tile_vnni<1, 4> : tile_vnni<2, 4>;
   }
   if (isa == kAvx2) {
     if (mr == 1) return tile_avx2<1, 1>;
@@ -364,7 +370,7 @@ static void gemm_impl(const int8_t* a, const float* xs, const int32_t* asums, in
                       int64_t k, int64_t groups, const uint8_t* w, const float* w_scale,
                       const float* bias, int64_t n, T* out) {
   const int isa = current_isa();
-  const TileShape ts = tile_shape(isa);
+  const TileShape ts = tile_shape(isa, m);
   const int64_t nblk = (n + kNB - 1) / kNB;
   const int64_t ntiles = (nblk + ts.nb - 1) / ts.nb;
   const int64_t mtiles = (m + ts.mr - 1) / ts.mr;
@@ -373,7 +379,7 @@ static void gemm_impl(const int8_t* a, const float* xs, const int32_t* asums, in
   const int64_t wstride = k / 8 * 64;  // bytes per block of 16 channels
   const int64_t gs = k / groups;
   at::parallel_for(0, ntiles * mchunks, 1, [&](int64_t i0, int64_t i1) {
-    alignas(64) float f[4 * 32];
+    alignas(64) float f[4 * kF];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t nt = item / mchunks, mc = item % mchunks;
       const int64_t b0 = nt * ts.nb, nb = std::min(ts.nb, nblk - b0);
@@ -387,7 +393,7 @@ static void gemm_impl(const int8_t* a, const float* xs, const int32_t* asums, in
         for (int64_t r = 0; r < mr; ++r) {
           T* o = out + (r0 + r) * n + c0;
           for (int64_t c = 0; c < nc; ++c) {
-            float v = f[r * 32 + c] * w_scale[c0 + c];
+            float v = f[r * kF + c] * w_scale[c0 + c];
             if (bias) v = v + bias[c0 + c];
             o[c] = static_cast<T>(v);
           }
