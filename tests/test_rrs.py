@@ -1,4 +1,4 @@
-"""Rotated Runtime Smooth (``--smooth runtime``, format v6 ``activation.smooth``): the
+"""Rotated Runtime Smooth (``--smooth runtime``, format v7 ``activation.smooth``): the
 reference math against a float64 definition, the native CPU kernel bit for bit against
 the reference ops on every dispatch path, the format's and the quantizer's checks, and
 end to end through real vLLM engines: equal to the simulation, and independent of
@@ -35,7 +35,8 @@ from vllm_quarot.quant import (
 )
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
-ISAS = cpu_ops.supported_isas()
+# rrs.cpp has no AMX code: under "amx" it runs its AVX512-VNNI path, tested as such
+ISAS = [i for i in cpu_ops.supported_isas() if i != "amx"]
 native = pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="native library not built")
 
 
@@ -273,36 +274,44 @@ def _fmt(smooth: SmoothSpec | None = G32, **kw) -> QuaRotFormat:
 def test_format_round_trip():
     fmt = _fmt()
     d = fmt.to_dict()
-    assert d["format_version"] == 6
+    assert d["format_version"] == 7
     assert d["activation"]["smooth"] == {"method": "runtime", "group_size": 32,
                                          "maxima": "token", "reorder": True}
     back = QuaRotFormat.from_dict(json.loads(json.dumps(d)))
     assert back.activation.smooth == fmt.activation.smooth
-    d["activation"].pop("smooth")  # v1-5 sections: no smoothing
+    d["activation"].pop("smooth")  # v1-6 sections: no smoothing
     d["format_version"] = 5
     assert QuaRotFormat.from_dict(d).activation.smooth is None
 
 
 @pytest.mark.parametrize("smooth,kw,match", [
-    (SmoothSpec(maxima="step"), {}, "maxima 'step' is not served"),
-    (SmoothSpec(method="static"), {}, "method must be one of runtime"),
-    (SmoothSpec(group_size=12), {}, "positive multiple of 8"),
-    (SmoothSpec(), dict(weight=WeightSpec(bits=4, group_size=64)), "per-output-channel"),
-    (SmoothSpec(), dict(tp_blocks=2), "tensor_parallel_blocks 1"),
+    (dict(maxima="step"), {}, "maxima 'step' is not served"),
+    (dict(method="static"), {}, "method must be one of runtime"),
+    (dict(group_size=12), {}, "positive multiple of 8"),
+    ({}, dict(weight=WeightSpec(bits=4, group_size=64)), "per-output-channel"),
+    ({}, dict(tp_blocks=2), "tensor_parallel_blocks 1"),
 ])
 def test_format_refuses_what_the_runtime_does_not_serve(smooth, kw, match):
     with pytest.raises(CheckpointFormatError, match=match):
-        _fmt(smooth, **kw).validate()
+        _fmt(SmoothSpec(**smooth), **kw)
+    d = _fmt(G32).to_dict()  # the same, read from config.json
+    d["activation"]["smooth"].update(smooth)
+    d.update({"weight": kw["weight"].model_dump()} if "weight" in kw else {})
+    d.update({"tensor_parallel_blocks": 2} if "tp_blocks" in kw else {})
+    with pytest.raises(CheckpointFormatError, match=match):
+        QuaRotFormat.from_dict(d)
 
 
 def test_format_refuses_a_malformed_smooth_section():
     d = _fmt().to_dict()
     d["activation"]["smooth"] = "runtime"
-    with pytest.raises(CheckpointFormatError, match="must be an object"):
+    with pytest.raises(CheckpointFormatError, match="malformed.*activation.smooth"):
         QuaRotFormat.from_dict(d)
     d["activation"]["smooth"] = {"method": "runtime", "groups": 4}
-    with pytest.raises(CheckpointFormatError, match="malformed"):
+    with pytest.raises(CheckpointFormatError, match="malformed.*activation.smooth.groups"):
         QuaRotFormat.from_dict(d)
+    d["activation"]["smooth"] = {"method": "runtime"}  # the rest defaults
+    assert QuaRotFormat.from_dict(d).activation.smooth == SmoothSpec()
 
 
 def test_format_checks_the_group_against_the_model():
@@ -429,7 +438,7 @@ def _layer(fmt: QuaRotFormat, kernel: type | None, monkeypatch, perm: torch.Tens
 
     monkeypatch.setattr(lm, "choose_kernel", choose_kernel if kernel is None
                         else lambda c: kernel)
-    fmt = dataclasses.replace(fmt, rotation=RotationSpec(r4=OnlineHadamard.of_size(k)))
+    fmt = fmt.replace(rotation=RotationSpec(r4=OnlineHadamard.of_size(k)))
     transform = HadamardTransform(fmt.rotation.r4) if online else None
     method = lm.QuaRotLinearMethod(scheme_for(fmt), transform, "model.layers.0.mlp.down_proj")
     layer = torch.nn.Module()
@@ -541,17 +550,13 @@ def rrs_ckpt(tmp_path_factory, random_llama) -> Path:
     return out
 
 
-def test_smoothing_changes_no_weight(rrs_ckpt, random_llama, tmp_path):
+def test_smoothing_changes_no_weight(rrs_ckpt, quarot_w4a4kv4):
     """GPTQ's Hessians, the clip search and the KV calibration see 16-bit activations:
     --smooth runtime adds the channel orders and the format field, nothing else (what
     benchmarks/accuracy.py's rows without RRS rely on)."""
-    from conftest import TINYSTORIES
-
     from vllm_quarot.offline.checkpoint import TensorSource
-    from vllm_quarot.offline.quantize import quantize
 
-    plain = tmp_path / "plain"
-    quantize(random_llama, plain, QuantizeOptions(**RRS_OPTIONS, calib=str(TINYSTORIES)))
+    plain = quarot_w4a4kv4  # conftest's: the same options without --smooth
     a, b = TensorSource(rrs_ckpt), TensorSource(plain)
     names = set(a.keys())
     assert {n for n in names if not n.endswith(".smooth_perm")} == set(b.keys())
@@ -571,7 +576,8 @@ def test_quantizer_writes_the_channel_orders(rrs_ckpt):
 
     cfg = json.loads((rrs_ckpt / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(cfg["quantization_config"])
-    assert fmt.activation.smooth == SmoothSpec("runtime", 32, "token", True)
+    assert fmt.activation.smooth == SmoothSpec(method="runtime", group_size=32, maxima="token",
+                                             reorder=True)
     src = TensorSource(rrs_ckpt)
     p = "model.layers.1."
     perms = {n: src.get(f"{p}{n}.smooth_perm") for n in (
@@ -607,8 +613,7 @@ def test_a_checkpoint_without_its_channel_orders_is_refused(rrs_ckpt, tmp_path):
         "quantization_config"])
     with pytest.raises(CheckpointFormatError, match="down_proj.smooth_perm is missing"):
         validate_checkpoint(bad, fmt, AutoConfig.from_pretrained(bad))
-    plain = dataclasses.replace(fmt, activation=dataclasses.replace(fmt.activation,
-                                                                    smooth=None))
+    plain = fmt.replace(activation=fmt.activation.model_copy(update={"smooth": None}))
     with pytest.raises(CheckpointFormatError, match="channel orders belong"):
         validate_checkpoint(bad, plain, AutoConfig.from_pretrained(bad))
 
@@ -633,40 +638,26 @@ def test_simulation_applies_the_smoothing(rrs_ckpt):
 
 
 @pytest.mark.vllm
-def test_vllm_native_kernels_match_simulation(rrs_ckpt):
-    from test_vllm_e2e import run_vllm, simulate
+def test_vllm_matches_simulation_whatever_the_batch(engine, rrs_ckpt):
+    """One engine (prefill chunks of 32 tokens): the native CPU RRS kernels inside vLLM
+    give the simulation's tokens and prompt log-probs, and, the maxima being per token,
+    the same prompts batched together (packed into shared steps) or sent one at a time
+    (the long one prefilled in two chunks) give the same tokens and log-probs. The
+    reference RRS kernel is checked against the native one layer by layer above."""
+    from test_vllm_e2e import KV4_ENGINE, LONG_PREFIX, PROMPTS, simulate
 
-    out = run_vllm(rrs_ckpt)
+    prompts = PROMPTS + [LONG_PREFIX + " Lily"]
+    llm = engine(rrs_ckpt, *KV4_ENGINE)
+    batched = llm.run(prompts)
+    assert len(batched["results"][-1]["prompt_token_ids"]) > 32
     if cpu_ops.AVAILABLE:
-        assert f"run on native CPU RRS kernels ({cpu_ops.isa()})" in out["log"]
-    simulate(rrs_ckpt, out["results"])
-
-
-@pytest.mark.vllm
-def test_vllm_reference_ops_match_simulation(rrs_ckpt):
-    from test_vllm_e2e import run_vllm, simulate
-
-    out = run_vllm(rrs_ckpt, VLLM_QUAROT_NO_EXT="1")
-    assert "RRS g32 reordered layers run on the reference torch ops" in out["log"]
-    simulate(rrs_ckpt, out["results"])
-
-
-@pytest.mark.vllm
-def test_vllm_outputs_do_not_depend_on_batch_composition(rrs_ckpt):
-    """Per-token maxima: the same prompt alone, batched with others, or prefilled in
-    chunks of 16 tokens gives the same tokens and the same prompt log-probs."""
-    from test_vllm_e2e import PROMPTS, run_vllm
-
-    prompts = PROMPTS + ["Once upon a time there was a big dog who liked to run and jump "
-                         "in the garden with"]
-    batched = run_vllm(rrs_ckpt, prompts=prompts)["results"]
-    alone = run_vllm(rrs_ckpt, "--sequential", prompts=prompts)["results"]
-    chunked = run_vllm(rrs_ckpt, "--max-num-batched-tokens", "16", prompts=prompts)["results"]
-    for a, b, c in zip(alone, batched, chunked, strict=True):
-        assert a["token_ids"] == b["token_ids"] == c["token_ids"]
-        for x, y, z in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:],
-                           c["prompt_logprobs"][1:], strict=True):
-            assert abs(x - y) < 1e-4 and abs(x - z) < 1e-4
+        assert f"run on native CPU RRS kernels ({cpu_ops.isa()})" in batched["log"]
+    simulate(rrs_ckpt, batched["results"])
+    alone = llm.run(prompts, sequential=True)["results"]
+    for a, b in zip(alone, batched["results"], strict=True):
+        assert a["token_ids"] == b["token_ids"]
+        for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:], strict=True):
+            assert abs(x - y) < 1e-4
 
 
 # The smoothing kernels compiled for NVIDIA GPUs without one (tests/triton_compile.py's
