@@ -637,6 +637,43 @@ def test_simulation_applies_the_smoothing(rrs_ckpt):
     assert torch.equal(seen["in"], want)
 
 
+def test_fused_family_stores_one_order_per_input(tmp_path, shared_data):
+    """Phi-3 (fused qkv_proj, gate_up_proj): one smooth_perm per fused linear, the
+    checkpoint validates, and the simulation smooths the fused module's input."""
+    from conftest import TINYSTORIES
+    from tiny_models import make_random_model
+    from transformers import AutoConfig
+
+    from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.offline.checkpoint import TensorSource
+    from vllm_quarot.offline.quantize import quantize
+    from vllm_quarot.validate import validate_checkpoint
+
+    src = make_random_model(tmp_path / "phi3", "phi3")
+    out = tmp_path / "q"
+    quantize(src, out, QuantizeOptions(scheme="w4a4", weight_method="rtn", nsamples=2,
+                                       seqlen=64, calib=str(TINYSTORIES), smooth="runtime",
+                                       smooth_group=32))
+    fmt = QuaRotFormat.from_dict(json.loads((out / "config.json").read_text())[
+        "quantization_config"])
+    validate_checkpoint(out, fmt, AutoConfig.from_pretrained(out))
+    t = TensorSource(out)
+    perms = sorted(n for n in t.keys() if n.startswith("model.layers.0.")
+                   and n.endswith(".smooth_perm"))
+    assert perms == [f"model.layers.0.{n}.smooth_perm" for n in (
+        "mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj")]
+    sim = load_simulated(out)
+    seen, raw = {}, {}
+    mod = sim.get_submodule("model.layers.0.self_attn.qkv_proj")
+    mod.register_forward_pre_hook(lambda _m, a: seen.setdefault("in", a[0]))
+    mod.register_forward_pre_hook(lambda _m, a: raw.setdefault("x", a[0].clone()),
+                                  prepend=True)
+    with torch.no_grad():
+        sim(torch.tensor([[1, 20, 30, 40, 50]]))
+    perm = t.get("model.layers.0.self_attn.qkv_proj.smooth_perm").long()
+    assert torch.equal(seen["in"], fake_smooth_quantize(raw["x"], 4, 0.9, 32, perm))
+
+
 @pytest.mark.vllm
 def test_vllm_matches_simulation_whatever_the_batch(engine, rrs_ckpt):
     """One engine (prefill chunks of 32 tokens): the native CPU RRS kernels inside vLLM
