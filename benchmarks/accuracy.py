@@ -83,6 +83,45 @@ ROWS: list[Row] = [Row(*r) for r in [
 ]]
 
 
+def _strip_smooth(src: Path, dst: Path) -> Path:
+    """dst = the checkpoint src without Rotated Runtime Smooth: activation.smooth null and
+    no smooth_perm tensors (every other file and tensor as it is)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "config.json").is_file():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    for f in src.glob("*.safetensors"):
+        t = load_file(f)
+        save_file({k: v for k, v in t.items() if not k.endswith(".smooth_perm")},
+                  tmp / f.name, metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["activation"]["smooth"] = None
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.rename(dst)
+    return dst
+
+
+# Rotated Runtime Smooth (--smooth runtime) as benchmarks/rrs_variants.py chose it: groups
+# of 64 channels reordered by their calibration maxima. Each "without" row is the same
+# checkpoint with activation.smooth and the channel orders removed (a view): GPTQ's
+# Hessians and the KV calibration see 16-bit activations, so --smooth changes no weight
+# (tests/test_rrs.py checks it), and each pair differs in the activation quantization only.
+RRS = dict(smooth="runtime", smooth_group=64, smooth_reorder=True)
+ROWS += [
+    Row("W4A4KV4 QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4kv4", **RRS), True),
+    Row("W4A4KV4 QuaRot-GPTQ (row 20 without RRS)", dict(scheme="w4a4kv4", **RRS), True,
+        view=("no-smooth", _strip_smooth)),
+    Row("W4A4 (KV16) QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4", **RRS), True),
+    Row("W4A4 (KV16) QuaRot-GPTQ (row 22 without RRS)", dict(scheme="w4a4", **RRS), True,
+        view=("no-smooth", _strip_smooth)),
+]
+
+
 def _a8_view(n: int | str) -> tuple[str, Callable[[Path, Path], Path]]:
     """The checkpoint with the n sub-blocks of largest 4-bit activation error at 8 bits,
     chosen from the errors the quantizer measured (``--a8-layers N``'s own choice);
@@ -193,7 +232,13 @@ def _key(opts: object) -> str:
     from vllm_quarot.offline.options import QuantizeOptions
 
     def full(o: object) -> object:
-        return dataclasses.asdict(QuantizeOptions(**o)) if isinstance(o, dict) else o
+        if not isinstance(o, dict):
+            return o
+        d = dataclasses.asdict(QuantizeOptions(**o))
+        if d.get("smooth") is None:  # rows without --smooth keep their pre-RRS keys
+            for f in ("smooth", "smooth_group", "smooth_reorder"):
+                d.pop(f, None)
+        return d
 
     resolved = [full(x) for x in opts] if isinstance(opts, list) else full(opts)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
@@ -258,6 +303,8 @@ def main() -> None:
                     help="comma-separated row numbers (default all); ROW:N = N seeds")
     ap.add_argument("--work", default=None, help="where quantized checkpoints are cached")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the model dtype vLLM serves in (the simulation runs in float32)")
     ap.add_argument("--no-sim", action="store_true",
                     help="seeded rows: vLLM for every seed instead of the simulation")
     ap.add_argument("--spinquant-steps", type=int, default=None,
@@ -336,18 +383,20 @@ def main() -> None:
             cache = next(iter(sorted(work.glob(f"scores-row*-seed{seed}-{key}.json"))),
                          work / f"scores-row{i:02d}-seed{seed}-{key}.json")
             got = json.loads(cache.read_text()) if cache.is_file() else {}
+            vkey = "vllm" if a.vllm_dtype == "bfloat16" else f"vllm_{a.vllm_dtype}"
             if a.cached_only:  # what was scored, nothing more
-                serve, with_sim = serve and "vllm" in got, with_sim and "sim" in got
+                serve, with_sim = serve and vkey in got, with_sim and "sim" in got
                 if not (serve or with_sim):
                     continue
-            if serve and "vllm" not in got:
-                got["vllm"] = serve_perplexity(ckpt, windows, "quarot" if opts else None)
+            if serve and vkey not in got:
+                got[vkey] = serve_perplexity(ckpt, windows, "quarot" if opts else None,
+                                             dtype=a.vllm_dtype)
             if with_sim and "sim" not in got:
                 got["sim"] = hf_perplexity(load_simulated(ckpt, **sim_kw) if sim_kw
                                            else load_reference(ckpt), windows)
             work.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(got))
-            v, sim = (got.get("vllm") if serve else None), (got.get("sim") if with_sim else None)
+            v, sim = (got.get(vkey) if serve else None), (got.get("sim") if with_sim else None)
             if v is not None:
                 vals.append(v)
             if sim is not None:
@@ -364,10 +413,10 @@ def main() -> None:
     lines = [
         f"{a.model}, rows `{a.row_set}`: perplexity on `{text}` ({len(windows)}×{seqlen} "
         f"tokens, {n_tok} scored); "
-        f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`. vLLM (bf16, the "
-        "serving path) scores R1 seed 0; the simulation (float32) every seed: mean ± "
-        "standard deviation over the seeds in brackets. 'vs bf16' compares simulation with "
-        "simulation (vLLM with vLLM where a row has no simulation).",
+        f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`. vLLM "
+        f"({a.vllm_dtype}, the serving path) scores R1 seed 0; the simulation (float32) "
+        "every seed: mean ± standard deviation over the seeds in brackets. 'vs bf16' "
+        "compares simulation with simulation (vLLM with vLLM where a row has no simulation).",
         "",
         "| # | configuration | ppl vLLM (seed 0) | ppl simulation | vs bf16 | vLLM/sim "
         "(seed 0) | size MiB |",

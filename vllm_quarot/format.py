@@ -36,7 +36,7 @@ __all__ = [
     "SCHEMES",
     "SUPPORTED_ARCHITECTURES", "ActivationSpec", "CheckpointFormatError", "KVCacheSpec",
     "LMHeadSpec", "OnlineHadamard", "QuaRotFormat", "R1Spec", "R2Spec", "RotationSpec",
-    "SchemeSpec", "WeightSpec",
+    "SchemeSpec", "SmoothSpec", "WeightSpec",
 ]
 
 QUANT_METHOD = "quarot"
@@ -47,8 +47,10 @@ QUANT_METHOD = "quarot"
 # 5: lm_head (a quantized lm_head); 1-4 read as a 16-bit lm_head
 # 6: kv_cache.pivots (the first tokens' keys and values kept 16-bit: IntactKV); 1-5 read
 #    as none
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# 7: activation.smooth (Rotated Runtime Smooth, per-linear smooth_perm tensors); 1-6
+#    read as no smoothing
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 # kv_cache.pivots: at most this many leading tokens per sequence (they live in the tail of
 # the sequence's first cache block, which holds at least 32 tokens on CPU)
 MAX_KV_PIVOTS = 8
@@ -89,6 +91,44 @@ class WeightSpec(_Section):
         return self
 
 
+SMOOTH_METHODS = ("runtime",)
+# the tokens a smoothing factor is the maximum over: "token" (each token alone) is what
+# the runtime serves; the maximum over the tokens of a step would make a request's output
+# depend on the requests batched with it
+SMOOTH_MAXIMA = ("token",)
+
+
+class SmoothSpec(_Section):
+    """activation.smooth (v7, the quantizer's --smooth runtime): Rotated Runtime Smooth.
+    Every quantized decoder-layer linear splits its (rotated) input channels into groups
+    of ``group_size`` — in the order of its ``smooth_perm`` tensor when ``reorder``
+    (channels sorted by their calibration maxima), else in natural order — divides each
+    group by its largest |x| over the token (``maxima``), quantizes the token at the
+    activation bits and clip ratio, and the integer GEMM scales each group's partial sum
+    by (token scale × smoothing factor). Weights are per output channel, never rescaled."""
+
+    method: str = "runtime"
+    group_size: int = 64
+    maxima: str = "token"
+    reorder: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> SmoothSpec:
+        if self.method not in SMOOTH_METHODS:
+            raise CheckpointFormatError(
+                f"activation.smooth.method must be one of {', '.join(SMOOTH_METHODS)}, got "
+                f"{self.method!r}")
+        if self.maxima not in SMOOTH_MAXIMA:
+            raise CheckpointFormatError(
+                f"activation.smooth.maxima {self.maxima!r} is not served by this vllm-quarot "
+                f"(it serves {', '.join(SMOOTH_MAXIMA)})")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise CheckpointFormatError(
+                f"activation.smooth.group_size must be a positive multiple of 8, got "
+                f"{self.group_size!r}")
+        return self
+
+
 class ActivationSpec(_Section):
     bits: int = 4  # 4 or 8
     clip_ratio: float = 1.0
@@ -97,6 +137,7 @@ class ActivationSpec(_Section):
     # quantized at other bits than ``bits`` (8 for the few with massive outliers: the
     # quantizer's --a8-layers); an 8-bit layer quantizes without clipping
     layer_bits: dict[str, int] = Field(default_factory=dict)
+    smooth: SmoothSpec | None = None  # v7: Rotated Runtime Smooth (None: per token)
 
     @model_validator(mode="after")
     def _check(self) -> ActivationSpec:
@@ -114,6 +155,8 @@ class ActivationSpec(_Section):
         if self.layer_bits and self.static:
             raise CheckpointFormatError(
                 "activation.layer_bits is for per-token activations only")
+        if self.smooth is not None and self.static:
+            raise CheckpointFormatError("activation.smooth needs per-token activations")
         return self
 
     @property
@@ -451,7 +494,23 @@ class QuaRotFormat(_Section):
             object.__setattr__(self, "scheme", name)
         self._check_scheme()
         self._check_rotation_record()
+        self._check_smooth()
         return self
+
+    def _check_smooth(self) -> None:
+        """activation.smooth is served with 4-bit per-channel weights and one TP block."""
+        smooth = self.activation.smooth if self.activation is not None else None
+        if smooth is None:
+            return
+        w = self.weight
+        if w.bits != 4 or w.group_size != -1:
+            raise CheckpointFormatError(
+                "activation.smooth is served with 4-bit per-output-channel weights (weight "
+                f"bits 4, group_size -1), got bits {w.bits}, group_size {w.group_size}")
+        if self.tp_blocks != 1:
+            raise CheckpointFormatError(
+                "activation.smooth is served with tensor_parallel_blocks 1, got "
+                f"{self.tp_blocks}")
 
     def sections(self) -> SchemeSpec:
         """The scheme the weight / activation / kv_cache sections describe."""
@@ -539,6 +598,15 @@ class QuaRotFormat(_Section):
                     f"{name} is {got} but the model has size {want}: checkpoint and "
                     "config.json do not match")
         n, attn = self.tp_blocks, hf_config.num_attention_heads * head_dim(hf_config)
+        smooth = self.activation.smooth if self.activation is not None else None
+        if smooth is not None:
+            sizes = {"hidden size": hf_config.hidden_size, "heads × head_dim": attn,
+                     "intermediate size": hf_config.intermediate_size}
+            bad = [f"{k} {v}" for k, v in sizes.items() if v % smooth.group_size]
+            if bad:
+                raise CheckpointFormatError(
+                    f"activation.smooth.group_size {smooth.group_size} does not divide the "
+                    f"{', '.join(bad)} of this model")
         if attn % n or hf_config.intermediate_size % n:
             raise CheckpointFormatError(
                 f"tensor_parallel_blocks {n} does not divide the inputs of o_proj ({attn}) "

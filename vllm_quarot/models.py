@@ -186,8 +186,8 @@ class Family:
     def fuse(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint tensors named canonically (full names) with the parts of each
         fused linear concatenated along their output rows (codes, scales, biases,
-        16-bit weights) or, for a static input scale (one per input, shared by the
-        parts), kept once."""
+        16-bit weights) or, for what belongs to the shared input (a static input scale,
+        a smoothing channel order), kept once."""
         if not self.fused:
             return tensors
         out = dict(tensors)
@@ -200,6 +200,8 @@ class Family:
                     pieces = [out.pop(f"{p}{part}.{leaf}") for part in parts]
                     if leaf == "input_scale":
                         out[f"{p}{fused}.{leaf}"] = torch.stack(pieces).amax(0)
+                    elif leaf == "smooth_perm":  # one order per input: the parts' agree
+                        out[f"{p}{fused}.{leaf}"] = pieces[0]
                     else:
                         out[f"{p}{fused}.{leaf}"] = torch.cat(pieces, dim=0)
         return out

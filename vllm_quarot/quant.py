@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "dequantize_weight",
     "fake_quantize_asym",
+    "fake_smooth_quantize",
     "fake_quantize_per_token",
     "fake_quantize_per_token_blocks",
     "pack_kv",
@@ -19,6 +20,8 @@ __all__ = [
     "quantize_static",
     "quantize_weight_rtn",
     "slot_bytes",
+    "smooth_order",
+    "smooth_quantize",
     "unpack_kv",
     "unpack_weight",
     "weight_scales",
@@ -70,6 +73,64 @@ def fake_quantize_per_token_blocks(
     y = fake_quantize_per_token(x.reshape(*x.shape[:-1], blocks, k // blocks), bits,
                                 clip_ratio)
     return y.reshape(x.shape)
+
+
+# Rotated Runtime Smooth (the quantizer's --smooth runtime; activation.smooth in the
+# format). After the rotation(s), a linear's input channels are split into groups of G
+# (in the order ``perm``: channels grouped by their calibration maxima); every group is
+# divided by its runtime smoothing factor, the group's largest |x| over the token, the
+# smoothed row is quantized per token, and the integer GEMM multiplies each group's
+# partial sum by (token scale × smoothing factor). No weight is rescaled.
+
+
+def smooth_quantize(
+    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
+    perm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runtime-smoothed per-token quantization of x [..., K]: (int8 codes [..., K] in the
+    order ``perm`` (the channel order; None: natural), float32 scales [..., K/G]).
+
+    With m_g = max_{j in g} |x_j| (over the token): the smoothing factor s_g = max(m_g,
+    eps), the per-token scale of the smoothed row a = max(max_g(m_g / s_g) · clip/qmax,
+    eps), the group's scale a · s_g, and code_j = round(x_j / (a · s_g)): dequantized
+    x_j = code_j · scale_g. (Quantizing x_j / s_g by a rounds twice; dividing once by
+    the scale the GEMM multiplies back is the same up to last-bit ties, and cheaper.)
+    """
+    xf = x.float()
+    if perm is not None:
+        xf = xf.index_select(-1, perm)
+    k = xf.shape[-1]
+    if k % group_size:
+        raise ValueError(f"smoothing group size {group_size} does not divide {k}")
+    g = xf.reshape(*xf.shape[:-1], k // group_size, group_size)
+    m = g.abs().amax(dim=-1, keepdim=True)
+    s = m.clamp(min=_EPS)
+    a = (m / s).amax(dim=-2, keepdim=True).mul_(clip_ratio / qmax(bits)).clamp_(min=_EPS)
+    scale = a * s
+    q = torch.round(g / scale).clamp_(-qmax(bits) - 1, qmax(bits)).to(torch.int8)
+    return q.reshape(xf.shape), scale.squeeze(-1)
+
+
+def fake_smooth_quantize(
+    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
+    perm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """smooth_quantize followed by dequantization, in x's channel order and dtype."""
+    q, scale = smooth_quantize(x, bits, clip_ratio, group_size, perm)
+    k = x.shape[-1]
+    deq = (q.float().reshape(*q.shape[:-1], k // group_size, group_size)
+           * scale.unsqueeze(-1)).reshape(q.shape)
+    if perm is not None:
+        deq = deq.index_select(-1, torch.argsort(perm))
+    return deq.to(x.dtype)
+
+
+def smooth_order(amax: torch.Tensor) -> torch.Tensor:
+    """The channel order of a linear's input for runtime smoothing: channels sorted by
+    their calibration maxima (largest first; ties by index), so that each group of G
+    consecutive channels holds channels of similar range. int32 [K]."""
+    order = sorted(range(amax.numel()), key=lambda j: (-float(amax[j]), j))
+    return torch.tensor(order, dtype=torch.int32)
 
 
 def quantize_kv(

@@ -3,7 +3,8 @@ the online rotations and the activation / KV fake quantization are written.
 
 Around each quantized linear the vLLM plugin (``runtime/``) computes
 ``x → R4 (down_proj only) → quantize per token (or per (token, block) on the
-row-parallel linears of a tensor-parallel checkpoint, or with a static scale)``, and in
+row-parallel linears of a tensor-parallel checkpoint, or with a static scale, or with
+Rotated Runtime Smooth: per (token, group of channels in the smoothing order))``, and in
 the KV cache ``keys, values → minus their shift → R3 on queries and keys → 4-bit per
 token and head (float16 for the first kv_cache.pivots tokens)``. ``linear_input_specs``
 / ``kv_spec`` derive these from a checkpoint format, ``install_linear_inputs`` /
@@ -31,7 +32,12 @@ import torch
 from vllm_quarot.format import OnlineHadamard, QuaRotFormat
 from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
 from vllm_quarot.models import DOWN_PROJ, LM_HEAD, ROW_PARALLEL, canonical_parts
-from vllm_quarot.quant import fake_quantize_asym, fake_quantize_per_token_blocks, quantize_static
+from vllm_quarot.quant import (
+    fake_quantize_asym,
+    fake_quantize_per_token_blocks,
+    fake_smooth_quantize,
+    quantize_static,
+)
 
 Active = Callable[[], bool]
 
@@ -50,19 +56,30 @@ class LinearInputSpec:
     clip: float = 1.0
     blocks: int = 1  # one scale per (token, block of K_PROJ/blocks): TP row-parallel inputs
     static_scale: torch.Tensor | None = None  # calibrated per-tensor scale [1]
+    # Rotated Runtime Smooth (activation.smooth): channels per smoothing group (0: off)
+    # and the channel order (smooth_perm; None: natural order)
+    smooth_group: int = 0
+    smooth_perm: torch.Tensor | None = None
 
 
 def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
                        input_scales: dict[str, torch.Tensor] | None = None,
                        override: dict[str, int | None] | None = None,
-                       ) -> dict[str, LinearInputSpec]:
+                       smooth_perms: dict[str, torch.Tensor] | None = None,
+                       smooth: bool = True) -> dict[str, LinearInputSpec]:
     """The runtime's treatment of each named module's input (canonical, fused or
     ``lm_head`` names). override (analysis only) maps a name suffix (``down_proj``,
-    ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit."""
+    ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit. With
+    ``activation.smooth`` the decoder layers' linears smooth their inputs (smooth_perms:
+    each one's ``smooth_perm`` tensor when ``reorder``); smooth=False quantizes them per
+    token instead (the quantizer's --a8-layers ranking, measured before the orders
+    exist)."""
     act, r4 = fmt.activation, fmt.rotation.r4
     static = act is not None and act.static
+    rrs = act.smooth if act is not None and smooth else None
     specs = {}
     for name in names:
+        group, perm = 0, None
         if name == LM_HEAD:
             assert fmt.lm_head is not None
             bits, clip, blocks, scale = fmt.lm_head.activation_bits, 1.0, 1, None
@@ -78,12 +95,21 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
 
                     raise CheckpointFormatError(
                         f"{name}.input_scale is missing from the checkpoint")
+            if rrs is not None:
+                group = rrs.group_size
+                perm = (smooth_perms or {}).get(name) if rrs.reorder else None
+                if rrs.reorder and perm is None:
+                    from vllm_quarot.errors import CheckpointFormatError
+
+                    raise CheckpointFormatError(
+                        f"{name}.smooth_perm is missing from the checkpoint")
         for suffix, b in (override or {}).items():
             if name.endswith(suffix):
                 bits = b
         specs[name] = LinearInputSpec(
             r4=r4 if name.endswith(DOWN_PROJ) else None, bits=bits, clip=clip, blocks=blocks,
-            static_scale=scale)
+            static_scale=scale, smooth_group=group,
+            smooth_perm=None if perm is None else perm.long())
     return specs
 
 
@@ -103,6 +129,10 @@ def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor 
         if spec.static_scale is not None:
             s = spec.static_scale.to(x.device)
             xq = (quantize_static(x.detach(), s, spec.bits).float() * s).to(x.dtype)
+        elif spec.smooth_group:
+            perm = None if spec.smooth_perm is None else spec.smooth_perm.to(x.device)
+            xq = fake_smooth_quantize(x.detach(), spec.bits, spec.clip, spec.smooth_group,
+                                      perm)
         else:
             xq = fake_quantize_per_token_blocks(x.detach(), spec.bits, spec.clip, spec.blocks)
     return _ste(x, xq) if ste else xq

@@ -176,6 +176,9 @@ def expected_tensors(fmt: QuaRotFormat, hf_config: Any) -> dict[str, _Want]:
                 if static:
                     want[f"{key}.input_scale"] = _Want(("F32",), (1,),
                                                        "static activation scale")
+                if act is not None and act.smooth is not None and act.smooth.reorder:
+                    want[f"{key}.smooth_perm"] = _Want(("I32",), (k,),
+                                                       "runtime smoothing channel order")
             if has_bias[parts[0]]:
                 want[f"{key}.bias"] = _Want(FLOAT_DTYPES, (n,), "bias")
     want[f"{FINAL_NORM}.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
@@ -206,6 +209,9 @@ def _unexpected(name: str, want: dict[str, _Want], fmt: QuaRotFormat, hf_config:
     if leaf == "input_scale":
         return (f"unexpected tensor {name}: static activation scales belong to "
                 f"static-per-tensor schemes, not {scheme}")
+    if leaf == "smooth_perm":
+        return (f"unexpected tensor {name}: channel orders belong to checkpoints with "
+                "activation.smooth.reorder, this one has none")
     if leaf == "bias":
         return (f"unexpected tensor {name}: config.json ({hf_config.model_type}) gives this "
                 "layer no bias, so vLLM would not load it")

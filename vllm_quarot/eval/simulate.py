@@ -4,8 +4,9 @@ The quantized weights are dequantized into an ordinary transformers model of the
 checkpoint's own architecture, and ``vllm_quarot.transforms`` installs what the runtime
 does online: the R4 Hadamard before down_proj, per-token activation fake quantization
 before every quantized linear (per (token, block) on the row-parallel linears of a
-tensor-parallel checkpoint) and the 4-bit KV cache with R3 and the key/value shifts,
-using the same rounding code as the vLLM ops. It is the reference that vLLM's outputs
+tensor-parallel checkpoint; per (token, smoothing group) with Rotated Runtime Smooth)
+and the 4-bit KV cache with R3 and the key/value shifts, using the same rounding code
+as the vLLM ops. It is the reference that vLLM's outputs
 are compared with (tests, ``vllm-quarot eval``).
 """
 
@@ -52,6 +53,7 @@ def load_simulated(
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     input_scales: dict[str, torch.Tensor] = {}
+    perms: dict[str, torch.Tensor] = {}  # activation.smooth.reorder: channel orders
     for name in src.keys():
         if name.endswith(".weight_packed"):
             base = name.removesuffix(".weight_packed")
@@ -65,12 +67,14 @@ def load_simulated(
             quantized.add(base)
         elif name.endswith(".input_scale"):
             input_scales[name.removesuffix(".input_scale")] = src.get(name).float()
+        elif name.endswith(".smooth_perm"):
+            perms[name.removesuffix(".smooth_perm")] = src.get(name).long()
         elif not name.endswith(".weight_scale"):
             state[name] = src.get(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     install_linear_inputs(model, linear_input_specs(fmt, sorted(quantized), input_scales,
-                                                    act_bits_override))
+                                                    act_bits_override, perms))
     spec = kv_spec(fmt, read_kv_shift(model_dir, cfg) if fmt.kv_cache and fmt.kv_cache.shift
                    else None)
     if spec is not None:

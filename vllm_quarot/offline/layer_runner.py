@@ -99,6 +99,7 @@ class LayerRunner:
         self.module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
         if r4 is not None:
             install_linear_inputs(self.module, {DOWN_PROJ: LinearInputSpec(r4=r4)})
+        self.input_maxima: dict[str, torch.Tensor] = {}  # filled by sequential()
 
     def set_weight(self, name: str, w: torch.Tensor) -> None:
         """Replace one linear's weight (its quantized version) in place."""
@@ -146,6 +147,9 @@ class LayerRunner:
         pe = self._position_embeddings(h)
         spans = [slice(i, i + batch) for i in range(0, n, batch)]
         errors: dict[str, float] = {}
+        # per-channel max |x| of each group's input over the calibration tokens (after
+        # R4), keyed by the group's first linear: --smooth runtime orders channels by it
+        self.input_maxima = {}
 
         def on(x: torch.Tensor) -> torch.Tensor:
             return x.to(self.device, self.dtype)
@@ -156,9 +160,13 @@ class LayerRunner:
             first = layer.get_submodule(group[0])
             acc = HessianAccumulator(first.in_features, self.device)
             meter = ActErrorMeter((meter_spec or {}).get(group[0]))
+            amax = torch.zeros(first.in_features, dtype=torch.float64)
             for x in inputs:
                 acc.add(x)
                 meter.observe(x, first.weight)
+                amax = torch.maximum(amax, x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+                                     .to("cpu", torch.float64))
+            self.input_maxima[group[0]] = amax
             if meter.spec is not None:
                 errors[group[0]] = meter.value
             for name, w in quantize_group(group, acc).items():

@@ -21,6 +21,7 @@ import torch
 from vllm_quarot.errors import QuaRotError
 from vllm_quarot.format import MAX_KV_PIVOTS
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
+from vllm_quarot.format import SMOOTH_METHODS
 from vllm_quarot.hadamard import HadamardSizeError, factorize
 from vllm_quarot.models import head_dim as _head_dim
 
@@ -182,6 +183,19 @@ class QuantizeOptions:
         "auto", "quantize the lm_head too (R1 fused; GPTQ when the layers use GPTQ); "
         "auto: w8a8 when the scheme quantizes weights (lossless), else none",
         choices=LM_HEAD_CHOICES)
+    smooth: str | None = option(
+        None, "Rotated Runtime Smooth: after the rotations, each decoder-layer linear's "
+        "input channels are smoothed in groups by their run-time maxima over the token "
+        "and the integer GEMM scales each group's partial sum (format v7 "
+        "activation.smooth; 4-bit per-channel weights, per-token activations, --tp 1)",
+        choices=SMOOTH_METHODS)
+    smooth_group: int = option(
+        64, "--smooth: input channels per smoothing group (a multiple of 8)", metavar="G",
+        check=lambda v: None if v > 0 and v % 8 == 0 else
+        f"--smooth-group must be a positive multiple of 8, got {v}")
+    smooth_reorder: bool = option(
+        True, "--smooth: group channels by their calibration maxima (needs calibration "
+        "text)")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -229,7 +243,12 @@ class QuantizeOptions:
         """GPTQ, static activation scales, --a8-layers or learned rotations: calibration
         activations are computed."""
         return (self.uses_gptq or self.static or self.a8_layers is not None
-                or self.rotate == "spinquant")
+                or self.rotate == "spinquant" or self.smooth_reorders)
+
+    @property
+    def smooth_reorders(self) -> bool:
+        """--smooth runtime with channels grouped by their calibration maxima."""
+        return self.smooth is not None and self.smooth_reorder
 
     @property
     def calibrates_kv(self) -> bool:
@@ -338,7 +357,8 @@ def check_options(o: QuantizeOptions) -> None:
     ranges), then the ones between options."""
     for f in dataclasses.fields(QuantizeOptions):
         v, m = getattr(o, f.name), f.metadata
-        if m.get("choices") is not None and v not in m["choices"]:
+        unset = v is None and f.default is None  # an optional choice left off
+        if m.get("choices") is not None and v not in m["choices"] and not unset:
             if f.name == "scheme":
                 raise QuantizeError(
                     f"unknown scheme {v!r}; choose one of {', '.join(SCHEMES)}")
@@ -364,6 +384,7 @@ def check_options(o: QuantizeOptions) -> None:
         raise QuantizeError(
             f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
             "has no 4-bit per-token activations")
+    _check_smooth(o)
     if o.calib is not None and o.calib_self is not None:
         raise QuantizeError("give either --calib FILE or --calib-self N, not both")
     if o.needs_calibration and o.calib is None and not o.calib_self:
@@ -392,11 +413,29 @@ def shard_bytes(size: str) -> int:
     return int(value)
 
 
+def _check_smooth(o: QuantizeOptions) -> None:
+    """--smooth runtime: 4-bit per-channel weights, per-token activations, one TP block."""
+    if o.smooth is None:
+        return
+    w_bits, a_bits, _ = o.bits
+    if a_bits is None or o.static or w_bits != 4:
+        raise QuantizeError(
+            f"--smooth runtime smooths per-token activations in front of 4-bit weights; "
+            f"scheme {o.scheme} has none (use w4a4kv4, w4a4, w4a8kv4 or w4a8)")
+    if o.group_size != -1:
+        raise QuantizeError("--smooth runtime runs with per-output-channel weights "
+                            f"(--group-size -1), got --group-size {o.group_size}")
+    if o.tp != 1:
+        raise QuantizeError(f"--smooth runtime is served with --tp 1, got --tp {o.tp}")
+
+
 def _calibration_user(o: QuantizeOptions) -> str:
     if o.static:
         return "static activation scales"
     if o.uses_gptq:
         return "GPTQ"
+    if o.smooth_reorders:
+        return "--smooth runtime with --smooth-reorder (channel maxima)"
     return "--rotate spinquant" if o.rotate == "spinquant" else "--a8-layers"
 
 
@@ -457,6 +496,14 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
                 f"--group-size {o.group_size} does not divide the {', '.join(bad)} of "
                 "this model")
     _check_tp(o, inter, n_heads * head_dim)
+    if o.smooth is not None:
+        sizes = {"hidden size": hidden, "intermediate size (down_proj)": inter,
+                 "heads × head_dim (o_proj)": n_heads * head_dim}
+        bad = [f"{name} {k}" for name, k in sizes.items() if k % o.smooth_group]
+        if bad:
+            raise QuantizeError(
+                f"--smooth-group {o.smooth_group} does not divide the {', '.join(bad)} of "
+                "this model")
     if o.tp > 1 and o.group_size != -1 and o.bits[0] < 16:
         sizes = {"o_proj": n_heads * head_dim // o.tp, "down_proj": inter // o.tp}
         bad = [f"{name} {k}" for name, k in sizes.items() if k % o.group_size]

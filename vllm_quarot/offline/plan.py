@@ -20,6 +20,7 @@ from vllm_quarot.format import (
     R1Spec,
     R2Spec,
     RotationSpec,
+    SmoothSpec,
     WeightSpec,
 )
 from vllm_quarot.hadamard import HadamardSizeError, factorize
@@ -90,7 +91,10 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
                           method=o.weight_method if w_bits < 16 else "none"),
         activation=None if a_bits is None else ActivationSpec(
             bits=a_bits, clip_ratio=act_clip,
-            dynamic="static-per-tensor" if o.static else "per-token"),
+            dynamic="static-per-tensor" if o.static else "per-token",
+            smooth=None if o.smooth is None else SmoothSpec(
+                method=o.smooth, group_size=o.smooth_group, maxima="token",
+                reorder=o.smooth_reorder)),
         kv_cache=None if kv_bits is None else KVCacheSpec(bits=kv_bits, clip_ratio=o.kv_clip),
         rotation=RotationSpec(
             r1=R1Spec(kind=("cayley-learned" if o.rotate == "spinquant"

@@ -56,7 +56,7 @@ from vllm_quarot.offline.checkpoint import (
 )
 from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
 from vllm_quarot.offline.hub import resolve_model
-from vllm_quarot.offline.layer_runner import LayerKind, LayerRunner, RMSNorm64
+from vllm_quarot.offline.layer_runner import SEQUENTIAL_GROUPS, LayerKind, LayerRunner, RMSNorm64
 from vllm_quarot.offline.options import (
     PRECISIONS,
     SCHEMES,
@@ -78,7 +78,13 @@ from vllm_quarot.offline.plan import (
 )
 from vllm_quarot.offline.rotation import fold_norms, rotate_layer, rotate_rows_in
 from vllm_quarot.offline.verify import Verifier
-from vllm_quarot.quant import dequantize_weight, pack_weight, qmax, quantize_weight_rtn
+from vllm_quarot.quant import (
+    dequantize_weight,
+    pack_weight,
+    qmax,
+    quantize_weight_rtn,
+    smooth_order,
+)
 from vllm_quarot.transforms import linear_input_specs
 
 if TYPE_CHECKING:
@@ -460,11 +466,18 @@ class QuantizeRun:
 
             runner = LayerRunner(self.kind, i, sd, r4, dtype=self.dtype, device=self.device)
             meter = None
-            if self.o.a8_layers:
-                meter = linear_input_specs(self.plan.fmt, [b.linears[0] for b in SUB_BLOCKS])
+            if self.o.a8_layers:  # ranked by the per-token error (smoothing orders are
+                # computed in this very pass)
+                meter = linear_input_specs(self.plan.fmt, [b.linears[0] for b in SUB_BLOCKS],
+                                           smooth=False)
             out, errors = runner.sequential(h_cal, quantize_group, meter,
                                             spill_dir=self.spill_dir)
             self.act_errors.update({prefix + k: v for k, v in errors.items()})
+            if self.o.smooth_reorders:  # each group's inputs in their smoothing order
+                for group in SEQUENTIAL_GROUPS:
+                    perm = smooth_order(runner.input_maxima[group[0]])
+                    for name in group:
+                        self._emit(f"{prefix}{name}.smooth_perm", perm.clone())
         for k, v in sd.items():
             if not any(k.startswith(n + ".") for n in LINEARS):
                 self._emit(prefix + k, v.to(self.plan.out_dtype))

@@ -77,6 +77,7 @@ class QuaRotConfig(QuantizationConfig):
             from vllm_quarot.validate import validate_model
 
             validate_model(model_name, hf_config, self.fmt)
+            _check_smoothing_platform(self.fmt)
             kv = self.fmt.kv_cache
             if kv is not None and kv.shift:
                 from vllm_quarot.kv_shift import read_kv_shift
@@ -144,6 +145,30 @@ class QuaRotConfig(QuantizationConfig):
         down = prefix.endswith(DOWN_PROJ)
         return QuaRotLinearMethod(scheme_for(self.fmt, prefix),
                                   HadamardTransform(r4) if down and r4 else None, prefix)
+
+
+def _check_smoothing_platform(fmt: QuaRotFormat) -> None:
+    """Runtime smoothing (activation.smooth) runs on the native CPU kernels (or the
+    reference ops) on CPU, and on the Triton kernels on GPUs, which need triton and a
+    smoothing group of a power of two from 16 to 256: refuse anything else here, in the
+    process that starts the engine, with one line."""
+    smooth = fmt.activation.smooth if fmt.activation is not None else None
+    if smooth is None:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return
+    from vllm_quarot.runtime.ops import triton as triton_ops
+
+    if (current_platform.is_cuda() and triton_ops.AVAILABLE
+            and smooth.group_size in triton_ops.SMOOTH_GROUP_SIZES):
+        return
+    raise CheckpointFormatError(
+        f"this checkpoint smooths activations at run time (activation.smooth, group "
+        f"{smooth.group_size}); off CPU vllm-quarot serves that only on CUDA GPUs with "
+        f"triton and groups of {', '.join(map(str, triton_ops.SMOOTH_GROUP_SIZES))}: serve "
+        "it with vLLM's CPU build, or quantize with --smooth-group 64")
 
 
 def _local_dir(model: str, revision: str | None) -> str:

@@ -28,6 +28,11 @@ class LinearConfig:
     params_dtype: torch.dtype  # the model's activation dtype
     online_hadamard: int  # order of the online R4 applied to the input first; 0: none
     device_type: str  # "cpu" or "cuda"
+    # Rotated Runtime Smooth (activation.smooth): activation scales per (token, group of
+    # smooth_group input channels), channels in the layer's ``smooth_perm`` order when
+    # smooth_reorder; 0: per-token activations
+    smooth_group: int = 0
+    smooth_reorder: bool = False
 
     def describe(self) -> str:
         """E.g. 'W4A4 per-channel + R4' (the engine log names layers by it)."""
@@ -35,7 +40,10 @@ class LinearConfig:
         mode = " static" if self.static else ""
         group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
         r4 = " + R4" if self.online_hadamard else ""
-        return f"W{self.w_bits}A{act}{mode} {group}{r4}"
+        rrs = ""
+        if self.smooth_group:
+            rrs = f" + RRS g{self.smooth_group}" + (" reordered" if self.smooth_reorder else "")
+        return f"W{self.w_bits}A{act}{mode} {group}{r4}{rrs}"
 
 
 class QuaRotLinearKernel(ABC):
@@ -47,6 +55,9 @@ class QuaRotLinearKernel(ABC):
     """
 
     fuses_hadamard: bool = False
+    # the kernel computes runtime-smoothed layers (LinearConfig.smooth_group > 0) and only
+    # those; choose_kernel offers each layer the kernels of its kind
+    smoothing: bool = False
 
     def __init__(self, config: LinearConfig):
         self.config = config

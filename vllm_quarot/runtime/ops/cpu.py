@@ -64,6 +64,23 @@ if AVAILABLE:
           pivot_tail=None):
         return None
 
+    @torch.library.register_fake("quarot_cpu::rrs_quantize")
+    def _(x, had_k, perm, bits, clip_ratio, group_size):
+        m, groups = x.shape[0], x.shape[1] // group_size
+        return (
+            x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((m, groups), dtype=torch.float32),
+            x.new_empty((m, groups), dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("quarot_cpu::rrs_gemm")
+    def _(codes, scales, asums, w_packed, w_scale, bias, n, out_dtype):
+        return codes.new_empty((codes.shape[0], n), dtype=out_dtype)
+
+    @torch.library.register_fake("quarot_cpu::rrs_linear")
+    def _(x, had_k, perm, w_packed, w_scale, bias, n, a_bits, clip_ratio, group_size):
+        return x.new_empty((x.shape[0], n))
+
     @torch.library.register_fake("quarot_cpu::linear")
     def _(x, had_k, w_packed, w_scale_t, bias, n, w_bits, a_bits, clip_ratio, static_scale):
         return x.new_empty((x.shape[0], n))
@@ -88,3 +105,10 @@ def can_run(w_bits: int, in_features: int, group_size: int) -> bool:
     step = 8 if w_bits == 4 else 4
     gs = in_features if group_size == -1 else group_size
     return AVAILABLE and w_bits in (4, 8) and in_features % step == 0 and gs % step == 0
+
+
+def can_run_rrs(w_bits: int, in_features: int, group_size: int, smooth_group: int) -> bool:
+    """Whether the native runtime-smoothing GEMM (csrc/cpu/rrs.cpp) handles this layer:
+    4-bit per-channel weights, smoothing groups of a multiple of 8 dividing K."""
+    return (AVAILABLE and w_bits == 4 and group_size == -1 and smooth_group > 0
+            and smooth_group % 8 == 0 and in_features % smooth_group == 0)

@@ -14,8 +14,10 @@ from vllm_quarot.hadamard import hadamard_transform
 from vllm_quarot.quant import dequantize_weight
 from vllm_quarot.quant import quantize_per_token as _quantize_per_token
 from vllm_quarot.quant import quantize_static as _quantize_static
+from vllm_quarot.quant import smooth_quantize as _smooth_quantize
 
-__all__ = ["hadamard", "int_linear", "quantize_per_token", "quantize_static", "wna16_linear"]
+__all__ = ["hadamard", "int_linear", "quantize_per_token", "quantize_static",
+           "smooth_int_linear", "smooth_quantize", "wna16_linear"]
 
 
 @torch.library.custom_op("quarot::hadamard", mutates_args=())
@@ -109,3 +111,57 @@ def wna16_linear(
 @wna16_linear.register_fake
 def _(x, w_q, w_scale, bias):
     return torch.empty((x.shape[0], w_q.shape[0]), dtype=x.dtype, device=x.device)
+
+
+# Rotated Runtime Smooth (activation.smooth): per-(token, K group) activation scales.
+
+
+@torch.library.custom_op("quarot::smooth_quantize", mutates_args=())
+def smooth_quantize(
+    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int, perm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runtime-smoothed per-token codes (int8 [M, K], channels in the order perm) and
+    float32 scales [M, K/group_size] (token scale × the group's smoothing factor)."""
+    return _smooth_quantize(x, bits, clip_ratio, group_size, perm)
+
+
+@smooth_quantize.register_fake
+def _(x, bits, clip_ratio, group_size, perm):
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], x.shape[-1] // group_size), dtype=torch.float32,
+                    device=x.device),
+    )
+
+
+@torch.library.custom_op("quarot::smooth_int_linear", mutates_args=())
+def smooth_int_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Σ_g (x_q[:, g] @ w_q[:, g]ᵀ)·x_scale[:, g] · w_scale + bias, int32 partial sums.
+
+    x_q int8 [M, K] and w_q int8 [N, K] in the same channel order; x_scale float32
+    [M, G] (one scale per token and group of K/G channels); w_scale float32 [N, 1] (per
+    output channel). In float32, in this order: each group's partial sum times its
+    scale, summed over the groups in order, times the weight scale, plus the bias.
+    """
+    groups = x_scale.shape[1]
+    gs = x_q.shape[1] // groups
+    acc = torch.zeros((x_q.shape[0], w_q.shape[0]), dtype=torch.float32, device=x_q.device)
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        acc += _int_mm(x_q[:, sl], w_q[:, sl]).float() * x_scale[:, g:g + 1]
+    out = acc * w_scale.t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype)
+
+
+@smooth_int_linear.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    return torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)

@@ -449,3 +449,182 @@ if AVAILABLE:
     @gemm.register_fake
     def _(a, a_scale, w, w_scale_t, bias, w_bits, out_dtype):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Rotated Runtime Smooth (activation.smooth): per-(token, K group) activation scales, the
+# GEMM scales each group's int32 partial sum. Same maths and rounding order as
+# quarot::smooth_quantize / quarot::smooth_int_linear (runtime/ops/reference.py).
+
+SMOOTH_GROUP_SIZES = (16, 32, 64, 128, 256)  # one K tile per group: a power of two ≥ 16
+
+
+def can_run_smooth(w_bits: int, in_features: int, group_size: int, smooth_group: int) -> bool:
+    """Whether ``smooth_gemm`` serves this layer: 4-bit per-channel weights, smoothing
+    groups of a power of two from 16 to 256 that divide K."""
+    return (w_bits == 4 and group_size == -1 and smooth_group in SMOOTH_GROUP_SIZES
+            and in_features % smooth_group == 0)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _smooth_quantize_kernel(
+        x_ptr, perm_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, stride_s, mult,
+        qmax: tl.constexpr, GS: tl.constexpr, PERM: tl.constexpr,
+    ):
+        """One program per row: the groups' maxima (channels gathered in the order perm),
+        the smoothed row's per-token scale, then each group's codes."""
+        row = tl.program_id(0).to(tl.int64)
+        groups = K // GS
+        offs = tl.arange(0, GS)
+        ymax = 0.0
+        for g in range(0, groups):
+            idx = g * GS + offs
+            if PERM:
+                idx = tl.load(perm_ptr + idx)
+            v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+            mg = tl.max(tl.abs(v), axis=0)
+            s = tl.maximum(mg, 1e-12)
+            tl.store(scale_ptr + row * stride_s + g, s)
+            ymax = tl.maximum(ymax, tl.math.div_rn(mg, s))
+        a = tl.maximum(ymax * mult, 1e-12)
+        for g in range(0, groups):
+            idx = g * GS + offs
+            if PERM:
+                idx = tl.load(perm_ptr + idx)
+            v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+            sc = a * tl.load(scale_ptr + row * stride_s + g)
+            tl.store(scale_ptr + row * stride_s + g, sc)
+            tl.store(codes_ptr + row * stride_c + g * GS + offs, _round_quant(v, sc, qmax))
+
+    @triton.jit
+    def _smooth_gemm_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_a, stride_as, stride_w, stride_o,
+        HAS_BIAS: tl.constexpr, OUT_ROUND: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """out[M, N] = (Σ_g (A_g·W_gᵀ)·a_scale[:, g]) · w_scale + bias: A int8 codes [M, K],
+        W 4-bit [N, K/2] nibble pairs (columns in the codes' order), one K tile = one
+        smoothing group (BK = the group size)."""
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BM)
+        grid_n = tl.cdiv(N, BN)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        rows_here = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows_here
+        pid_n = (pid % width) // rows_here
+
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm_in = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_in = tl.where(rn < N, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + rm_in[:, None] * stride_a + rk[None, :]
+        w_ptrs = w_ptr + rn_in[:, None] * stride_w + tl.arange(0, BK // 2)[None, :]
+        shift = (4 - (rk % 2) * 4).to(tl.int8)
+        total = tl.zeros((BM, BN), tl.float32)
+        for g in range(0, K // BK):
+            a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs)
+            b = tl.interleave(b, b)
+            w = (b << shift[None, :]).to(tl.int8) >> 4
+            part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+            xs = tl.load(a_scale_ptr + rm_in * stride_as + g)
+            total += part.to(tl.float32) * xs[:, None]
+            a_ptrs += BK
+            w_ptrs += BK // 2
+        total = total * tl.load(w_scale_ptr + rn_in)[None, :]
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_o + rn[None, :]
+        tl.store(out, _round_to(total, OUT_ROUND).to(out_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def smooth_quantize_impl(
+    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int, perm: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes [M, K] in the order perm, float32 scales [M, K/group])."""
+    m, k = x.shape
+    if group_size not in SMOOTH_GROUP_SIZES or k % group_size:
+        raise ValueError(f"smoothing group {group_size} of K={k}: a power of two from 16 "
+                         "to 256 dividing K")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scales = torch.empty((m, k // group_size), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scales
+    perm_arg = perm.to(torch.int32).contiguous() if perm is not None else codes
+    _smooth_quantize_kernel[(m,)](
+        x, perm_arg, codes, scales, k, x.stride(0), codes.stride(0), scales.stride(0),
+        _mult(bits, clip_ratio), qmax=_qmax(bits), GS=group_size, PERM=perm is not None,
+        num_warps=4, **_no_fma(),
+    )
+    return codes, scales
+
+
+def smooth_gemm_meta(m: int, group_size: int, has_bias: bool, out_dtype: torch.dtype) -> dict:
+    """Compile-time arguments of _smooth_gemm_kernel (BK = the smoothing group; tiles
+    as the group-wise path of gemm_meta: a float32 running sum besides the int32 tile)."""
+    if m <= 16:
+        cfg = {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BM": 64, "BN": 64, "num_warps": 8 if group_size >= 128 else 4,
+               "num_stages": 3}
+    return cfg | {"BK": group_size, "HAS_BIAS": has_bias, "OUT_ROUND": _ROUND[out_dtype],
+                  "GROUP_M": 8}
+
+
+def smooth_gemm_impl(
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Codes a [M, K] with scales [M, K/G] × repacked 4-bit weights [N, K/2] with
+    per-channel scales [N] -> out [M, N]."""
+    m, k = a.shape
+    n = w.shape[0]
+    if w.shape[1] * 2 != k:
+        raise ValueError(f"activations have K={k}, the repacked weight {tuple(w.shape)} "
+                         f"holds K={w.shape[1] * 2}")
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out
+    a = a.contiguous()
+    a_scale = a_scale.contiguous()
+    meta = smooth_gemm_meta(m, k // a_scale.shape[1], bias is not None, out_dtype)
+    grid = (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    _smooth_gemm_kernel[grid](
+        a, a_scale, w, w_scale, bias if bias is not None else w_scale, out,
+        m, n, k, a.stride(0), a_scale.stride(0), w.stride(0), out.stride(0),
+        **meta, **_no_fma(),
+    )
+    return out
+
+
+if AVAILABLE:
+
+    @torch.library.custom_op("quarot_triton::smooth_quantize", mutates_args=())
+    def smooth_quantize(
+        x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
+        perm: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return smooth_quantize_impl(x, bits, clip_ratio, group_size, perm)
+
+    @smooth_quantize.register_fake
+    def _(x, bits, clip_ratio, group_size, perm):
+        return (x.new_empty(x.shape, dtype=torch.int8),
+                x.new_empty((x.shape[0], x.shape[1] // group_size), dtype=torch.float32))
+
+    @torch.library.custom_op("quarot_triton::smooth_gemm", mutates_args=())
+    def smooth_gemm(
+        a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+        bias: torch.Tensor | None, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return smooth_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype)
+
+    @smooth_gemm.register_fake
+    def _(a, a_scale, w, w_scale, bias, out_dtype):
+        return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vllm_quarot.format import QuaRotFormat
 from vllm_quarot.runtime.schemes.base import QuaRotScheme
+from vllm_quarot.runtime.schemes.rrs import QuaRotRRS
 from vllm_quarot.runtime.schemes.w8a8_static import QuaRotW8A8Static
 from vllm_quarot.runtime.schemes.wna16 import QuaRotWnA16
 from vllm_quarot.runtime.schemes.wnan_dynamic import QuaRotWnAnDynamic
@@ -26,6 +27,8 @@ def scheme_for(fmt: QuaRotFormat, prefix: str = "") -> QuaRotScheme:
     if act.static:
         return QuaRotW8A8Static(fmt)
     bits, clip = act.for_module(prefix) if prefix else (act.bits, act.clip_ratio)
+    if act.smooth is not None:  # Rotated Runtime Smooth (the decoder layers' linears)
+        return QuaRotRRS(fmt, bits, clip)
     return QuaRotWnAnDynamic(fmt, bits, clip)
 
 
