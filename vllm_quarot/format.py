@@ -444,7 +444,8 @@ class QuaRotFormat:
         # not recorded (vllm-quarot <= 0.1): R3 proves the online Hadamards were on
         online = recorded if recorded is not None else (True if r.r3 else None)
         for name, used, present, what in (
-            ("rotation.r4", act, r.r4 is not None, "down_proj's weights carry R4"),
+            ("rotation.r4", act or self.weight.bits < 16, r.r4 is not None,
+             "down_proj's weights carry R4"),
             ("rotation.r3", kv, r.r3 is not None, "keys were calibrated behind R3"),
         ):
             if present and (online is False or not used):
