@@ -1,6 +1,6 @@
 """What buys llm-compressor's QuIP + GPTQ W4A16 g64 advantage? Ablations of our
 quantizer at W4A16 g64 on SmolLM2, on the peer benchmark's very windows (run
-benchmarks/peers/llmcompressor.py first: it writes WINDOWS.json), scored in float32
+benchmarks/peers/vs_llmcompressor.py first: it writes WINDOWS.json), scored in float32
 (our simulation: the number llm-compressor's in-memory model is compared with).
 
     .venv/bin/python benchmarks/peers/ablate_w4a16.py --variants base,oproj-online
@@ -132,7 +132,7 @@ def main() -> int:
 
     windows = a.work / "windows.json"
     if not windows.is_file():
-        raise SystemExit(f"{windows} is missing: run benchmarks/peers/llmcompressor.py "
+        raise SystemExit(f"{windows} is missing: run benchmarks/peers/vs_llmcompressor.py "
                          "--model smollm2 first (it draws the shared windows)")
     abl = a.work / "ablation"
     abl.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def main() -> int:
         f"Command: `python benchmarks/peers/ablate_w4a16.py --variants {a.variants}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared); date "
         f"{datetime.date.today()}. Same calibration (TinyStories 32×512) and evaluation "
-        "(WikiText-2 test 8×2048) windows as benchmarks/peers/llmcompressor.py; perplexity "
+        "(WikiText-2 test 8×2048) windows as benchmarks/peers/vs_llmcompressor.py; perplexity "
         "of our float32 simulation; lm_head 16-bit.",
         "",
         "| variant | float32 ppl | quantize s |",

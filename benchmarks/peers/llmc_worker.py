@@ -1,4 +1,4 @@
-"""llm-compressor's side of benchmarks/peers/llmcompressor.py: runs in .venv-peers
+"""llm-compressor's side of benchmarks/peers/vs_llmcompressor.py: runs in .venv-peers
 (scripts/peers_venv.sh), never in the main venv (llm-compressor pins its own
 transformers and compressed-tensors).
 

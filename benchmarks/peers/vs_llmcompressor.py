@@ -2,8 +2,8 @@
 calibration and evaluation token windows, one table.
 
     bash scripts/peers_venv.sh          # .venv-peers: llm-compressor 0.14 (their side)
-    .venv/bin/python benchmarks/peers/llmcompressor.py --model smollm2
-    .venv/bin/python benchmarks/peers/llmcompressor.py --model smollm2-qwen2keys \
+    .venv/bin/python benchmarks/peers/vs_llmcompressor.py --model smollm2
+    .venv/bin/python benchmarks/peers/vs_llmcompressor.py --model smollm2-qwen2keys \
         --recipes none+w4a16-g64,quip+w4a16-g64
 
 For every recipe ROTATION+SCHEME (llm-compressor's modifiers: GPTQ alone, QuIP (input
@@ -154,7 +154,7 @@ def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, win
     rc, wall, rss = run_measured(
         ["nice", "-n", "10", sys.executable, "-m", "vllm_quarot.cli", "quantize", str(mdir),
          str(ck), *opts], d / "quantize.log")
-    out: dict[str, Any] = {"options": opts}
+    out: dict[str, Any] = {"options": opts, "ckpt": str(ck)}
     if rc != 0:
         out["error"] = last_error(d / "quantize.log")
     else:
@@ -185,7 +185,40 @@ def score(ck: Path, windows: Path, d: Path, plugin: bool, repeats: int) -> dict[
     return json.loads(res.read_text())
 
 
-def _score_main(ck: str, windows: str, out: str, repeats: int) -> int:
+def speed_rounds(entries: list[tuple[str, Path, bool]], windows: Path, work: Path,
+                 rounds: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Decode tok/s of every served checkpoint, side by side: `rounds` round-robin
+    passes over all of them (one fresh engine per checkpoint and pass, `repeats` timed
+    generations each), so that the other jobs on this shared machine load every
+    checkpoint alike; the median over all samples. Cached in work/speed.json."""
+    cache = work / "speed.json"
+    key = json.dumps([[n, str(c), p] for n, c, p in entries] + [rounds, repeats])
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["speed"]
+    samples: dict[str, dict[str, list[float]]] = {n: {"1": [], "32": []} for n, _, _ in entries}
+    for r in range(rounds):
+        for name, ck, plugin in entries:
+            log(f"speed round {r + 1}/{rounds}: {name}")
+            out = work / "speed_sample.json"
+            out.unlink(missing_ok=True)
+            env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+            if not plugin:
+                env["VLLM_PLUGINS"] = "none"
+            rc, _, _ = run_measured(
+                ["nice", "-n", "10", sys.executable, __file__, "--score", str(ck),
+                 "--windows", str(windows), "--score-out", str(out), "--repeats",
+                 str(repeats), "--speed-only"], work / "speed_sample.log", env)
+            if rc == 0 and out.is_file():
+                res = json.loads(out.read_text())
+                samples[name]["1"] += res["tok_s_1_all"]
+                samples[name]["32"] += res["tok_s_32_all"]
+    speed = {n: {k: statistics.median(v) for k, v in d.items() if v} for n, d in samples.items()}
+    cache.write_text(json.dumps({"key": key, "speed": speed, "samples": samples}))
+    return speed
+
+
+def _score_main(ck: str, windows: str, out: str, repeats: int, speed_only: bool = False,
+                ) -> int:
     """(subprocess) perplexity through vLLM, then decode tok/s at 1 and 32 sequences."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -197,14 +230,16 @@ def _score_main(ck: str, windows: str, out: str, repeats: int) -> int:
     llm = LLM(ck, dtype="bfloat16", enforce_eager=True, max_model_len=seqlen + 8,
               max_num_seqs=32, seed=0)
     try:
-        t0 = time.monotonic()
-        ppl = vllm_perplexity(llm, evals)
-        log(f"vLLM perplexity {ppl:.4f} [{time.monotonic() - t0:.0f} s]")
+        ppl = None
+        if not speed_only:
+            t0 = time.monotonic()
+            ppl = vllm_perplexity(llm, evals)
+            log(f"vLLM perplexity {ppl:.4f} [{time.monotonic() - t0:.0f} s]")
         prompts = [TokensPrompt(prompt_token_ids=evals[i % len(evals)][32 * i: 32 * i + 32])
                    for i in range(32)]
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-        speed = {}
+        speed, every = {}, {}
         for n in (1, 32):
             runs = []
             for _ in range(repeats):
@@ -212,12 +247,13 @@ def _score_main(ck: str, windows: str, out: str, repeats: int) -> int:
                 outs = llm.generate(prompts[:n], params, use_tqdm=False)
                 dt = time.monotonic() - t0
                 runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-            speed[n] = statistics.median(runs)
+            speed[n], every[n] = statistics.median(runs), runs
             log(f"decode {n} seq: {speed[n]:.1f} tok/s (median of {repeats})")
     finally:
         shutdown_llm(llm)
     Path(out).write_text(json.dumps({"vllm_ppl": ppl, "tok_s_1": speed[1],
-                                     "tok_s_32": speed[32]}))
+                                     "tok_s_32": speed[32], "tok_s_1_all": every[1],
+                                     "tok_s_32_all": every[32]}))
     return 0
 
 
@@ -243,7 +279,7 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
     lines = [
         f"# vllm-quarot beside llm-compressor {args.llmc_version}: {model}",
         "",
-        f"Command: `python benchmarks/peers/llmcompressor.py --model {model} --recipes "
+        f"Command: `python benchmarks/peers/vs_llmcompressor.py --model {model} --recipes "
         f"{args.recipes}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"{platform.processor() or 'CPU'}; date {datetime.date.today()}.  ",
@@ -253,7 +289,8 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         "checkpoints, the plugin for ours); float32 ppl: llm-compressor's in-memory model "
         "after oneshot / our simulation. Quantization: wall time and peak RSS of the "
         "whole process (model load and save included). Decode: tokens/s, 64 new tokens "
-        f"per sequence, median of {args.repeats}, eager.",
+        f"per sequence, eager; median of {args.speed_rounds} round-robin passes over all "
+        f"checkpoints × {args.repeats} generations (fresh engine per pass).",
         "",
         "| recipe | tool | served by | vLLM ppl | vs bf16 | float32 ppl | quant time | "
         "peak RSS | ckpt MiB | tok/s @1 | tok/s @32 |",
@@ -335,9 +372,13 @@ def main() -> int:
     ap.add_argument("--score", help=argparse.SUPPRESS)
     ap.add_argument("--windows", help=argparse.SUPPRESS)
     ap.add_argument("--score-out", help=argparse.SUPPRESS)
+    ap.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--speed-rounds", type=int, default=2,
+                    help="round-robin passes of the decode-speed phase over all served "
+                    "checkpoints (each: a fresh engine, --repeats timed generations)")
     a = ap.parse_args()
     if a.score:
-        return _score_main(a.score, a.windows, a.score_out, a.repeats)
+        return _score_main(a.score, a.windows, a.score_out, a.repeats, a.speed_only)
     recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     bad = [r for r in recipes if r not in RECIPES]
     if bad:
@@ -363,10 +404,27 @@ def main() -> int:
         key = " ".join(RECIPES[recipe])
         ours_dir = work / "ours" / key.replace("--", "").replace(" ", "_")
         ours = quantize_ours(mdir, recipe, a.nsamples, a.calib_seqlen, windows, ours_dir)
+        ours.setdefault("ckpt", str(ours_dir / "ckpt"))
         s_ours: dict[str, Any] = {}
         if "error" not in ours and not a.no_speed:
             s_ours = score(ours_dir / "ckpt", windows, ours_dir, True, a.repeats)
         rows.append((recipe, "vllm-quarot", ours, s_ours))
+    if not a.no_speed and a.speed_rounds > 0:
+        entries = [("bf16", mdir, False)] if "error" not in base else []
+        for recipe, tool, q, sc in rows:
+            if "error" in q or "error" in sc or not sc:
+                continue
+            theirs = tool == "llm-compressor"
+            ck = (work / "llmc" / recipe / "ckpt") if theirs else Path(q["ckpt"])
+            name = f"{tool}:{recipe}" if theirs else f"{tool}:{ck.parent.name}"
+            if all(e[0] != name for e in entries):
+                entries.append((name, ck, not theirs))
+        speed = speed_rounds(entries, windows, work, a.speed_rounds, a.repeats)
+        for d, name in [(base, "bf16")] + [
+                (sc, f"{t}:{r}" if t == "llm-compressor" else f"{t}:{Path(q['ckpt']).parent.name}")
+                for r, t, q, sc in rows if sc and "error" not in sc and "error" not in q]:
+            if name in speed:
+                d["tok_s_1"], d["tok_s_32"] = speed[name].get("1"), speed[name].get("32")
     md = table(a.model, a, base, rows)
     print(md)
     out = a.out or RESULTS / f"peers_llmcompressor_{a.model}.md"
