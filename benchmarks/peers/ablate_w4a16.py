@@ -145,8 +145,10 @@ def main() -> int:
         res_file = abl / f"{v}.json"
         if not res_file.is_file():
             print(f"[ablate] variant {v}", file=sys.stderr, flush=True)
+            # one OpenMP thread: see vs_llmcompressor.QUANT_ENV
             subprocess.run(["nice", "-n", "10", sys.executable, __file__, "--one", v,
-                            "--work", str(a.work)], check=True)
+                            "--work", str(a.work)], check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         rows.append(json.loads(res_file.read_text()))
     # the peer's figure on the same windows, when the benchmark has it
     theirs = a.work / "llmc" / "quip+w4a16-g64" / "result.json"

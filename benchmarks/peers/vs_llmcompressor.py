@@ -66,6 +66,11 @@ LABELS = {
     "smoothquant": "SmoothQuant + GPTQ",
 }
 NEW_TOKENS = 64
+# Quantization and the float32 scoring run with one OpenMP thread: on this shared,
+# oversubscribed 2-core machine a 2-thread GPTQ (thousands of small ops, an OpenMP
+# barrier each) was measured > 50x slower than a 1-thread one (a descheduled thread
+# stalls every barrier). Both tools get the same setting; vLLM keeps its own.
+QUANT_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def log(msg: str) -> None:
@@ -131,7 +136,7 @@ def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path) -> dict[str
     rc, wall, rss = run_measured(
         ["nice", "-n", "10", str(PEERS_PY), str(ROOT / "benchmarks/peers/llmc_worker.py"),
          "--model", str(mdir), "--recipe", recipe, "--windows", str(windows),
-         "--out", str(ck), "--result", str(d / "worker.json")], d / "quantize.log")
+         "--out", str(ck), "--result", str(d / "worker.json")], d / "quantize.log", QUANT_ENV)
     if rc != 0:
         out = {"error": last_error(d / "quantize.log")}
     else:
@@ -153,7 +158,7 @@ def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, win
             "--seqlen", str(calib_seqlen), "--seed", "0", "--device", "cpu", "--overwrite"]
     rc, wall, rss = run_measured(
         ["nice", "-n", "10", sys.executable, "-m", "vllm_quarot.cli", "quantize", str(mdir),
-         str(ck), *opts], d / "quantize.log")
+         str(ck), *opts], d / "quantize.log", QUANT_ENV)
     out: dict[str, Any] = {"options": opts, "ckpt": str(ck)}
     if rc != 0:
         out["error"] = last_error(d / "quantize.log")
@@ -288,7 +293,8 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         "tokens. vLLM ppl: bf16 prompt log-probs (stock vLLM for llm-compressor's "
         "checkpoints, the plugin for ours); float32 ppl: llm-compressor's in-memory model "
         "after oneshot / our simulation. Quantization: wall time and peak RSS of the "
-        "whole process (model load and save included). Decode: tokens/s, 64 new tokens "
+        "whole process (model load and save included), one OpenMP thread each. "
+        "Decode: tokens/s, 64 new tokens "
         f"per sequence, eager; median of {args.speed_rounds} round-robin passes over all "
         f"checkpoints × {args.repeats} generations (fresh engine per pass).",
         "",
@@ -355,6 +361,38 @@ def plot(path: Path, model: str, base: dict[str, Any],
     fig.savefig(path, dpi=110)
 
 
+def _ours_dir(work: Path, recipe: str) -> Path:
+    return work / "ours" / " ".join(RECIPES[recipe]).replace("--", "").replace(" ", "_")
+
+
+def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[str]) -> int:
+    """--only-cached: the table of what is finished, written beside the full one."""
+    def read(p: Path) -> dict[str, Any] | None:
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    base = {**(read(work / "bf16" / "result.json") or {}),
+            **(read(work / "bf16" / "score_stock.json") or {})}
+    rows = []
+    for recipe in recipes:
+        for tool, d, plugin in (("llm-compressor", work / "llmc" / recipe, False),
+                                ("vllm-quarot", _ours_dir(work, recipe), True)):
+            q = read(d / "result.json")
+            if q is None:
+                continue
+            s = read(d / ("score.json" if plugin else "score_stock.json")) or {}
+            rows.append((recipe, tool, q, s))
+    md = table(a.model, a, base, rows)
+    md = md.replace("\n\n| recipe", "\n\nPartial: the steps finished so far "
+                    "(--only-cached); decode speeds are single-engine medians, not the "
+                    "round-robin phase.\n\n| recipe", 1)
+    print(md)
+    out = a.out or RESULTS / f"peers_llmcompressor_{a.model}.md"
+    out.write_text(md)
+    plot(out.with_suffix(".png"), a.model, base, rows)
+    log(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
@@ -366,6 +404,9 @@ def main() -> int:
     ap.add_argument("--max-windows", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-speed", action="store_true", help="skip every vLLM step")
+    ap.add_argument("--only-cached", action="store_true",
+                    help="run nothing: the table from the steps finished so far (a step "
+                    "not run yet is left out, and the speed phase is skipped)")
     ap.add_argument("--work", type=Path,
                     default=Path.home() / ".cache" / "vllm-quarot" / "peers")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (and .png beside)")
@@ -379,6 +420,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.score:
         return _score_main(a.score, a.windows, a.score_out, a.repeats, a.speed_only)
+    import torch
+
+    torch.set_num_threads(1)  # the in-process float32 scoring (see QUANT_ENV)
     recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     bad = [r for r in recipes if r not in RECIPES]
     if bad:
@@ -393,6 +437,8 @@ def main() -> int:
     a.llmc_version = "0.14"
     base = baseline(mdir, windows, work / "bf16", a.repeats) if not a.no_speed else {}
     rows = []
+    if a.only_cached:
+        return _cached_table(a, mdir, work, recipes)
     for i, recipe in enumerate(recipes, 1):
         log(f"recipe {i}/{len(recipes)}: {recipe}")
         theirs = quantize_theirs(mdir, recipe, windows, work / "llmc" / recipe)
@@ -401,8 +447,7 @@ def main() -> int:
             s_theirs = score(work / "llmc" / recipe / "ckpt", windows, work / "llmc" / recipe,
                              False, a.repeats)
         rows.append((recipe, "llm-compressor", theirs, s_theirs))
-        key = " ".join(RECIPES[recipe])
-        ours_dir = work / "ours" / key.replace("--", "").replace(" ", "_")
+        ours_dir = _ours_dir(work, recipe)
         ours = quantize_ours(mdir, recipe, a.nsamples, a.calib_seqlen, windows, ours_dir)
         ours.setdefault("ckpt", str(ours_dir / "ckpt"))
         s_ours: dict[str, Any] = {}

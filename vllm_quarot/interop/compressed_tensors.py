@@ -243,3 +243,44 @@ def _in_features(cfg: dict[str, Any], base: str) -> int:
     if leaf == "o_proj":
         return heads * head_dim
     return hidden
+
+
+def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,
+                         ) -> torch.nn.Module:
+    """A compressed-tensors checkpoint in PyTorch with its online transforms: the model
+    as transformers loads it (compressed-tensors decompresses the weights; transformers
+    ignores ``transform_config``), then compressed-tensors' own
+    ``apply_transform_config`` attaches the transforms and every transform module gets
+    the matrix stored in the checkpoint (``<module>.<scheme>_<location>.weight``; a
+    matrix stored once is shared by every module of its scheme and size, as
+    llm-compressor saves them)."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from compressed_tensors.transform.factory.base import TransformBase
+    from transformers import AutoModelForCausalLM
+
+    ct_dir = Path(ct_dir)
+    model = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=dtype).eval()
+    qc = json.loads((ct_dir / "config.json").read_text()).get("quantization_config") or {}
+    tc = qc.get("transform_config")
+    if not tc:
+        return model
+    apply_transform_config(model, TransformConfig.model_validate(tc))
+    src = TensorSource(ct_dir)
+    stored: dict[tuple[str, int], torch.Tensor] = {}  # (scheme, size) -> matrix
+    for name in src.keys():
+        stem, _, leaf = name.rpartition(".")
+        scheme = stem.rpartition(".")[2].rsplit("_", 1)[0]
+        if leaf == "weight" and scheme in tc["config_groups"]:
+            t = src.get(name)
+            stored[(scheme, t.shape[0])] = t
+    for name, mod in model.named_modules():
+        if not isinstance(mod, TransformBase):
+            continue
+        scheme = name.rpartition(".")[2].rsplit("_", 1)[0]
+        key = (scheme, mod.weight.shape[0])
+        if key not in stored:
+            raise ExportError(f"{ct_dir}: no stored matrix for transform {name} "
+                              f"(scheme {scheme}, size {key[1]})")
+        with torch.no_grad():
+            mod.weight.data = stored[key].to(mod.weight.dtype)
+    return model
