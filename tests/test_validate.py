@@ -202,10 +202,13 @@ def test_activation_section_removed(rtn_w4a4):
                        r"activation 4-bit per-token, kv_cache none, but the sections say "
                        r"weight 4-bit, activation none, kv_cache none"):
         QuaRotFormat.from_dict(cfg)
-    del cfg["scheme"]  # now reads as w4a16, but down_proj carries R4 for quantized inputs
-    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is set, but the quantizer "
-                       r"did not rotate for it"):
+    del cfg["scheme"]  # the quantizer's record still names it w4a4
+    with pytest.raises(CheckpointFormatError, match=r"^scheme 'w4a4' means weight 4-bit, "
+                       r"activation 4-bit per-token"):
         QuaRotFormat.from_dict(cfg)
+    # without any record it reads as w4a16 (R4 is legitimate there: online since 0.7)
+    del cfg["quantizer"]["scheme"]
+    assert QuaRotFormat.from_dict(cfg).scheme == "w4a16"
 
 
 def test_r4_removed(rtn_w4a4):
@@ -244,6 +247,7 @@ def test_scheme_must_be_known_and_agree(rtn_w4a4, patch, msg):
 def test_no_scheme_is_named_after_the_sections(rtn_w4a4):
     cfg = _section(rtn_w4a4)
     del cfg["scheme"]
+    cfg["quantizer"].pop("scheme", None)  # nor in the quantizer's record: hand-written
     assert QuaRotFormat.from_dict(cfg).scheme == "w4a4"
     cfg["weight"] = {"bits": 8}
     with pytest.raises(CheckpointFormatError, match=r"^quantization_config has no scheme, "

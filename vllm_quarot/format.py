@@ -306,7 +306,9 @@ class QuaRotFormat:
             raise
         except (TypeError, ValueError, KeyError) as e:  # unknown, missing or mistyped keys
             raise CheckpointFormatError(f"malformed quantization_config: {e}") from e
-        scheme = cfg.get("scheme")
+        # the quantizer records the scheme too (vllm-quarot >= 0.7): a deleted "scheme"
+        # is still checked against the sections
+        scheme = cfg.get("scheme") or (cfg.get("quantizer") or {}).get("scheme")
         if scheme is None:  # hand-written section: named after what it says
             scheme = _scheme_of(weight, activation, kv_cache) or "custom"
         fmt = cls(

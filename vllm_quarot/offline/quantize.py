@@ -420,6 +420,7 @@ def _plan_format(cfg: Any, o: QuantizeOptions) -> _Plan:
         quantizer={
             "name": "vllm-quarot",
             "version": __version__,
+            "scheme": o.scheme,
             "weight_method": o.weight_method,
             "calibration": (
                 f"file:{Path(o.calib).name}" if o.calib
