@@ -377,6 +377,19 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
         for tool, d, plugin in (("llm-compressor", work / "llmc" / recipe, False),
                                 ("vllm-quarot", _ours_dir(work, recipe), True)):
             q = read(d / "result.json")
+            if q is None and tool == "vllm-quarot" and recipe.endswith("w4a16-g64") \
+                    and not recipe.startswith("none"):
+                # the same quantizer options as ablate_w4a16.py's "base" variant (run
+                # in-process there): its figures, marked as such
+                b = read(work / "ablation" / "base.json")
+                if b is not None:
+                    ck = work / "ablation" / "base"
+                    q = {"sim_ppl": b["sim_ppl"], "wall_s": b["quant_s"],
+                         "peak_rss_gib": b["peak_rss_gib"], "mib": size_mib(ck),
+                         "ckpt": str(ck)}
+                    recipe_note = f"{recipe} (ablate_w4a16 base)"
+                    rows.append((recipe_note, tool, q, {}))
+                continue
             if q is None:
                 continue
             s = read(d / ("score.json" if plugin else "score_stock.json")) or {}
