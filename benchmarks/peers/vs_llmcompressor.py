@@ -292,7 +292,9 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         f"windows for both); evaluation: WikiText-2 test, {args.max_windows}×{args.seqlen} "
         "tokens. vLLM ppl: bf16 prompt log-probs (stock vLLM for llm-compressor's "
         "checkpoints, the plugin for ours); float32 ppl: llm-compressor's in-memory model "
-        "after oneshot / our simulation. Quantization: wall time and peak RSS of the "
+        "after oneshot / our simulation. Checkpoint MiB: llm-compressor ties the "
+        "embedding and lm_head (one bf16 copy), ours stores both (--lm-head none: 16-bit). "
+        "Quantization: wall time and peak RSS of the "
         "whole process (model load and save included), one OpenMP thread each. "
         "Decode: tokens/s, 64 new tokens "
         f"per sequence, eager; median of {args.speed_rounds} round-robin passes over all "
@@ -316,6 +318,8 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         if "error" in s:
             notes.append(f"{tool} {recipe}: {served} refused it: {s['error']}")
             served = f"not served ({len(notes)})"
+        elif not s:
+            served = "(vLLM step not run yet)"
         ppl = s.get("vllm_ppl")
         rel = f"{(ppl / ref - 1) * 100:+.1f} %" if ppl and ref else "–"
         f32 = q.get("inmemory_ppl", q.get("sim_ppl"))
