@@ -73,31 +73,19 @@ def quantize_model(src: Path, out: Path, tp: int = 1, scheme: str = "w4a4",
 def worker(model: str, quantization: str | None, compile_: bool, tp: int = 1,
            n_dec: int = 64, prefill: bool = True) -> dict:
     """Runs inside the subprocess: one engine, all measurements."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     llm = LLM(model, quantization=quantization, dtype="bfloat16", enforce_eager=not compile_,
               skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=32,
               max_num_batched_tokens=2048, seed=0, tensor_parallel_size=tp,
               distributed_executor_backend="mp" if tp > 1 else None)
 
-    def prompt(i: int, n: int = 16) -> TokensPrompt:
-        return TokensPrompt(prompt_token_ids=[(37 * i + 11 * j) % 31000 + 100 for j in range(n)])
+    from vllm_quarot.eval.throughput import decode_tokens_per_s, time_to_first_token
 
-    def gen(prompts, max_tokens):
-        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                           detokenize=False)
-        t = time.perf_counter()
-        llm.generate(prompts, p, use_tqdm=False)
-        return time.perf_counter() - t
-
-    gen([prompt(0)], 8)  # warm-up
-    b1 = n_dec / gen([prompt(1)], n_dec)
-    b32 = 32 * n_dec / gen([prompt(i) for i in range(2, 34)], n_dec)
-    out = {"decode_b1": b1, "decode_b32": b32}
+    out = {"decode_b1": decode_tokens_per_s(llm, 1, n_dec),
+           "decode_b32": decode_tokens_per_s(llm, 32, n_dec)}
     if prefill:
-        gen([prompt(99, 1024)], 1)  # warm-up of the long-prompt path
-        out["prefill"] = 1024 / gen([prompt(100, 1024)], 1)
+        out["prefill"] = 1024 / time_to_first_token(llm, 1024)
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -24,25 +23,18 @@ DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
 def measure(model: Path, kv_dtype: str, windows: list[list[int]], n_dec: int) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from vllm_quarot.eval.perplexity import vllm_perplexity
 
     llm = LLM(str(model), dtype="bfloat16", kv_cache_dtype=kv_dtype, enforce_eager=True,
               max_model_len=2048, max_num_seqs=32, seed=0)
-    cc = llm.llm_engine.vllm_config.cache_config
-    capacity = cc.num_gpu_blocks * cc.block_size
+    from vllm_quarot.eval.throughput import decode_tokens_per_s, kv_capacity_tokens
+
+    capacity = kv_capacity_tokens(llm)
     ppl = vllm_perplexity(llm, windows)
-    params = SamplingParams(max_tokens=n_dec, temperature=0.0, ignore_eos=True)
-    prompt = ["The history of the city began"]
-    llm.generate(prompt, params, use_tqdm=False)
-    t = time.perf_counter()
-    llm.generate(prompt, params, use_tqdm=False)
-    tps1 = n_dec / (time.perf_counter() - t)
-    batch = [f"{prompt[0]} ({i})" for i in range(32)]
-    t = time.perf_counter()
-    llm.generate(batch, params, use_tqdm=False)
-    tps32 = 32 * n_dec / (time.perf_counter() - t)
+    tps1 = decode_tokens_per_s(llm, 1, n_dec)
+    tps32 = decode_tokens_per_s(llm, 32, n_dec)
     del llm
     gc.collect()
     return {"capacity": capacity, "ppl": ppl, "tps1": tps1, "tps32": tps32}

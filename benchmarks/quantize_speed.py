@@ -6,9 +6,10 @@ extrapolated to full depth and to the paper's 128 × 2048 calibration tokens.
 Every model is *truncated* to --layers decoder layers (same hidden/intermediate/heads/
 vocab; the real weights for SmolLM2, random bf16 ones for the Llama shapes), written
 once under the cache dir as speed-<model>-L<k>. Each quantization runs in its own
-subprocess (so its peak RSS is its own), with `_Streamer.layer` (the layer's maths)
-and the layer's `_Streamer._finish_part` (its resumable-progress save: tensors plus
-the calibration activations, then the hand-over to the checkpoint writer) timed.
+subprocess (so its peak RSS is its own), timed by the quantizer's hook
+(`quantize(..., on_step=...)`): each `layer.i` step (the layer's maths) and `save.i`
+(its resumable-progress save: tensors plus the calibration activations, then the
+hand-over to the checkpoint writer).
 
 Extrapolation model (stated again under the tables):
   * per-layer seconds y(T) = a + b·T and fixed seconds f(T) = c + d·T, least-squares
@@ -39,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,36 +178,20 @@ def child(spec: dict) -> None:
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cuda = spec["device"] == "cuda"
     rec: dict[str, list] = {"layer_s": [], "save_s": [], "layer_bytes": []}
-    layer, finish = qmod._Streamer.layer, qmod._Streamer._finish_part
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    def on_step(name: str, seconds: float, info: dict) -> None:
+        """quantize()'s timing hook: each layer's maths and its progress save."""
+        if name.startswith("layer."):
+            rec["layer_s"].append(seconds)
+        elif name.startswith("save."):
+            rec["save_s"].append(seconds)
+            rec["layer_bytes"].append(info["bytes"])
 
-    def timed_layer(self, i, h_cal):
-        sync()
-        t = time.perf_counter()
-        out = layer(self, i, h_cal)
-        sync()
-        rec["layer_s"].append(time.perf_counter() - t)
-        return out
-
-    def timed_finish(self, name, h_cal):
-        if not name.startswith("layer-"):
-            return finish(self, name, h_cal)
-        rec["layer_bytes"].append(sum(t.numel() * t.element_size()
-                                      for t in self.part.values()))
-        t = time.perf_counter()
-        finish(self, name, h_cal)
-        rec["save_s"].append(time.perf_counter() - t)
-
-    qmod._Streamer.layer = timed_layer
-    qmod._Streamer._finish_part = timed_finish
     o = qmod.QuantizeOptions(scheme="w4a4", weight_method=spec["method"],
                              calib=spec["calib"], nsamples=spec["nsamples"],
                              seqlen=spec["seqlen"], device=spec["device"])
     assert o.needs_calibration == (spec["calib"] is not None), "calibration use changed"
-    s = qmod.quantize(spec["model"], spec["out"], o)
+    s = qmod.quantize(spec["model"], spec["out"], o, on_step=on_step)
     res = dict(seconds=s.seconds, peak_rss_gib=s.peak_rss_gib, rss_imports_gib=rss_imports,
                checkpoint_bytes=s.checkpoint_bytes, torch_threads=torch.get_num_threads(),
                **rec)
@@ -270,28 +254,6 @@ def fmt_s(s: float) -> str:
     return f"{s:.2f} s" if s < 10 else f"{s:.0f} s"
 
 
-def gemm_tflops(device: str, hidden: int, inter: int, tokens: int = 1024,
-                reps: int = 3) -> float:
-    """Measured float32 GEMM rate (TFLOP/s, best of reps) of this device on a layer's
-    two largest products (tokens × hidden → inter, tokens × inter → hidden): what the
-    calibration forward passes and Hessians run on."""
-    import torch
-
-    dev = torch.device(device)
-    x = torch.randn(tokens, hidden, device=dev)
-    w1, w2 = torch.randn(inter, hidden, device=dev), torch.randn(hidden, inter, device=dev)
-    best = float("inf")
-    for _ in range(reps + 1):  # the first is a warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        torch.nn.functional.linear(torch.nn.functional.linear(x, w1), w2)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2 * tokens * hidden * inter / best / 1e12
-
-
 def floor_note() -> str:
     return " ".join((floor_table.__doc__ or "").split())
 
@@ -307,6 +269,8 @@ def floor_table(models: list[str], device: str) -> str:
     shapes = {"smollm2": SMOLLM2, **SHAPES, "70b": LLAMA_70B}
     for m in models:
         sh = shapes[m]
+        from vllm_quarot.offline.plan import gemm_tflops
+
         rate = gemm_tflops(device, sh["hidden"], sh["inter"])
         per_layer = 2 * layer_params(sh) * big_t / (rate * 1e12)
         lines.append(f"| {m} | {rate:.2f} TFLOP/s | {fmt_s(per_layer)} | "
@@ -560,8 +524,8 @@ widths); the real depth is used in the extrapolation.{warm}
 
 ## Measured
 
-Per layer = `_Streamer.layer` (fold, rotate, quantize, calibration forward) + the
-layer's progress save (`_finish_part`: its tensors and calibration activations to disk,
+Per layer = the `layer.i` step (fold, rotate, quantize, calibration forward) + the
+layer's progress save (the `save.i` step: its tensors and calibration activations to disk,
 handed to the checkpoint writer). Fixed = total − Σ layers (config, tokenizer,
 calibration tokenization, embedding and head rotation, writing the checkpoint). Peak
 RSS is the subprocess's own (in parentheses: after importing torch and the quantizer).

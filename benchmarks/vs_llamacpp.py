@@ -18,8 +18,20 @@ start-up time.
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--models smollm2,1.1b] [--eager]
 
-Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from source,
-~15 min on 2 cores). Writes benchmarks/results/vs_llamacpp.md and vs_llamacpp.png.
+Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from source
+for the CPU at hand, -march=native, ~15 min on 2 idle cores). It need not go into the
+project's venv: a venv of its own that sees the project's packages works, e.g.
+
+    python -m venv ~/.cache/vllm-quarot/venv-llamacpp
+    echo $PWD/.venv/lib/python3.11/site-packages \
+        > ~/.cache/vllm-quarot/venv-llamacpp/lib/python3.11/site-packages/zz_project.pth
+    ~/.cache/vllm-quarot/venv-llamacpp/bin/pip install llama-cpp-python
+    PYTHONPATH=$PWD ~/.cache/vllm-quarot/venv-llamacpp/bin/python benchmarks/vs_llamacpp.py
+
+Ratios are against llama.cpp's best configuration in each column (the fastest of the
+GGUF types run). ``--baseline-tree DIR`` adds the QuaRot engines once more with the
+vllm_quarot package (and native kernels) of another checkout, e.g. main: a before /
+after comparison in one run. Writes benchmarks/results/<machine>/vs_llamacpp.md and .png.
 """
 
 from __future__ import annotations
@@ -37,15 +49,18 @@ from cpu_e2e import CACHE, make_model, quantize_model
 from models import smollm2_dir, smollm2_gguf
 
 CONCURRENCY = (1, 8, 32)
-N_DEC = 64
+# --decode-tokens / --long-prompt set these for the workers through the environment
+N_DEC = int(os.environ.get("VS_LLAMACPP_DECODE_TOKENS", 64))
 PROMPT = 16
 REPEATS = 3  # each figure: the median of 3 timed runs (this machine is noisy)
-LONG = 1024
+LONG = int(os.environ.get("VS_LLAMACPP_LONG_PROMPT", 1024))
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
 
 
 def prompt_ids(i: int, n: int = PROMPT, vocab: int = 31000) -> list[int]:
-    return [(37 * i + 11 * j) % (vocab - 200) + 100 for j in range(n)]
+    from vllm_quarot.eval.throughput import prompt_ids as ids
+
+    return ids(i, n, vocab)
 
 
 # ---------------------------------------------------------------- the same weights as GGUF
@@ -162,12 +177,14 @@ class LlamaCpp:
     together, greedy."""
 
     def __init__(self, gguf: Path, threads: int, n_seq: int, n_ctx: int,
-                 f32_cache: bool = False):
+                 f32_cache: bool = False, extra_bufts: bool = True):
         import llama_cpp as L
 
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        # extra buffer types: llama.cpp's weight repacking and its AMX matmul (default on)
+        mp.use_extra_bufts = extra_bufts
         self.model = L.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise SystemExit(f"llama.cpp cannot load {gguf}")
@@ -218,9 +235,11 @@ class LlamaCpp:
         return self._decode([(t, p, 0, True) for p, t in enumerate(ids)]).copy()
 
 
-def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int) -> dict:
+def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int,
+                 extra_bufts: bool = True) -> dict:
     t = time.perf_counter()
-    eng = {c: LlamaCpp(Path(gguf), threads, c, c * (PROMPT + N_DEC + 8)) for c in concurrency}
+    eng = {c: LlamaCpp(Path(gguf), threads, c, c * (PROMPT + N_DEC + 8),
+                       extra_bufts=extra_bufts) for c in concurrency}
     res: dict = {"startup_s": time.perf_counter() - t}
     def timed(e: LlamaCpp, prompts: list[list[int]], n: int) -> float:
         t = time.perf_counter()
@@ -233,7 +252,7 @@ def llama_worker(gguf: str, threads: int, concurrency: list[int], vocab: int) ->
         res[f"tok_s_{c}"] = c * N_DEC / _median(
             timed(e, [prompt_ids(100 * r + i, vocab=vocab) for i in range(c)], N_DEC)
             for r in range(1, REPEATS + 1))
-    long = LlamaCpp(Path(gguf), threads, 1, LONG + 16)
+    long = LlamaCpp(Path(gguf), threads, 1, LONG + 16, extra_bufts=extra_bufts)
     long.generate([prompt_ids(7, LONG, vocab)], 1)
     res["ttft_s"] = _median(timed(long, [prompt_ids(8 + r, LONG, vocab)], 1)
                             for r in range(REPEATS))
@@ -265,8 +284,7 @@ def check_same_model(hf_dir: Path, f32: Path, threads: int) -> float:
 
 def vllm_worker(model: str, quantization: str | None, dtype: str, compile_: bool,
                 concurrency: list[int], vocab: int) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     t = time.perf_counter()
     llm = LLM(model, quantization=quantization, dtype=dtype, enforce_eager=not compile_,
@@ -275,24 +293,18 @@ def vllm_worker(model: str, quantization: str | None, dtype: str, compile_: bool
     res: dict = {"startup_s": time.perf_counter() - t,
                  "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch.")}
 
-    def gen(prompts: list[list[int]], n: int) -> float:
-        p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=x) for x in prompts], p, use_tqdm=False)
-        return time.perf_counter() - t
+    from vllm_quarot.eval.throughput import decode_tokens_per_s, time_to_first_token
 
     for c in concurrency:
-        gen([prompt_ids(i, vocab=vocab) for i in range(c)], 4)  # warm-up (shapes)
-        res[f"tok_s_{c}"] = c * N_DEC / _median(
-            gen([prompt_ids(100 * r + i, vocab=vocab) for i in range(c)], N_DEC)
-            for r in range(1, REPEATS + 1))
-    gen([prompt_ids(7, LONG, vocab)], 1)
-    res["ttft_s"] = _median(gen([prompt_ids(8 + r, LONG, vocab)], 1) for r in range(REPEATS))
+        res[f"tok_s_{c}"] = decode_tokens_per_s(llm, c, N_DEC, vocab, REPEATS, PROMPT)
+    res["ttft_s"] = time_to_first_token(llm, LONG, vocab, REPEATS)
     return res
 
 
 def run_worker(args: list[str], threads: int, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *args, "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", *args, "--threads", str(threads),
+           "--concurrency", os.environ.get("VS_LLAMACPP_CONCURRENCY",
+                                           ",".join(map(str, CONCURRENCY)))]
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=full_env)
@@ -349,6 +361,7 @@ def plot(results: dict, concurrency: list[int], path: Path) -> None:
 
 
 def main() -> None:
+    global N_DEC, LONG
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,1.1b")
     ap.add_argument("--eager", action="store_true",
@@ -362,18 +375,33 @@ def main() -> None:
     ap.add_argument("--gguf", default="Q4_0,Q4_1,Q8_0", help="llama.cpp quantizations")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/results/<machine tag>)")
     ap.add_argument("--name", default="vs_llamacpp", help="result files' name (.md, .png)")
+    ap.add_argument("--decode-tokens", type=int, default=N_DEC,
+                    help="greedy tokens generated per sequence")
+    ap.add_argument("--long-prompt", type=int, default=LONG, help="TTFT prompt length")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run the QuaRot engines with this checkout's vllm_quarot")
     ap.add_argument("--from-raw", type=Path, default=None,
                     help="make the table and plot from the per-engine lines a run printed")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    N_DEC, LONG = a.decode_tokens, a.long_prompt
+    os.environ["VS_LLAMACPP_DECODE_TOKENS"] = str(a.decode_tokens)
+    os.environ["VS_LLAMACPP_CONCURRENCY"] = a.concurrency
+    os.environ["VS_LLAMACPP_LONG_PROMPT"] = str(a.long_prompt)
+    if a.out is None and a.worker is None:
+        from cpu_peak import machine_tag
+
+        a.out = Path("benchmarks/results") / machine_tag()
     conc = [int(c) for c in a.concurrency.split(",")]
     if a.worker is not None:  # inside the subprocess
         os.sched_setaffinity(0, range(a.threads))
         kind, target, vocab = a.worker[0], a.worker[1], int(a.worker[2])
         if kind == "llama":
-            res = llama_worker(target, a.threads, conc, vocab)
+            res = llama_worker(target, a.threads, conc, vocab,
+                               extra_bufts=a.worker[3:4] != ["no-extra-bufts"])
         else:
             q = None if a.worker[3] == "none" else a.worker[3]
             res = vllm_worker(target, q, a.worker[4], not a.eager, conc, vocab)
@@ -412,7 +440,14 @@ def main() -> None:
         res: dict[str, dict] = {}
         for kind in filter(None, a.gguf.split(",")):
             g = quantize_gguf(f32, kind, a.threads)
-            res[f"llama.cpp {kind}"] = run_worker(["llama", str(g), str(vocab)], a.threads)
+            try:
+                res[f"llama.cpp {kind}"] = run_worker(["llama", str(g), str(vocab)], a.threads)
+            except SystemExit as exc:  # e.g. llama.cpp's AMX matmul crashing on a shape
+                log(f"{label}: llama.cpp {kind} with its extra buffer types (repack, AMX) "
+                    f"failed ({str(exc).splitlines()[0]} ...): running it without them")
+                kind = f"{kind} (no extra buffer types)"
+                res[f"llama.cpp {kind}"] = run_worker(
+                    ["llama", str(g), str(vocab), "no-extra-bufts"], a.threads)
             res[f"llama.cpp {kind}"]["mib"] = g.stat().st_size / 2**20
             log(label, f"llama.cpp {kind}", res[f"llama.cpp {kind}"])
         for dtype in filter(None, a.base_dtypes.split(",")):
@@ -430,6 +465,13 @@ def main() -> None:
                            a.threads, vllm_env)
             res[name] = dict(r, mib=_mib(ckpt))
             log(label, name, res[name])
+            if a.baseline_tree is not None:  # the same engine with another checkout's code
+                base = f"{name} ({a.baseline_tree.resolve().name}'s kernels)"
+                env = dict(vllm_env, PYTHONPATH=str(a.baseline_tree.resolve()))
+                r = run_worker(["vllm", str(ckpt), str(vocab), "quarot", a.quarot_dtype],
+                               a.threads, env)
+                res[base] = dict(r, mib=_mib(ckpt))
+                log(label, base, res[base])
         all_res[label] = res
     report(all_res, checks, conc, a)
 
@@ -460,12 +502,16 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     mode = "eager" if a.eager else "compiled (vLLM default)"
     lines = []
     for label, res in all_res.items():
-        ref_name = "llama.cpp Q4_0" if "llama.cpp Q4_0" in res else next(iter(res))
-        ref = res[ref_name]
-        lines += [f"\n**{label}** (ratios vs {ref_name}; F32 GGUF vs transformers logits: "
-                  f"{checks[label]:.1e} relative)\n",
+        llama = [n for n in res if n.startswith("llama.cpp")] or [next(iter(res))]
+        # per column, llama.cpp's best configuration
+        ref = {f"tok_s_{c}": max(res[n][f"tok_s_{c}"] for n in llama) for c in conc}
+        ref["ttft_s"] = min(res[n]["ttft_s"] for n in llama)
+        best = {key: next(n for n in llama if res[n][key] == v) for key, v in ref.items()}
+        lines += [f"\n**{label}** (ratios vs llama.cpp's best configuration per column: "
+                  + ", ".join(f"{key.removeprefix('tok_s_')}: {n}" for key, n in best.items())
+                  + f"; F32 GGUF vs transformers logits: {checks[label]:.1e} relative)\n",
                   "| engine | " + " | ".join(f"tok/s ×{c} seq" for c in conc)
-                  + " | TTFT 1024-token prompt (s) | start-up (s) | weights (MiB) |",
+                  + f" | TTFT {LONG}-token prompt (s) | start-up (s) | weights (MiB) |",
                   "|---|" + "---:|" * (len(conc) + 3)]
         for name, r in res.items():
             cells = [f"{r[f'tok_s_{c}']:.1f} ({r[f'tok_s_{c}'] / ref[f'tok_s_{c}']:.2f}×)"
@@ -482,11 +528,15 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     from vllm_quarot.runtime.ops import cpu as cpu_ops
 
     cmd = " ".join(["benchmarks/vs_llamacpp.py", *sys.argv[1:]])
+    from cpu_peak import header
+
     (a.out / f"{a.name}.md").write_text(
         f"# llama.cpp vs vLLM on the same weights (CPU, {a.threads} threads, vLLM {mode}, "
         f"QuaRot kernels {cpu_ops.isa()}, QuaRot lm_head {a.lm_head})\n\n"
-        f"Command: `.venv/bin/python {cmd}`\n\nTTFT ratio: llama.cpp's time / this "
-        f"engine's (> 1: faster).\n{table}\n\n![tok/s vs concurrency]({png.name})\n")
+        f"{header('.venv/bin/python ' + cmd)}\nEach figure is the median of {REPEATS} runs "
+        f"({N_DEC} greedy tokens per sequence after a {PROMPT}-token prompt). "
+        f"TTFT ratio: llama.cpp's time / this engine's (> 1: faster).\n{table}\n\n"
+        f"![tok/s vs concurrency]({png.name})\n")
     print(f"wrote {a.out / a.name}.md and {png}")
 
 

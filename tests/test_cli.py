@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TINYSTORIES
@@ -187,3 +188,48 @@ def test_eval_ppl_vllm_exits_zero(random_llama):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"vLLM perplexity \(float32\): [\d.]+", proc.stdout)
     assert "terminate called" not in proc.stderr
+
+
+def test_options_table_in_the_docs_is_current():
+    """docs/quantize.md's options table is derived from QuantizeOptions (regenerate:
+    python -m vllm_quarot.offline.options docs/quantize.md)."""
+    from vllm_quarot.offline.options import OPTIONS_BEGIN, OPTIONS_END, options_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "quantize.md").read_text()
+    table = doc.split(OPTIONS_BEGIN, 1)[1].split(OPTIONS_END, 1)[0]
+    assert table.strip() == options_markdown().strip()
+    # and --help lists every option the table lists
+    help_text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    for f in dataclasses.fields(QuantizeOptions):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_text and f"`{flag}" in table, flag
+
+
+def test_version(capsys):
+    from vllm_quarot import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vllm-quarot {__version__}"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only QuaRotError is a user error (one line, exit 2); anything else propagates
+    (Python prints its traceback, exit 1)."""
+    import vllm_quarot.offline.quantize as q
+
+    def boom(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(q, "quantize", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["quantize", str(tmp_path), str(tmp_path / "o"), "--scheme", "w4a4"])
+
+
+def test_readme_tables_are_the_measured_ones():
+    """Every table block of the README is pasted from benchmarks/results by
+    scripts/readme_tables.py, never edited by hand; the README stays ≤ 250 lines."""
+    root = Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "readme_tables.py"),
+                           "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len((root / "README.md").read_text().splitlines()) <= 250

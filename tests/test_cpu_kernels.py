@@ -33,6 +33,34 @@ def test_this_machine_has_a_vector_path():
     assert "scalar" in ISAS and len(ISAS) >= 2, ISAS
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith("flags")), set())
+
+
+def test_every_path_the_cpu_has_is_offered():
+    flags = _cpu_flags()
+    assert ("avx2" in flags) == ("avx2" in ISAS)
+    assert ("avx512_vnni" in flags and "avx512bw" in flags) == ("avx512_vnni" in ISAS)
+    # AMX also needs Linux's tile permission (kernel >= 5.16 grants it on request; torch
+    # asks the same way)
+    amx = "amx_int8" in flags and "avx512_vnni" in flags and torch._C._cpu._init_amx()
+    assert amx == ("amx" in ISAS)
+
+
+def test_peak_microbenchmarks_run():
+    for seq, isa in (("avx2_maddubs", "avx2"), ("avx512_vnni", "avx512_vnni"),
+                     ("amx_int8", "amx")):
+        if isa in ISAS:
+            macs = Q.peak(seq, 1, 1000)
+            assert 1e8 < macs < 1e14, (seq, macs)
+    buf = torch.ones(1 << 20, dtype=torch.uint8)
+    assert 1e8 < Q.read_bandwidth(buf, 1, 2) < 1e13
+    with pytest.raises(RuntimeError, match="unknown sequence"):
+        Q.peak("sse9", 1, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,clip", [(4, 1.0), (4, 0.9), (8, 1.0)])
 def test_quantize_equals_reference(isa, dtype, bits, clip):
@@ -88,6 +116,10 @@ def _random_layer(n: int, k: int, bits: int, groups: int, seed: int):
 
 SHAPES = [  # (M, K, N, groups): ragged M, K and N off the 64/16-wide blocks
     (1, 64, 48, 1), (3, 136, 37, 1), (5, 256, 100, 4), (17, 200, 70, 5), (70, 512, 130, 1),
+    # M >= 16 with groups of a multiple of 64 run AMX under "amx": one or two 16-row tiles
+    # in the last 32-row pair, an odd number of 16-channel blocks (half a 32-channel
+    # panel), more than one 256-row chunk, several groups
+    (16, 64, 16, 1), (33, 128, 48, 2), (48, 640, 200, 5), (300, 256, 70, 2),
 ]
 
 
@@ -99,12 +131,13 @@ def test_gemm_equals_int_linear(isa, m, k, n, groups, w_bits, a_bits):
     codes, scales, asums = Q.quantize(x, None, a_bits, 1.0, None, groups)
     packed = Q.repack_weight(w, w_bits)
     scale_t = Q.repack_scale(w_scale)
-    for out_dtype in (torch.float32, torch.bfloat16):
-        ref = ops.int_linear(codes, scales, w, w_scale, bias, out_dtype)
-        out = Q.gemm(codes, scales, asums, packed, scale_t, bias, n, w_bits, out_dtype)
-        assert out.dtype == out_dtype
-        torch.testing.assert_close(out, ref, rtol=1e-6 if out_dtype == torch.float32 else 8e-3,
-                                   atol=1e-5)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for b in (bias, None):
+            ref = ops.int_linear(codes, scales, w, w_scale, b, out_dtype)
+            out = Q.gemm(codes, scales, asums, packed, scale_t, b, n, w_bits, out_dtype)
+            assert out.dtype == out_dtype
+            # bit-exact: int32 sums, then the reference's float operations in its order
+            assert torch.equal(out, ref), (out - ref).abs().max()
 
 
 @pytest.mark.parametrize("online_hadamard", [False, True])

@@ -6,7 +6,6 @@ one line."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -77,41 +76,62 @@ def test_r4_transform_matches_simulation(ckpts, tmp_path):
     assert ((c - b).abs().max() / b.abs().max()).item() > 1e-3
 
 
-@pytest.mark.parametrize("scheme,kw,reason", [
-    ("w4a4", dict(scheme="w4a4"), "4-bit activations"),
-    ("kv4", dict(scheme="w4a8kv4"), "4-bit KV cache"),
-    ("tp2", dict(scheme="w8a8", tp=2), "tensor_parallel_blocks 2"),
-    ("clip", dict(scheme="w8a8", act_clip=0.9), "clip ratio"),
-])
-def test_refused_one_line(tmp_path, random_llama, scheme, kw, reason):
-    ck = _quantized(tmp_path, random_llama, scheme, **kw)
-    with pytest.raises(ExportError, match=reason) as e:
-        export_checkpoint(ck, tmp_path / "ct")
-    assert "\n" not in str(e.value)
-    assert not (tmp_path / "ct").exists()
+def test_refused_one_line(ckpts, rtn_w4a4, tmp_path):
+    """What compressed-tensors / stock vLLM cannot express: one line (a QuaRotError, exit
+    2 from the CLI), nothing written."""
     from vllm_quarot.cli import main
+    from vllm_quarot.errors import QuaRotError
+    from vllm_quarot.format import QuaRotFormat
+    from vllm_quarot.interop.compressed_tensors import check_exportable
 
-    assert main(["export", str(ck), str(tmp_path / "ct2")]) == 2
+    with pytest.raises(ExportError, match="4-bit activations") as e:
+        export_checkpoint(rtn_w4a4, tmp_path / "ct")
+    assert isinstance(e.value, QuaRotError) and "\n" not in str(e.value)
+    assert not (tmp_path / "ct").exists()
+    assert main(["export", str(rtn_w4a4), str(tmp_path / "ct2")]) == 2
+    assert not (tmp_path / "ct2").exists()
+    w8a8 = QuaRotFormat.from_dict(json.loads(
+        (ckpts["w8a8"] / "config.json").read_text())["quantization_config"])
+    assert w8a8.activation is not None
+    kv = QuaRotFormat.from_dict(w8a8.to_dict() | {
+        "scheme": "w4a8kv4", "weight": {"bits": 4}, "kv_cache": {"bits": 4}})
+    for fmt, reason in (
+        (kv, "4-bit KV cache"),
+        (w8a8.replace(tp_blocks=2), "tensor_parallel_blocks 2"),
+        (w8a8.replace(activation=w8a8.activation.model_copy(update={"clip_ratio": 0.9})),
+         "clip ratio"),
+    ):
+        with pytest.raises(ExportError, match=reason) as e:
+            check_exportable(fmt)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", ["w4a16", "w8a8"])
-def test_stock_vllm_serves_export_like_plugin(ckpts, tmp_path, name):
-    """Stock vLLM (the plugin not loaded: VLLM_PLUGINS=none) on the export gives the
-    greedy tokens and prompt log-probs that the plugin gives on our checkpoint."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_vllm_e2e import run_vllm
+def test_stock_vllm_serves_export(engine, ckpts, tmp_path_factory, name):
+    """Stock vLLM (the plugin not loaded: VLLM_PLUGINS=none) on the export computes what
+    our simulation of the original checkpoint computes (which the plugin serves:
+    test_vllm_e2e). One engine per scheme, in bfloat16: stock vLLM's CPU kernels for
+    compressed-tensors (cpu_gemm_wna16, int8_scaled_mm) take no float32."""
+    from test_vllm_e2e import PROMPTS, greedy
 
-    export_checkpoint(ckpts[name], tmp_path / "ct")
-    stock = run_vllm(tmp_path / "ct", "--dtype", "bfloat16", "--max-tokens", "8",
-                     VLLM_PLUGINS="none")
-    assert stock["quantization"] == "compressed-tensors"
-    ours = run_vllm(ckpts[name], "--dtype", "bfloat16", "--max-tokens", "8")
-    assert ours["quantization"] == "quarot"
-    for s, o in zip(stock["results"], ours["results"], strict=True):
-        # greedy continuations of this random model part after a few bf16 tokens (int8
-        # activation rounding differs between vLLM's and our kernels): the first ones
-        assert s["token_ids"][:3] == o["token_ids"][:3]
-        for a, b in zip(s["prompt_logprobs"][1:], o["prompt_logprobs"][1:], strict=True):
-            # bf16 logits of this random model are O(300): a few bf16 steps apart
-            assert abs(a - b) <= 0.02 * abs(b) + 1.0, (a, b)
+    from vllm_quarot.eval.simulate import load_simulated
+
+    out = tmp_path_factory.mktemp("stock") / name
+    export_checkpoint(ckpts[name], out)
+    got = engine(out, "--dtype", "bfloat16", VLLM_PLUGINS="none").run(PROMPTS, max_tokens=4)
+    assert got["quantization"] == "compressed-tensors"
+    sim = load_simulated(ckpts[name])
+    for r in got["results"]:
+        ids = torch.tensor([r["prompt_token_ids"]])
+        # greedy continuations of this random model part after a few bf16 tokens (and
+        # int8 activation rounding differs between kernels): the first ones
+        assert r["token_ids"][:3] == greedy(sim, ids, 3)
+        with torch.no_grad():
+            lp = torch.log_softmax(sim(ids).logits[0].double(), -1)
+        for j, (t, a) in enumerate(zip(r["prompt_token_ids"][1:], r["prompt_logprobs"][1:],
+                                       strict=True)):
+            b = lp[j, t].item()
+            # bf16 logits of this random model are O(300): a few bf16 steps apart; a
+            # wrong layout or scale is off by tens of nats
+            assert abs(a - b) <= 0.02 * abs(b) + 1.0, (j, a, b)

@@ -149,3 +149,26 @@ def test_r3_layers_in_the_format(tmp_path, kv_models):
     assert old.rotation.r3.layers is None and all(old.rotation.r3.applies_to(i)
                                                   for i in range(3))
     assert old.kv_cache.shift is False
+
+
+def test_kv4_without_text_calibrates_on_the_models_own_samples(tmp_path, kv_models):
+    """A 4-bit KV cache is never left uncalibrated by default: without --calib the
+    quantizer generates 8 samples with the model (each starting where a sequence starts)
+    and calibrates on them (8 × 512 tokens, the kv4 budget); --no-kv-calibrate keeps
+    QuaRot's R3 on every layer, on purpose."""
+    from vllm_quarot.offline.options import KV_SELF_SAMPLES
+
+    src = kv_models["qwen2-massive-keys"]
+    out = tmp_path / "self"
+    s = quantize(src, out, QuantizeOptions(scheme="kv4", weight_method="rtn", seqlen=64))
+    q = json.loads((out / "config.json").read_text())["quantization_config"]["quantizer"]
+    assert q["calibration"] == f"self-generated:{KV_SELF_SAMPLES}" and q["kv_calibrate"]
+    assert q["nsamples"] == KV_SELF_SAMPLES and sorted(q["kv_calibration"]) == ["0", "1", "2"]
+    assert "KV cache: R3 on" in s.format() and "largest relative output errors" not in \
+        s.format()  # 16-bit weights: no weight error to report
+    off = tmp_path / "off"
+    quantize(src, off, QuantizeOptions(scheme="kv4", weight_method="rtn",
+                                       kv_calibrate=False))
+    q = json.loads((off / "config.json").read_text())["quantization_config"]
+    assert q["quantizer"]["calibration"] == "none"
+    assert "layers" not in q["rotation"]["r3"]  # R3 on every layer

@@ -69,8 +69,10 @@ def _fmt(w_bits: int, a_bits: int | None, group_size: int, k: int, clip: float =
          static: bool = False) -> QuaRotFormat:
     act = None if a_bits is None else ActivationSpec(
         bits=a_bits, clip_ratio=clip, dynamic="static-per-tensor" if static else "per-token")
+    scheme = {(4, 4): "w4a4", (8, 8): "w8a8", (4, 8): "w4a8", (4, None): "w4a16"}[
+        (w_bits, a_bits)] + ("-static" if static else "")
     return QuaRotFormat(
-        scheme="test", weight=WeightSpec(bits=w_bits, group_size=group_size), activation=act,
+        scheme=scheme, weight=WeightSpec(bits=w_bits, group_size=group_size), activation=act,
         kv_cache=None, rotation=RotationSpec(r4=OnlineHadamard.of_size(k)))
 
 

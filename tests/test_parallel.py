@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINYSTORIES
-from test_vllm_e2e import LOGPROB_TOL, run_vllm, run_vllm_failure, simulate
+from test_vllm_e2e import LOGPROB_TOL, PROMPTS, simulate
 from tiny_models import make_random_model
 
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize
@@ -33,6 +33,9 @@ def tp_models(tmp_path_factory, shared_data) -> dict[str, Path]:
         "qwen2-keys": make_random_model(root / "qwen2-keys", "qwen2", hidden=256,
                                         intermediate=480, heads=4, kv_heads=2,
                                         key_bias=100.0),
+        # fused qkv_proj / gate_up_proj on disk, split across ranks by vLLM's loader
+        "phi3": make_random_model(root / "phi3", "phi3", hidden=256, intermediate=512,
+                                  heads=4, kv_heads=2),
     }
 
 
@@ -50,35 +53,37 @@ def _same(a: dict, b: dict, tol: float = LOGPROB_TOL) -> None:
         assert diff < tol, diff
 
 
-def test_w4a4kv4_same_at_tp1_tp2_pp2(tmp_path, tp_models):
+def test_w4a4kv4_same_at_tp1_tp2_pp2(tmp_path, engine, tp_models):
     """The KV4 cache (heads split over ranks, R3 per head), the block R4 and the
     per-(token, block) activations of o_proj / down_proj: TP = 2 and PP = 2 give the
-    tokens of TP = 1 and of the simulation."""
+    tokens of TP = 1 and of the simulation. (PP = 2 in eager mode runs through the
+    cpu-eager-pipeline-buffer patch.)"""
     ckpt = _quantize(tp_models["llama"], tmp_path / "w4a4kv4", "w4a4kv4", 2)
-    one = run_vllm(ckpt)
+    one = engine(ckpt).run(PROMPTS)
     simulate(ckpt, one["results"])
-    two = run_vllm(ckpt, "--tp", "2", **ONE_CORE_PER_RANK)
+    two = engine(ckpt, "--tp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
     _same(one, two)
-    pp = run_vllm(ckpt, "--pp", "2", **ONE_CORE_PER_RANK)
+    pp = engine(ckpt, "--pp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
     _same(one, pp)
 
 
 @pytest.mark.parametrize(("model", "scheme", "kw"), [
     ("qwen2", "w4a4", {}),
     ("llama", "w8a8-static", {}),
-    ("llama", "w4a16", {"group_size": 64}),
+    ("phi3", "w4a16", {"group_size": 64}),
     ("qwen2-keys", "kv4", {}),
-], ids=["qwen2-w4a4", "llama-w8a8-static", "llama-w4a16-g64", "qwen2-keys-kv4-shifted"])
-def test_schemes_at_tp2_match_simulation(tmp_path, tp_models, model, scheme, kw):
+], ids=["qwen2-w4a4", "llama-w8a8-static", "phi3-w4a16-g64", "qwen2-keys-kv4-shifted"])
+def test_schemes_at_tp2_match_simulation(tmp_path, engine, tp_models, model, scheme, kw):
     ckpt = _quantize(tp_models[model], tmp_path / scheme, scheme, 2, **kw)
-    out = run_vllm(ckpt, "--tp", "2", **ONE_CORE_PER_RANK)
+    out = engine(ckpt, "--tp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
     simulate(ckpt, out["results"])
 
 
-def test_full_r4_checkpoint_at_tp2_is_refused(tmp_path, tp_models):
+def test_full_r4_checkpoint_at_tp2_is_refused(refusals):
     """A --tp 1 checkpoint's R4 spans the whole intermediate size: TP = 2 would need
-    every rank's slice; the engine refuses and names the --tp to quantize with."""
-    ckpt = _quantize(tp_models["llama"], tmp_path / "w4a4-tp1", "w4a4", 1)
-    log = run_vllm_failure(ckpt, "--tp", "2")
-    assert "--tensor-parallel-size 2 cannot serve this checkpoint" in log
+    every rank's slice; LLM(...) refuses in the calling process (before any worker
+    starts) and names the --tp to quantize with."""
+    log = refusals["full-r4-at-tp2"]
+    assert "LLM_RAISED CheckpointFormatError --tensor-parallel-size 2 cannot serve this " \
+           "checkpoint" in log
     assert "--tp 2" in log

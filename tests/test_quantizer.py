@@ -212,7 +212,8 @@ def test_quantized_lm_head_is_written_validated_and_simulated(shared_data, tmp_p
                                        seqlen=64, lm_head="w4a8"))
     raw = json.loads((out / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(raw["quantization_config"])
-    assert fmt.lm_head == LMHeadSpec(4, -1, 8, "gptq") and fmt.lm_head.name == "w4a8"
+    assert fmt.lm_head == LMHeadSpec(bits=4, group_size=-1, activation_bits=8,
+                                     method="gptq") and fmt.lm_head.name == "w4a8"
     assert raw["quantization_config"]["quantizer"].get("lm_head") == "w4a8"
     t = TensorSource(out)
     assert "lm_head.weight" not in t.keys()
@@ -293,7 +294,7 @@ def test_failed_run_leaves_nothing(shared_data, tmp_path, monkeypatch):
     def boom(self, h_cal):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(q._Streamer, "head", boom)
+    monkeypatch.setattr(q.QuantizeRun, "head", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))
     assert [p.name for p in tmp_path.iterdir()] == [".q.partial"]
@@ -402,19 +403,21 @@ def test_sigterm_mid_gptq_cleans_up(shared_data, tmp_path):
 def _stories_runner(dtype=torch.float64):
     from transformers import AutoConfig
 
-    from vllm_quarot.offline import quantize as qmod
+    from vllm_quarot.format import OnlineHadamard
+    from vllm_quarot.models import family_of
+    from vllm_quarot.offline.layer_runner import LayerKind, LayerRunner
 
     cfg = AutoConfig.from_pretrained(STORIES_HF)
-    cfg._attn_implementation = "sdpa"
-    layer_cls, rotary_cls = qmod._model_classes(cfg)
-    runner = qmod._LayerRunner(cfg, layer_cls, rotary_cls(config=cfg), 0, dtype=dtype)
+    kind = LayerKind(cfg, family_of(cfg))
+    shapes = kind.canonical_cls(kind.canonical_cfg, layer_idx=0).state_dict()
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.2
-          for k, v in runner.module.state_dict().items()}
+          for k, v in shapes.items()}
     for k in sd:
         if k.endswith("layernorm.weight"):
             sd[k] = torch.ones_like(sd[k])
-    runner.load(sd, online_r4=True)
+    runner = LayerRunner(kind, 0, sd, OnlineHadamard.of_size(cfg.intermediate_size),
+                         dtype=dtype)
     h = torch.randn(5, 24, cfg.hidden_size, generator=g).to(dtype)
     return runner, h
 
@@ -425,7 +428,7 @@ def test_gptq_is_sequential_inside_a_layer():
     quantized attention, down_proj (after the online R4) behind quantized gate/up; the
     layer output is the forward of the fully quantized layer. ("Quantizing" here
     halves a weight, which any bug in the order would show.)"""
-    from vllm_quarot.offline import quantize as qmod
+    from vllm_quarot.offline.layer_runner import SEQUENTIAL_GROUPS
 
     runner, h = _stories_runner()
     layer = runner.module
@@ -445,17 +448,24 @@ def test_gptq_is_sequential_inside_a_layer():
         return {name: layer.get_submodule(name).weight * 0.5 for name in group}
 
     out, errors = runner.sequential(h, quantize_group, batch=2)
-    assert calls == list(qmod.SEQUENTIAL_GROUPS) and errors == {}
+    assert calls == list(SEQUENTIAL_GROUPS) and errors == {}
     torch.testing.assert_close(out, runner(h, batch=2))
 
 
 def test_sequential_pass_measures_activation_errors():
     """With activation bits, each group's relative output error from quantizing its
     input: larger at 4 bits than at 8, and zero-free."""
+    from vllm_quarot.models import SUB_BLOCKS
+    from vllm_quarot.transforms import LinearInputSpec
+
     runner, h = _stories_runner(torch.float32)
     keep = lambda group, _h: {}  # noqa: E731
-    _, e4 = runner.sequential(h, keep, a_bits=4, act_clip=1.0)
-    _, e8 = runner.sequential(h, keep, a_bits=8, act_clip=1.0)
+
+    def at(bits: int) -> dict:
+        return {b.linears[0]: LinearInputSpec(bits=bits, clip=1.0) for b in SUB_BLOCKS}
+
+    _, e4 = runner.sequential(h, keep, at(4))
+    _, e8 = runner.sequential(h, keep, at(8))
     assert set(e4) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
     for k in e4:
         assert 0 < e8[k] < e4[k] < 0.5, (k, e4[k], e8[k])
@@ -501,25 +511,24 @@ def test_a8_layers_are_recorded_and_simulated(shared_data, tmp_path, spec, expec
 
 
 def test_a8_layer_bits_reach_the_runtime_scheme():
-    """A vLLM merged layer (qkv_proj, gate_up_proj) takes its parts' precision; parts
-    that disagree are refused."""
+    """A vLLM merged layer (qkv_proj, gate_up_proj) takes its parts' precision (the model
+    map names the parts); parts that disagree are refused."""
     from vllm_quarot.runtime.schemes import scheme_for
 
-    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     qc = {"quant_method": "quarot", "format_version": 3, "scheme": "w4a4",
           "weight": {"bits": 4}, "activation": {"bits": 4, "clip_ratio": 0.9, "layer_bits": {
               f"model.layers.1.self_attn.{p}": 8 for p in ("q_proj", "k_proj", "v_proj")}},
           "kv_cache": None, "rotation": {"r1": {"seed": 0, "size": 64}}}
     fmt = QuaRotFormat.from_dict(qc)
-    s = scheme_for(fmt, "model.layers.1.self_attn.qkv_proj", packed)
+    s = scheme_for(fmt, "model.layers.1.self_attn.qkv_proj")
     assert (s.a_bits, s.clip_ratio) == (8, 1.0)
-    s = scheme_for(fmt, "model.layers.2.self_attn.qkv_proj", packed)
+    s = scheme_for(fmt, "model.layers.2.self_attn.qkv_proj")
     assert (s.a_bits, s.clip_ratio) == (4, 0.9)
-    s = scheme_for(fmt, "model.layers.1.mlp.down_proj", packed)
+    s = scheme_for(fmt, "model.layers.1.mlp.down_proj")
     assert s.a_bits == 4
     qc["activation"]["layer_bits"].pop("model.layers.1.self_attn.v_proj")
     with pytest.raises(CheckpointFormatError, match="share one input"):
-        scheme_for(QuaRotFormat.from_dict(qc), "model.layers.1.self_attn.qkv_proj", packed)
+        scheme_for(QuaRotFormat.from_dict(qc), "model.layers.1.self_attn.qkv_proj")
 
 
 def test_float32_calibration_matches_float64(shared_data, tmp_path):
@@ -574,14 +583,14 @@ def test_resume_is_byte_identical(shared_data, tmp_path, monkeypatch):
     opts = dict(scheme="w4a4kv4", calib=str(TINYSTORIES), nsamples=4, seqlen=64,
                 verify=True, a8_layers="auto")
     full = quantize(STORIES_HF, tmp_path / "full", QuantizeOptions(**opts))
-    layer = qmod._Streamer.layer
+    layer = qmod.QuantizeRun.layer
 
     def interrupted(self, i, h):
         if i == 3:
             raise KeyboardInterrupt("SIGTERM")
         return layer(self, i, h)
 
-    monkeypatch.setattr(qmod._Streamer, "layer", interrupted)
+    monkeypatch.setattr(qmod.QuantizeRun, "layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize(STORIES_HF, tmp_path / "cut", QuantizeOptions(**opts))
     monkeypatch.undo()

@@ -124,40 +124,68 @@ def _post(port: int, body: dict, timeout: float = 300) -> tuple[int, dict | str]
         return -1, repr(e)
 
 
-def test_openai_server_survives_concurrent_seeded_long_prompts(quarot_w4a4):
-    """`vllm serve` on the W4A4 checkpoint (bf16 activations) with 256-token prefill
-    chunks: 12 concurrent seeded requests with ~400-token prompts all succeed, and
-    the server stays healthy and serves another request."""
+@pytest.fixture(scope="module")
+def server(quarot_w4a4):
+    """`vllm serve` on the W4A4 checkpoint with 256-token prefill chunks: (port, its
+    output so far, the process); shared by the tests of this module."""
     with vllm_server(quarot_w4a4, "--quantization", "quarot", "--max-model-len", "512",
                      "--max-num-batched-tokens", "256", "--max-num-seqs", "16",
-                     "--enforce-eager", "--dtype", "bfloat16", "--served-model-name",
-                     "quarot-tiny", env=engine_env()) as (port, log, server):
-        def body(i: int) -> dict:
-            b = {"model": "quarot-tiny", "prompt": prompt_ids(360 + 7 * i, i),
-                 "max_tokens": 16, "temperature": 0.8, "seed": i, "ignore_eos": True}
-            if i % 4 == 1:
-                b["logprobs"] = 2
-            if i % 4 == 2:
-                b["n"] = 2
-            return b
+                     "--enforce-eager", "--dtype", "float32", "--served-model-name",
+                     "quarot-tiny", env=engine_env()) as running:
+        yield running
 
-        results: dict[int, tuple[int, dict | str]] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, _post(port, body(i)))) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        failed = {i: r for i, r in results.items() if r[0] != 200}
-        assert len(results) == 12 and not failed, (failed, "".join(log)[-6000:])
-        for i, (_, b) in results.items():
-            assert len(b["choices"]) == (2 if i % 4 == 2 else 1)
-            assert all(c["text"] for c in b["choices"])
-        assert server.poll() is None and health(port) == 200
-        status, b = _post(port, body(0), timeout=120)
-        assert status == 200 and b["usage"]["completion_tokens"] == 16
-        assert PATCH_LOG in "".join(log)
-        assert "does not use offset" not in "".join(log)
+
+def test_openai_server_serves_completions(server, quarot_w4a4):
+    """`vllm serve MODEL --quantization quarot` (the console command setup.sh fixes):
+    greedy completions equal the simulation's."""
+    from test_vllm_e2e import PROMPTS, greedy
+    from transformers import AutoTokenizer
+
+    from vllm_quarot.eval.simulate import load_simulated
+
+    port, _log, _server = server
+    status, body = _post(port, {"model": "quarot-tiny", "prompt": PROMPTS[0],
+                                "max_tokens": 8, "temperature": 0,
+                                "return_token_ids": True}, timeout=120)
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] == 8 and choice["text"]
+    tok = AutoTokenizer.from_pretrained(quarot_w4a4)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    assert choice["prompt_token_ids"] == ids[0].tolist()
+    assert choice["token_ids"] == greedy(load_simulated(quarot_w4a4), ids, 8)
+
+
+def test_openai_server_survives_concurrent_seeded_long_prompts(server):
+    """12 concurrent seeded requests with ~400-token prompts (prefilled in 256-token
+    chunks) all succeed, and the server stays healthy and serves another request."""
+    port, log, proc = server
+
+    def body(i: int) -> dict:
+        b = {"model": "quarot-tiny", "prompt": prompt_ids(360 + 7 * i, i),
+             "max_tokens": 16, "temperature": 0.8, "seed": i, "ignore_eos": True}
+        if i % 4 == 1:
+            b["logprobs"] = 2
+        if i % 4 == 2:
+            b["n"] = 2
+        return b
+
+    results: dict[int, tuple[int, dict | str]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, _post(port, body(i)))) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    failed = {i: r for i, r in results.items() if r[0] != 200}
+    assert len(results) == 12 and not failed, (failed, "".join(log)[-6000:])
+    for i, (_, b) in results.items():
+        assert len(b["choices"]) == (2 if i % 4 == 2 else 1)
+        assert all(c["text"] for c in b["choices"])
+    assert proc.poll() is None and health(port) == 200
+    status, b = _post(port, body(0), timeout=120)
+    assert status == 200 and b["usage"]["completion_tokens"] == 16
+    assert "does not use offset" not in "".join(log)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["offline"]:

@@ -210,3 +210,35 @@ def test_kl_loss_is_the_divergence_from_the_original(models, calib):
     assert q.losses[0] > 1e-3 and q.losses[-1] != q.losses[0]
     with pytest.raises(ValueError, match="loss must be"):
         learn_rotations(models["llama"], calib, **FP, steps=1, loss="mse")
+
+
+def test_spinquant_trains_against_the_served_tp_model(models):
+    """--rotate spinquant --tp 2 learns against the numerics a --tp 2 checkpoint is
+    served with (transforms.py, the one installer): down_proj carries the
+    block-diagonal R4 (I_2 ⊗ H_{n/2}), applied online block by block, and o_proj /
+    down_proj inputs are quantized per (token, half); the learner's specs are the
+    served format's."""
+    from vllm_quarot.hadamard import block_hadamard_transform
+    from vllm_quarot.models import LINEARS as CANONICAL
+    from vllm_quarot.offline.options import QuantizeOptions
+    from vllm_quarot.offline.plan import plan_format
+    from vllm_quarot.transforms import linear_input_specs
+
+    d = models["llama"]
+    cfg = AutoConfig.from_pretrained(d)
+    plan = plan_format(cfg, QuantizeOptions(scheme="w4a4kv4", rotate="spinquant", tp=2,
+                                            weight_method="rtn"), torch.device("cpu"))
+    net = _RotatedModel(d, **W4A4KV4, group_size=-1, online_r4=True, r3=True,
+                        device="cpu", tp_blocks=2)
+    served = linear_input_specs(plan.fmt, [f"model.layers.{i}.{n}" for i in range(2)
+                                           for n in CANONICAL])
+    assert {f"model.{k}": v for k, v in net.specs.items()} == served
+    down = served["model.layers.0.mlp.down_proj"]
+    assert down.r4.blocks == 2 and down.blocks == 2
+    assert served["model.layers.0.self_attn.o_proj"].blocks == 2
+    # the folded down_proj weight is the block-diagonal rotation of the original
+    sd = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32).model.layers[0].state_dict().items()}
+    want = block_hadamard_transform(sd["mlp.down_proj.weight"], 2).float()
+    got = net.w_out[0][:, net.split_out[0][0]:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

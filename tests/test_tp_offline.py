@@ -114,7 +114,7 @@ def test_tp_option_errors(shared_data, tmp_path, caplog):
                        r"weight group may not straddle two tensor-parallel ranks$"):
         quantize(src, out, QuantizeOptions(**rtn, tp=4, group_size=16))
     assert not out.exists()
-    # without the online R4 the order does not matter (weight-only has R4 too, since 0.7)
+    # without the online R4 the order does not matter (weight-only has R4 too)
     for opts in (dict(**rtn, online_hadamard=False), dict(scheme="w4a16", weight_method="rtn",
                                                           online_hadamard=False)):
         quantize(src, out, QuantizeOptions(**opts, tp=16, overwrite=True))

@@ -4,16 +4,12 @@ computes what the pure-PyTorch simulation computes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINYSTORIES
-from servers import engine_env, vllm_server
-from transformers import AutoTokenizer
+from conftest import TINYSTORIES, view
+from engines import run_vllm
 
 from vllm_quarot.eval.simulate import load_simulated
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize
@@ -21,7 +17,6 @@ from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 pytestmark = pytest.mark.vllm
 
-RUNNER = Path(__file__).parent / "run_vllm.py"
 PROMPTS = [
     "Once upon a time",
     "The cat sat on the mat and",
@@ -35,37 +30,7 @@ PROMPTS = [
 # missing Hadamard or a mis-loaded shard moves log-probs by whole nats).
 LOGPROB_TOL = 2e-2
 
-
-def run_vllm(model: Path, *args: str, prompts: list[str] = PROMPTS, **env_vars: str) -> dict:
-    env = engine_env(**env_vars)
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(model), *args, "--prompt-file", _prompt_file(prompts)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT_JSON "):
-            out = json.loads(line.removeprefix("RESULT_JSON "))
-            out["log"] = proc.stdout + proc.stderr
-            return out
-    raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-
-
-def run_vllm_failure(model: Path, *args: str) -> str:
-    """Start an engine that must refuse to start; return everything it printed."""
-    env = engine_env()
-    proc = subprocess.run([sys.executable, str(RUNNER), str(model), "x", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode != 0
-    return proc.stdout + proc.stderr
-
-
-def _prompt_file(prompts: list[str]) -> str:
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump(prompts, f)
-    f.close()
-    return f.name
+__all__ = ["LOGPROB_TOL", "PROMPTS", "greedy", "run_vllm", "simulate"]
 
 
 @torch.no_grad()
@@ -99,91 +64,84 @@ def simulate(model: Path, results: list[dict], distinct: bool = True,
         assert len({tuple(r["token_ids"]) for r in results}) == len(results)
 
 
-def test_eager_matches_simulation(quarot_w4a4):
-    out = run_vllm(quarot_w4a4, "--quantization", "quarot")
+@pytest.mark.quick
+def test_eager_matches_simulation(engine, quarot_w4a4):
+    """The default checkpoint (GPTQ W4A4, 8-bit lm_head): detected and served on the
+    native CPU kernels, the lm_head on vLLM's int8 kernel or ours; vLLM = simulation."""
+    qc = json.loads((quarot_w4a4 / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"]["bits"] == 8 and qc["ignore"] == []
+    out = engine(quarot_w4a4, "--quantization", "quarot").run(PROMPTS)
     assert out["quantization"] == "quarot"
     if cpu_ops.AVAILABLE:
         assert f"run on native CPU kernels ({cpu_ops.isa()})" in out["log"]
+    assert "QuaRot W8A8 per-channel layers run on" in out["log"]  # the lm_head
     simulate(quarot_w4a4, out["results"])
 
 
 @pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="covered by the test above")
-def test_reference_ops_match_simulation(quarot_w4a4):
+def test_reference_ops_match_simulation(engine, quarot_w4a4):
     """VLLM_QUAROT_NO_EXT=1: the pure-PyTorch ops serve the same tokens."""
-    out = run_vllm(quarot_w4a4, VLLM_QUAROT_NO_EXT="1")
+    out = engine(quarot_w4a4, VLLM_QUAROT_NO_EXT="1").run(PROMPTS)
     assert "run on the reference torch ops" in out["log"]
     simulate(quarot_w4a4, out["results"])
 
 
-def test_triton_kernels_match_simulation(quarot_w4a4):
+def test_triton_kernels_match_simulation(engine, quarot_w4a4):
     """The GPU path's Triton kernels, run by Triton's interpreter on CPU tensors inside
     vLLM (native library off): same tokens as the simulation. This checks the kernels'
-    wiring in the linear method end to end; their speed needs a GPU."""
-    out = run_vllm(quarot_w4a4, VLLM_QUAROT_NO_EXT="1", TRITON_INTERPRET="1")
+    wiring in the linear method end to end; their speed needs a GPU. (Their static and
+    weight-only branches are checked layer by layer against the reference in
+    test_linear_method.py.)"""
+    out = engine(quarot_w4a4, VLLM_QUAROT_NO_EXT="1", TRITON_INTERPRET="1").run(PROMPTS)
     assert "run on Triton kernels (interpreted)" in out["log"]
     simulate(quarot_w4a4, out["results"])
 
 
-def test_compiled_autodetect_matches_simulation(quarot_w4a4):
+def test_compiled_autodetect_matches_simulation(engine, quarot_w4a4):
     """No --quantization flag: detected from config.json; torch.compile path."""
-    out = run_vllm(quarot_w4a4, "--compile")
+    out = engine(quarot_w4a4, "--compile").run(PROMPTS)
     assert out["quantization"] == "quarot"
     simulate(quarot_w4a4, out["results"])
 
 
-# vLLM's own kernels come first where they can serve a layer: switched off here so that
-# Triton's static and weight-only branches are the ones exercised
-TRITON_INTERPRETED = {"VLLM_QUAROT_NO_EXT": "1", "TRITON_INTERPRET": "1",
-                      "VLLM_QUAROT_DISABLED_KERNELS": "VLLMInt8LinearKernel,"
-                                                      "VLLMWNA16LinearKernel"}
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory, shared_data) -> Path:
+    from tiny_models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("phi3") / "src", "phi3")
 
 
-@pytest.mark.parametrize(("scheme", "env"), [
-    ("w8a8", {}), ("w8a8-static", {}), ("w4a16", {}), ("kv4", {}), ("w4a8kv4", {}),
-    ("w8a8-static", TRITON_INTERPRETED), ("w4a16", TRITON_INTERPRETED),
-], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w4a8kv4", "w8a8-static-triton",
-        "w4a16-triton"])
-def test_other_schemes_match_simulation(tmp_path, random_llama, scheme, env):
+@pytest.mark.parametrize(("scheme", "arch"), [
+    ("w8a8", "llama"), ("w8a8-static", "llama"), ("w4a16", "llama"), ("kv4", "llama"),
+    ("w4a8kv4", "phi3"),
+], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w4a8kv4-phi3"])
+def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, scheme, arch):
     """8-bit activations (dynamic, static; on 8- and 4-bit weights), weight-only and
-    KV-only (16-bit rotated weights, 4-bit cache with R3): same as the simulation; the
-    static and weight-only branches of the Triton path too (interpreted, group-wise
-    scales)."""
+    KV-only (16-bit rotated weights, 4-bit cache with R3): same as the simulation. The
+    W4A8KV4 case is Phi-3 (fused qkv_proj / gate_up_proj on disk, loaded by vLLM's fused
+    path), quantized through the model map alone."""
     out_dir = tmp_path / scheme
-    quantize(random_llama, out_dir, QuantizeOptions(
+    quantize(phi3 if arch == "phi3" else random_llama, out_dir, QuantizeOptions(
         scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
         calib=str(TINYSTORIES), nsamples=4, seqlen=64))
-    out = run_vllm(out_dir, **env)
+    out = engine(out_dir).run(PROMPTS)
     assert out["quantization"] == "quarot"
-    if env:
-        assert "run on Triton kernels (interpreted)" in out["log"]
     simulate(out_dir, out["results"])
 
 
-@pytest.mark.parametrize("lm_head", ["w8a8", "w4a8"])
-def test_quantized_lm_head_matches_simulation(tmp_path, random_llama, lm_head):
-    """--lm-head: vLLM's ParallelLMHead gets the QuaRot linear method (8-bit codes on
-    vLLM's int8 kernel, 4-bit on ours, 8-bit per-token activations) and computes the
-    logits the simulation computes."""
-    out_dir = tmp_path / lm_head
-    quantize(random_llama, out_dir, QuantizeOptions(
-        scheme="w4a4", calib=str(TINYSTORIES), nsamples=4, seqlen=64, lm_head=lm_head))
-    qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
-    assert qc["lm_head"]["bits"] == int(lm_head[1]) and qc["ignore"] == []
-    out = run_vllm(out_dir)
-    assert f"QuaRot {lm_head.upper()} per-channel layers run on" in out["log"]
-    simulate(out_dir, out["results"])
-
-
-def test_a8_layers_mixed_precision_matches_simulation(tmp_path, random_llama):
+def test_a8_layers_and_4bit_lm_head_match_simulation(tmp_path, engine, random_llama):
     """--a8-layers 2: the two sub-blocks with the largest 4-bit activation error keep
-    8-bit activations (here layer 0's o_proj and down_proj); vLLM serves each layer at
-    its own precision, as the simulation computes."""
+    8-bit activations; --lm-head w4a8: vLLM's ParallelLMHead gets the QuaRot linear
+    method with 4-bit codes on our kernel and 8-bit per-token activations. vLLM serves
+    each layer at its own precision, as the simulation computes."""
     out_dir = tmp_path / "a8"
     quantize(random_llama, out_dir, QuantizeOptions(
-        scheme="w4a4", calib=str(TINYSTORIES), nsamples=8, seqlen=128, a8_layers="2"))
+        scheme="w4a4", calib=str(TINYSTORIES), nsamples=8, seqlen=128, a8_layers="2",
+        lm_head="w4a8"))
     qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert len(qc["activation"]["layer_bits"]) >= 2
-    out = run_vllm(out_dir)
+    assert qc["lm_head"]["bits"] == 4 and qc["ignore"] == []
+    out = engine(out_dir).run(PROMPTS)
     assert "QuaRot W4A8 per-channel" in out["log"] and "QuaRot W4A4 per-channel" in out["log"]
     simulate(out_dir, out["results"])
 
@@ -195,17 +153,18 @@ def _vllm_has_cpu_wna16() -> bool:
     return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
-def test_w4a16_bfloat16_runs_on_vllms_cpu_kernel(tmp_path, random_llama):
+def test_w4a16_bfloat16_runs_on_vllms_cpu_kernel(tmp_path, engine, random_llama):
     """In bf16, W4A16 layers run vLLM's own CPUWNA16LinearKernel on the checkpoint's
     codes where this vLLM build has its op (the AVX2 build does not: then the reference
     ops, and the log says why): same greedy tokens as the float32 simulation, log-probs
     within bf16's rounding (this model's log-probs reach -400: a bf16 engine with the
-    reference ops is 0.77 off)."""
+    reference ops is 0.77 off). On CPUs with AMX the engine's first forward is vLLM's
+    AMX code: it must not die of SIGILL (the glue asks for the tile permission)."""
     out_dir = tmp_path / "w4a16"
     quantize(random_llama, out_dir, QuantizeOptions(
         scheme="w4a16", weight_method="rtn", group_size=64))
     # bf16 and float32 greedy paths part after ~20 tokens on this random model: 8 here
-    out = run_vllm(out_dir, "--dtype", "bfloat16", "--max-tokens", "8")
+    out = engine(out_dir, "--dtype", "bfloat16").run(PROMPTS, max_tokens=8)
     if _vllm_has_cpu_wna16():
         assert "run on vLLM's W4A16 kernels [VLLMWNA16LinearKernel]" in out["log"]
     else:
@@ -214,29 +173,8 @@ def test_w4a16_bfloat16_runs_on_vllms_cpu_kernel(tmp_path, random_llama):
     simulate(out_dir, out["results"], logprob_tol=0.1, logprob_rtol=1e-2)
 
 
-def test_plain_checkpoint_with_quarot_flag_is_a_clear_error(random_llama):
-    assert "is not a QuaRot checkpoint" in run_vllm_failure(random_llama, "--quantization",
-                                                             "quarot")
-
-
-def test_openai_server_serves_completions(quarot_w4a4):
-    """`vllm serve MODEL --quantization quarot` (the console command setup.sh fixes)."""
-    with vllm_server(quarot_w4a4, "--quantization", "quarot", "--max-model-len", "256",
-                     "--enforce-eager", "--dtype", "float32", "--served-model-name",
-                     "quarot-tiny", env=engine_env()) as (port, _log, _server):
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=json.dumps({"model": "quarot-tiny", "prompt": PROMPTS[0], "max_tokens": 8,
-                             "temperature": 0, "return_token_ids": True}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        body = json.loads(urllib.request.urlopen(req, timeout=120).read())
-    choice = body["choices"][0]
-    assert body["usage"]["completion_tokens"] == 8 and choice["text"]
-    tok = AutoTokenizer.from_pretrained(quarot_w4a4)
-    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
-    assert choice["prompt_token_ids"] == ids[0].tolist()
-    assert choice["token_ids"] == greedy(load_simulated(quarot_w4a4), ids, 8)
+def test_plain_checkpoint_with_quarot_flag_is_a_clear_error(refusals):
+    assert "is not a QuaRot checkpoint" in refusals["plain-with-quarot-flag"]
 
 
 # ------------------------------------------------------------------ KV4 (4-bit cache)
@@ -245,15 +183,8 @@ LONG_PREFIX = (
     "Once upon a time, there was a little girl named Lily. She liked to play in the "
     "park with her friend Tom. One day they found a big red ball under a tree and"
 )
-
-
-@pytest.fixture(scope="module")
-def quarot_w4a4kv4(tmp_path_factory, random_llama) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "llama-w4a4kv4"
-    quantize(random_llama, out, QuantizeOptions(
-        scheme="w4a4kv4", weight_method="gptq", calib=str(TINYSTORIES), nsamples=8,
-        seqlen=128))
-    return out
+# the KV4 checkpoint's engine: every prompt longer than 32 tokens is prefilled in chunks
+KV4_ENGINE = ("--max-num-batched-tokens", "32")
 
 
 def _kv_capacity(log: str) -> int:
@@ -261,9 +192,9 @@ def _kv_capacity(log: str) -> int:
     return int(line.split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
 
 
-def test_kv4_matches_simulation_and_holds_3_5x_bf16(quarot_w4a4kv4, random_llama):
+def test_kv4_matches_simulation_and_holds_3_5x_bf16(engine, quarot_w4a4kv4, random_llama):
     """Auto-enabled from the checkpoint; the cache holds 72 bytes per token and head."""
-    out = run_vllm(quarot_w4a4kv4)
+    out = engine(quarot_w4a4kv4, *KV4_ENGINE).run(PROMPTS)
     simulate(quarot_w4a4kv4, out["results"])
     cfg = json.loads((random_llama / "config.json").read_text())
     per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (64 // 2 + 4) * 2
@@ -273,40 +204,39 @@ def test_kv4_matches_simulation_and_holds_3_5x_bf16(quarot_w4a4kv4, random_llama
     assert _kv_capacity(out["log"]) >= 3.5 * ((1 << 30) // bf16_per_token)
 
 
-def test_kv4_prefix_caching_and_chunked_prefill(quarot_w4a4kv4):
+def test_kv4_prefix_caching_and_chunked_prefill(engine, quarot_w4a4kv4):
     """Requests one after another share a long cached prefix, and every prompt is
     longer than the 32-token prefill chunk: same tokens as separate simulations."""
     prompts = [LONG_PREFIX + " Lily", LONG_PREFIX + " Tom", LONG_PREFIX + " the ball"]
-    out = run_vllm(quarot_w4a4kv4, "--sequential", "--max-num-batched-tokens", "32",
-                   prompts=prompts)
+    out = engine(quarot_w4a4kv4, *KV4_ENGINE).run(prompts, sequential=True)
     assert all(len(r["prompt_token_ids"]) > 32 for r in out["results"])
     simulate(quarot_w4a4kv4, out["results"])
 
 
-def test_kv4_sixteen_concurrent_sequences(quarot_w4a4kv4):
+def test_kv4_sixteen_concurrent_sequences(engine, quarot_w4a4kv4):
     words = LONG_PREFIX.split()
     prompts = [" ".join(words[: 2 + 3 * i]) for i in range(16)]
-    out = run_vllm(quarot_w4a4kv4, "--max-tokens", "12", prompts=prompts)
+    out = engine(quarot_w4a4kv4, *KV4_ENGINE).run(prompts, max_tokens=12)
     simulate(quarot_w4a4kv4, out["results"], distinct=False)
 
 
-def test_kv4_flag_on_a_16bit_checkpoint(quarot_w4a4):
+def test_kv4_flag_on_a_16bit_checkpoint(engine, quarot_w4a4):
     """--kv-cache-dtype int4_per_token_head on a W4A4 (KV16) checkpoint: KV4 without
     R3; the simulation of the same checkpoint with a kv_cache section agrees."""
-    out = run_vllm(quarot_w4a4, "--kv-cache-dtype", "int4_per_token_head")
+    out = engine(quarot_w4a4, "--kv-cache-dtype", "int4_per_token_head").run(PROMPTS)
+
+    def as_kv4(cfg: dict) -> None:
+        # a hand-made KV4 checkpoint without R3: its scheme says so, and it records no
+        # rotation (which would promise R3 for a 4-bit cache)
+        qc = cfg["quantization_config"]
+        qc["kv_cache"] = {"bits": 4, "group_size": -1, "asymmetric": True,
+                          "clip_ratio": 1.0}
+        qc["scheme"] = "w4a4kv4"
+        del qc["quantizer"]["rotate"]
+
     sim_dir = quarot_w4a4.parent / "kv4-view"
-    sim_dir.mkdir(exist_ok=True)
-    for f in quarot_w4a4.iterdir():
-        if f.name != "config.json" and not (sim_dir / f.name).exists():
-            (sim_dir / f.name).symlink_to(f)
-    cfg = json.loads((quarot_w4a4 / "config.json").read_text())
-    # the view is a hand-made KV4 checkpoint without R3: its scheme says so, and it
-    # records no rotation (which would promise R3 for a 4-bit cache)
-    qc = cfg["quantization_config"]
-    qc["kv_cache"] = {"bits": 4, "group_size": -1, "asymmetric": True, "clip_ratio": 1.0}
-    qc["scheme"] = "w4a4kv4"
-    del qc["quantizer"]["rotate"]
-    (sim_dir / "config.json").write_text(json.dumps(cfg))
+    if not sim_dir.exists():
+        view(quarot_w4a4, sim_dir, as_kv4)
     simulate(sim_dir, out["results"])
 
 
@@ -329,7 +259,7 @@ def qwen2_massive_keys_kv4(tmp_path_factory) -> Path:
     return out
 
 
-def test_kv4_shifted_keys_and_per_layer_r3_match_simulation(qwen2_massive_keys_kv4):
+def test_kv4_shifted_keys_and_per_layer_r3_match_simulation(engine, qwen2_massive_keys_kv4):
     """Massive key biases (Qwen2): vLLM with the checkpoint's key/value shifts and
     per-layer R3 computes what the simulation computes, in float32; and so does a view
     of the same checkpoint with R3 on layer 1 only (R3 is online: any subset serves)."""
@@ -337,24 +267,23 @@ def test_kv4_shifted_keys_and_per_layer_r3_match_simulation(qwen2_massive_keys_k
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     assert qc["kv_cache"]["shift"] is True
     assert all(c["k_shift"] for c in qc["quantizer"]["kv_calibration"].values())
-    simulate(ckpt, run_vllm(ckpt)["results"])
-    view = ckpt.parent / "r3-layer-1"
-    view.mkdir()
-    for f in ckpt.iterdir():
-        if f.name != "config.json":
-            (view / f.name).symlink_to(f)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["rotation"]["r3"]["layers"] = [1]
-    (view / "config.json").write_text(json.dumps(cfg))
-    simulate(view, run_vllm(view)["results"])
+    simulate(ckpt, engine(ckpt).run(PROMPTS)["results"])
+
+    def r3_on_layer_1(cfg: dict) -> None:
+        cfg["quantization_config"]["rotation"]["r3"]["layers"] = [1]
+
+    other = view(ckpt, ckpt.parent / "r3-layer-1", r3_on_layer_1)
+    simulate(other, engine(other).run(PROMPTS)["results"])
 
 
-def test_kv4_checkpoint_with_contradicting_cache_dtype_is_an_error(quarot_w4a4kv4):
-    out = run_vllm_failure(quarot_w4a4kv4, "--kv-cache-dtype", "fp8")
+def test_kv4_checkpoint_with_contradicting_cache_dtype_is_an_error(refusals):
+    """Refused in the calling process, before any engine process starts."""
+    out = refusals["kv4-with-fp8-cache"]
+    assert "LLM_RAISED CheckpointFormatError" in out
     assert "quantized for a 4-bit KV cache" in out
 
 
-def test_unsupported_cache_dtype_on_cpu_is_an_error(random_llama):
+def test_unsupported_cache_dtype_on_cpu_is_an_error(refusals):
     """vLLM's own CPU backend silently runs int8_per_token_head with wrong output."""
-    out = run_vllm_failure(random_llama, "--kv-cache-dtype", "int8_per_token_head")
+    out = refusals["int8-cache-on-cpu"]
     assert "--kv-cache-dtype int8_per_token_head is not supported on CPU" in out

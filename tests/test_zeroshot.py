@@ -17,6 +17,7 @@ from servers import engine_env
 from transformers import AutoTokenizer
 
 from vllm_quarot.cli import main
+from vllm_quarot.errors import QuaRotError
 from vllm_quarot.eval.perplexity import load_reference
 from vllm_quarot.eval.zeroshot import (
     Encoded,
@@ -49,7 +50,7 @@ def test_items_are_the_first_qualifying_paragraphs(tmp_path):
                  f"\n\n{FILLER} gamma.\n")
     assert [it.target for it in last_word_items(f, None)] == ["alpha", "beta", "gamma"]
     assert [it.target for it in last_word_items(f, 2)] == ["alpha", "beta"]
-    with pytest.raises(ValueError, match="no paragraph"):
+    with pytest.raises(QuaRotError, match="no paragraph"):
         last_word_items(f, 2, min_words=100)
 
 

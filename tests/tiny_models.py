@@ -47,6 +47,7 @@ def make_random_model(
         "mistral": ("mistral", "MistralForCausalLM"),
         "qwen2": ("qwen2", "Qwen2ForCausalLM"),
         "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+        "phi3": ("phi3", "Phi3ForCausalLM"),  # fused qkv_proj and gate_up_proj
     }[arch]
     cfg = AutoConfig.for_model(
         model_type,
@@ -64,8 +65,10 @@ def make_random_model(
         eos_token_id=2,
         rms_norm_eps=1e-5,
     )
-    if arch == "mistral":
+    if arch in ("mistral", "phi3"):
         cfg.sliding_window = None
+    if arch == "phi3":
+        cfg.pad_token_id = 0  # Phi-3's default (32000) is outside this vocabulary
     if key_bias:  # Qwen2's RoPE base: its slowest pairs barely turn over a context
         cfg.rope_parameters = {"rope_theta": 1e6, "rope_type": "default"}
     torch.manual_seed(seed)

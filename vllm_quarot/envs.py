@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     VLLM_QUAROT_NO_EXT: bool
     VLLM_QUAROT_CPU_ISA: str | None
     VLLM_QUAROT_CUDA_EXT: bool
+    VLLM_QUAROT_PATCHES: bool
 
 
 def _csv(name: str) -> list[str]:
@@ -28,11 +29,13 @@ ENVIRONMENT_VARIABLES: dict[str, Callable[[], Any]] = {
     # 1: do not build (setup.py) or load the native CPU library; the reference torch ops
     # serve instead. Kept as the short form of disabling every native kernel.
     "VLLM_QUAROT_NO_EXT": lambda: os.environ.get("VLLM_QUAROT_NO_EXT") == "1",
-    # avx512_vnni | avx2 | scalar: force the native CPU kernels' instruction set (read
+    # amx | avx512_vnni | avx2 | scalar: force the native CPU kernels' instruction set (read
     # by csrc/cpu itself at load; listed here so that every variable is in one place).
     "VLLM_QUAROT_CPU_ISA": lambda: os.environ.get("VLLM_QUAROT_CPU_ISA"),
     # 1: build the experimental csrc/cuda extension at install time (nothing calls it yet).
     "VLLM_QUAROT_CUDA_EXT": lambda: os.environ.get("VLLM_QUAROT_CUDA_EXT") == "1",
+    # 0: apply none of the fixes to vLLM (runtime/vllm_patches.py) in any process.
+    "VLLM_QUAROT_PATCHES": lambda: os.environ.get("VLLM_QUAROT_PATCHES", "1") != "0",
 }
 
 

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from vllm_quarot.errors import QuaRotError
+
 __all__ = [
     "HadamardSizeError",
     "block_hadamard_transform",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class HadamardSizeError(ValueError):
+class HadamardSizeError(QuaRotError):
     """No Hadamard matrix of the requested order can be built."""
 
 

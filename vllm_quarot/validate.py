@@ -20,10 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, QuaRotFormat
+from vllm_quarot.models import (
+    EMBED,
+    FINAL_NORM,
+    INPUT_NORM,
+    LM_HEAD,
+    POST_NORM,
+    QK_NORMS,
+    biases,
+    family_of,
+    head_dim,
+    layer_prefix,
+    linear_sizes,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FLOAT_DTYPES = ("BF16", "F16", "F32")  # the quantizer writes BF16 or F16; vLLM casts F32
 # stored by some exporters, skipped by vLLM's model loaders
 TOLERATED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -130,53 +141,28 @@ def _read_tensors(model_dir: Path, files: list[str], weight_map: dict[str, str] 
     return have
 
 
-def _biases(hf_config: Any) -> dict[str, bool]:
-    """Which linears carry a bias, as vLLM's (and transformers') model classes decide."""
-    model_type = getattr(hf_config, "model_type", "")
-    if model_type == "qwen2":
-        qkv, o, mlp = True, False, False
-    else:  # llama, mistral, qwen3
-        attn = bool(getattr(hf_config, "attention_bias", False)
-                    or getattr(hf_config, "bias", False))
-        qkv = bool(getattr(hf_config, "qkv_bias", attn))
-        o, mlp = attn, bool(getattr(hf_config, "mlp_bias", False))
-    return {"self_attn.q_proj": qkv, "self_attn.k_proj": qkv, "self_attn.v_proj": qkv,
-            "self_attn.o_proj": o, "mlp.gate_proj": mlp, "mlp.up_proj": mlp,
-            "mlp.down_proj": mlp}
-
-
 def expected_tensors(fmt: QuaRotFormat, hf_config: Any) -> dict[str, _Want]:
-    """Every tensor a checkpoint in this format holds for this model, in model order."""
+    """Every tensor a checkpoint in this format holds for this model, in model order
+    (the model map names them: fused linears, e.g. Phi-3's qkv_proj, as one tensor)."""
     c = hf_config
-    hidden, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
-    heads = c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    sizes = {  # (N outputs, K inputs)
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
+    hidden, vocab = c.hidden_size, c.vocab_size
+    fam = family_of(c)
+    sizes = linear_sizes(c)
+    has_bias = biases(c)
     w, act = fmt.weight, fmt.activation
     static = act is not None and act.static
-    biases = _biases(c)
-    qk_norm = getattr(c, "model_type", "") == "qwen3"
     want: dict[str, _Want] = {
-        "model.embed_tokens.weight": _Want(FLOAT_DTYPES, (vocab, hidden), "embedding")}
+        f"{EMBED}.weight": _Want(FLOAT_DTYPES, (vocab, hidden), "embedding")}
     for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        p = layer_prefix(i)
+        for norm in (INPUT_NORM, POST_NORM):
             want[f"{p}{norm}.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
-        if qk_norm:
-            for norm in ("self_attn.q_norm", "self_attn.k_norm"):
-                want[f"{p}{norm}.weight"] = _Want(FLOAT_DTYPES, (head_dim,), "RMSNorm gain")
-        for lin in LINEARS:
-            n, k = sizes[lin]
-            key = p + lin
+        if fam.qk_norm:
+            for norm in QK_NORMS:
+                want[f"{p}{norm}.weight"] = _Want(FLOAT_DTYPES, (head_dim(c),), "RMSNorm gain")
+        for name, parts in fam.checkpoint_linears():
+            n, k = sum(sizes[q][0] for q in parts), sizes[parts[0]][1]
+            key = p + name
             if w.bits >= 16:
                 want[f"{key}.weight"] = _Want(FLOAT_DTYPES, (n, k), "16-bit weight")
             else:
@@ -190,18 +176,18 @@ def expected_tensors(fmt: QuaRotFormat, hf_config: Any) -> dict[str, _Want]:
                 if static:
                     want[f"{key}.input_scale"] = _Want(("F32",), (1,),
                                                        "static activation scale")
-            if biases[lin]:
+            if has_bias[parts[0]]:
                 want[f"{key}.bias"] = _Want(FLOAT_DTYPES, (n,), "bias")
-    want["model.norm.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
+    want[f"{FINAL_NORM}.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
     head = fmt.lm_head
     if head is None:
-        want["lm_head.weight"] = _Want(FLOAT_DTYPES, (vocab, hidden),
-                                       "untied lm_head, final norm folded in")
+        want[f"{LM_HEAD}.weight"] = _Want(FLOAT_DTYPES, (vocab, hidden),
+                                          "untied lm_head, final norm folded in")
     else:
-        want["lm_head.weight_packed"] = _Want(
+        want[f"{LM_HEAD}.weight_packed"] = _Want(
             ("I32",), (vocab, hidden * head.bits // 32),
             f"lm_head {head.bits}-bit codes packed in int32")
-        want["lm_head.weight_scale"] = _Want(
+        want[f"{LM_HEAD}.weight_scale"] = _Want(
             ("F32",), (vocab, 1 if head.group_size == -1 else hidden // head.group_size),
             "lm_head scale")
     return want

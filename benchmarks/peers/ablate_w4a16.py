@@ -59,39 +59,40 @@ def install_oproj_online() -> None:
     import torch
 
     from vllm_quarot.hadamard import hadamard_transform
+    from vllm_quarot.models import O_PROJ
     from vllm_quarot.offline import quantize as q
 
     rotate_layer = q.rotate_layer
 
     def rotate_with_oproj(sd: dict[str, torch.Tensor], *args: Any, **kw: Any) -> None:
         rotate_layer(sd, *args, **kw)
-        sd["self_attn.o_proj.weight"] = hadamard_transform(sd["self_attn.o_proj.weight"])
+        sd[f"{O_PROJ}.weight"] = hadamard_transform(sd[f"{O_PROJ}.weight"])
 
     q.rotate_layer = rotate_with_oproj
-    load = q._LayerRunner.load
 
-    def load_with_hook(self: Any, sd: dict[str, torch.Tensor], online_r4: bool) -> None:
-        load(self, sd, online_r4)
-        # only the rotated layer (the --verify original and the KV runner have no R4)
-        if not online_r4 or getattr(self, "_oproj_hooked", False):
-            return
-        self._oproj_hooked = True
-        attn = self.module.self_attn
-        inside = [False]  # the transform belongs to attention's own call of o_proj; the
-        # sequential pass also calls o_proj on kept (already transformed) inputs
-        attn.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
-        attn.register_forward_hook(lambda *_: inside.__setitem__(0, False))
-        attn.o_proj.register_forward_pre_hook(
-            lambda _m, a: (hadamard_transform(a[0]),) if inside[0] else None)
+    class OprojRunner(q.LayerRunner):
+        def __init__(self, kind: Any, idx: int, sd: dict[str, torch.Tensor], r4: Any,
+                     original: bool = False, **kw: Any):
+            super().__init__(kind, idx, sd, r4, original=original, **kw)
+            if original or r4 is None:  # only the rotated layer
+                return
+            attn = self.module.get_submodule(O_PROJ.rpartition(".")[0])
+            inside = [False]  # the transform belongs to attention's own call of o_proj;
+            # the sequential pass also calls o_proj on kept (already transformed) inputs
+            attn.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+            attn.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+            self.module.get_submodule(O_PROJ).register_forward_pre_hook(
+                lambda _m, a: (hadamard_transform(a[0]),) if inside[0] else None)
 
-    q._LayerRunner.load = load_with_hook
+    q.LayerRunner = OprojRunner
 
 
 def oproj_sim_hooks(model: Any) -> None:
     from vllm_quarot.hadamard import hadamard_transform
+    from vllm_quarot.models import O_PROJ
 
     for layer in model.model.layers:
-        layer.self_attn.o_proj.register_forward_pre_hook(
+        layer.get_submodule(O_PROJ).register_forward_pre_hook(
             lambda _m, a: (hadamard_transform(a[0].float()).to(a[0].dtype),), prepend=True)
 
 

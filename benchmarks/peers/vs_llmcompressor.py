@@ -23,7 +23,8 @@ SmoothQuant; then GPTQ at the scheme) it
   after oneshot for theirs, our simulation for ours. A checkpoint stock vLLM cannot
   serve gets its one-line error in the table and only the float32 figure;
 * measures decode tokens/s in vLLM at 1 and 32 sequences (64 new tokens each, median
-  of --repeats) for every checkpoint vLLM serves.
+  of --repeats; ``vllm_quarot.eval.throughput``, as every benchmark here) for every
+  checkpoint vLLM serves.
 
 Results are cached per step under --work (delete a step's folder to redo it); the
 table (Markdown) goes to stdout and benchmarks/results/peers_llmcompressor_<model>.md,
@@ -224,11 +225,12 @@ def speed_rounds(entries: list[tuple[str, Path, bool]], windows: Path, work: Pat
 
 def _score_main(ck: str, windows: str, out: str, repeats: int, speed_only: bool = False,
                 ) -> int:
-    """(subprocess) perplexity through vLLM, then decode tok/s at 1 and 32 sequences."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    """(subprocess) perplexity through vLLM, then decode tok/s at 1 and 32 sequences
+    (vllm_quarot.eval.throughput: synthetic prompts, greedy, ignore_eos, warm-up)."""
+    from vllm import LLM
 
     from vllm_quarot.eval.perplexity import shutdown_llm, vllm_perplexity
+    from vllm_quarot.eval.throughput import decode_tokens_per_s
 
     evals = json.loads(Path(windows).read_text())["eval"]
     seqlen = max(len(w) for w in evals)
@@ -240,18 +242,13 @@ def _score_main(ck: str, windows: str, out: str, repeats: int, speed_only: bool 
             t0 = time.monotonic()
             ppl = vllm_perplexity(llm, evals)
             log(f"vLLM perplexity {ppl:.4f} [{time.monotonic() - t0:.0f} s]")
-        prompts = [TokensPrompt(prompt_token_ids=evals[i % len(evals)][32 * i: 32 * i + 32])
-                   for i in range(32)]
-        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-        llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+        vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
         speed, every = {}, {}
         for n in (1, 32):
-            runs = []
-            for _ in range(repeats):
-                t0 = time.monotonic()
-                outs = llm.generate(prompts[:n], params, use_tqdm=False)
-                dt = time.monotonic() - t0
-                runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+            # one sample per call (each after its own short warm-up): every sample is kept
+            # for the round-robin median of speed_rounds
+            runs = [decode_tokens_per_s(llm, n, NEW_TOKENS, vocab=vocab)
+                    for _ in range(repeats)]
             speed[n], every[n] = statistics.median(runs), runs
             log(f"decode {n} seq: {speed[n]:.1f} tok/s (median of {repeats})")
     finally:

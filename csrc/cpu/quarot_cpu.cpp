@@ -15,22 +15,29 @@
 // One 64-byte row is one zmm: 16 int32 lanes, each a 4-byte dot product with a
 // broadcast group of 4 activation codes.
 //
-// Dispatch: AVX512-VNNI, AVX2 (maddubs on nibbles) or portable scalar, chosen from the
-// CPU at load time; VLLM_QUAROT_CPU_ISA=avx512_vnni|avx2|scalar forces one (tests).
+// Dispatch: AMX-INT8 (GEMMs of M >= 16 rows; AVX512-VNNI for the rest), AVX512-VNNI,
+// AVX2 (maddubs on nibbles) or portable scalar, chosen from the CPU at load time;
+// VLLM_QUAROT_CPU_ISA=amx|avx512_vnni|avx2|scalar forces one (tests).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "hadamard.h"
 #include "isa.h"
 
@@ -43,28 +50,47 @@ using at::Tensor;
 
 static const char* isa_name(int isa) {
   switch (isa) {
+    case kAmx: return "amx";
     case kAvx512Vnni: return "avx512_vnni";
     case kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
-static bool cpu_has(int isa) {
+// AMX: the CPU has AMX-TILE and AMX-INT8, the OS saves tile state (XCR0 bits 17, 18),
+// and Linux grants this process the tile data permission (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; idempotent, once per process).
+static bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+  }();
+  return ok;
+}
+
+bool cpu_has(int isa) {
   __builtin_cpu_init();
   switch (isa) {
+    case kAmx: return cpu_has(kAvx512Vnni) && amx_usable();
     case kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vnni");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
 }
 
 static int parse_isa(const std::string& name) {
-  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2, kScalar})
     if (name == isa_name(isa)) return isa;
   TORCH_CHECK(false, "quarot_cpu: unknown ISA '", name,
-              "' (expected avx512_vnni, avx2 or scalar)");
+              "' (expected amx, avx512_vnni, avx2 or scalar)");
 }
 
 static int initial_isa() {
@@ -73,20 +99,25 @@ static int initial_isa() {
     TORCH_CHECK(cpu_has(isa), "VLLM_QUAROT_CPU_ISA=", env, " but this CPU lacks it");
     return isa;
   }
-  for (int isa : {kAvx512Vnni, kAvx2})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2})
     if (cpu_has(isa)) return isa;
   return kScalar;
 }
 
 static std::atomic<int> g_isa{initial_isa()};
 
-int current_isa() { return g_isa.load(); }
+int current_isa() {
+  const int isa = g_isa.load();
+  return isa == kAmx ? kAvx512Vnni : isa;
+}
+
+bool amx_enabled() { return g_isa.load() == kAmx; }
 
 std::string isa() { return isa_name(g_isa.load()); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (int isa : {kAvx512Vnni, kAvx2, kScalar})
+  for (int isa : {kAmx, kAvx512Vnni, kAvx2, kScalar})
     if (cpu_has(isa)) out.emplace_back(isa_name(isa));
   return out;
 }
@@ -120,8 +151,51 @@ std::vector<float> transposed(const float* had, int64_t kh) {
   return t;
 }
 
+// Vector pieces of row_body: each returns/does exactly what the scalar loop after it
+// would (max of |x| is order-independent; x / s, round half to even and the clamp are
+// the same IEEE operations lane by lane). The generic versions are the scalar loops
+// (the AVX2 and scalar wrappers keep them); the AVX-512 wrapper gets intrinsics.
+static QUAROT_INLINE float absmax_scalar(const float* buf, int64_t k) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
+  return amax;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static float absmax_avx512(const float* buf,
+                                                                              int64_t k) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
+  float amax = _mm512_reduce_max_ps(m);
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
+  return amax;
+}
+
+// Codes and per-group code sums of one row; false where this build has no vector path.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static bool quantize_avx512(
+    const float* buf, int64_t k, float s, float lo, float hi, int64_t groups, int8_t* q,
+    int32_t* asum) {
+  const int64_t gs = k / groups;
+  const __m512 vs = _mm512_set1_ps(s), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = g * gs; i < (g + 1) * gs; i += 16) {
+      const int64_t left = (g + 1) * gs - i;
+      const __mmask16 mk = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, buf + i), vs);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+      const __m512i c = _mm512_maskz_mov_epi32(mk, _mm512_cvtps_epi32(v));
+      sum = _mm512_add_epi32(sum, c);
+      _mm_mask_storeu_epi8(q + i, mk, _mm512_cvtepi32_epi8(c));
+    }
+    asum[g] = _mm512_reduce_add_epi32(sum);
+  }
+  return true;
+}
+
 // One row: load as float32, optional Hadamard, then (when codes is set) quantize.
-template <typename T>
+template <typename T, bool kVec512>
 static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had, int64_t kh,
                                    float* buf, float* tmp, T* y, int bits, float ratio,
                                    const float* static_scale, int64_t groups, int8_t* q,
@@ -138,12 +212,12 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had, int6
   if (static_scale) {
     s = *static_scale;
   } else {
-    float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
+    const float amax = kVec512 ? absmax_avx512(buf, k) : absmax_scalar(buf, k);
     s = std::max(amax * ratio, 1e-12f);
   }
   *scale = s;
   const int64_t gs = k / groups;
+  if (kVec512 && quantize_avx512(buf, k, s, lo, hi, groups, q, asum)) return;
   for (int64_t g = 0; g < groups; ++g) {
     int32_t sum = 0;
     for (int64_t i = g * gs; i < (g + 1) * gs; ++i) {
@@ -164,15 +238,15 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had, int6
 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void row_avx512(QUAROT_ROW_ARGS) {
-  row_body<T>(QUAROT_ROW_CALL);
+  row_body<T, true>(QUAROT_ROW_CALL);
 }
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) static void row_avx2(QUAROT_ROW_ARGS) {
-  row_body<T>(QUAROT_ROW_CALL);
+  row_body<T, false>(QUAROT_ROW_CALL);
 }
 template <typename T>
 static void row_scalar(QUAROT_ROW_ARGS) {
-  row_body<T>(QUAROT_ROW_CALL);
+  row_body<T, false>(QUAROT_ROW_CALL);
 }
 
 template <typename T>
@@ -436,56 +510,388 @@ static DotFn pick_dot(int isa, int64_t mr, int64_t nb) {
 }
 
 // ----------------------------------------------------------------------------
-// GEMM driver: tiles of kTileM rows × kTileN·16 channels; work items are (channel tile,
-// chunk of row tiles), channel-major so each thread keeps its weights hot in cache.
+// Epilogue, shared by every path. Per K-group g, a tile's int32 partial sums become float:
+//   facc[r][c] (+)= (acc[r][c] − off·asum[r][g]) · w_scale[g][c]
+// and after the last group: out[r][c] = facc[r][c] · a_scale[r] (+ bias[c]). The same
+// float operations in the same order as quarot::int_linear, hence bit-exact.
+// Hook for Rotated Runtime Smooth: a float factor per (row, K-group) multiplies the
+// group's term in the first line, where w_scale[g][c] is applied (see csrc/README.md).
+struct Epi {
+  const float* a_scale;  // [M]
+  const int32_t* asums;  // [M, G]
+  const float* w_scale;  // [G, npad]
+  const float* bias;     // [N] or null
+  int64_t groups, npad, n;
+  int32_t off;  // 8 (4-bit weights stored w + 8) or 128 (8-bit)
+};
+
+// float -> T for a run of outputs, as c10's conversions round (bf16: nearest even, NaN
+// -> 0x7FC0), written branch-free so that the loop vectorizes.
+static QUAROT_INLINE void store_out(const float* v, int64_t w, float* o) {
+  for (int64_t c = 0; c < w; ++c) o[c] = v[c];
+}
+static QUAROT_INLINE void store_out(const float* v, int64_t w, c10::BFloat16* o) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(o);
+  for (int64_t c = 0; c < w; ++c) {
+    uint32_t u;
+    std::memcpy(&u, v + c, 4);
+    const uint16_t r = static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFFu) >> 16);
+    d[c] = v[c] != v[c] ? static_cast<uint16_t>(0x7FC0) : r;
+  }
+}
+static QUAROT_INLINE void store_out(const float* v, int64_t w, c10::Half* o) {
+  for (int64_t c = 0; c < w; ++c) o[c] = static_cast<c10::Half>(v[c]);
+}
+static QUAROT_INLINE void store_out(const float* v, int64_t w, double* o) {
+  for (int64_t c = 0; c < w; ++c) o[c] = v[c];
+}
+
+// acc: mr × nc int32 (row stride lda); facc: float scratch (row stride ldf), used only
+// when groups > 1; rows r0.., channels c0...
+template <typename T>
+static QUAROT_INLINE void epi_body(const Epi& e, const int32_t* acc, int64_t lda, float* facc,
+                                   int64_t ldf, int64_t r0, int64_t mr, int64_t c0, int64_t nc,
+                                   int64_t g, T* out) {
+  const float* ws = e.w_scale + g * e.npad + c0;
+  const float* b = e.bias ? e.bias + c0 : nullptr;
+  const bool last = g == e.groups - 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int32_t corr = e.off * e.asums[(r0 + r) * e.groups + g];
+    const int32_t* ar = acc + r * lda;
+    float* fr = facc + r * ldf;
+    if (!last) {
+      if (g == 0)
+        for (int64_t c = 0; c < nc; ++c) fr[c] = static_cast<float>(ar[c] - corr) * ws[c];
+      else
+        for (int64_t c = 0; c < nc; ++c) fr[c] += static_cast<float>(ar[c] - corr) * ws[c];
+      continue;
+    }
+    const float s = e.a_scale[r0 + r];
+    T* o = out + (r0 + r) * e.n + c0;
+    float v[64];
+    for (int64_t c0b = 0; c0b < nc; c0b += 64) {  // chunks of 64: a vectorizable temp
+      const int64_t w = std::min<int64_t>(64, nc - c0b);
+      if (g == 0)
+        for (int64_t c = 0; c < w; ++c) v[c] = static_cast<float>(ar[c0b + c] - corr) * ws[c0b + c];
+      else
+        for (int64_t c = 0; c < w; ++c)
+          v[c] = fr[c0b + c] + static_cast<float>(ar[c0b + c] - corr) * ws[c0b + c];
+      for (int64_t c = 0; c < w; ++c) v[c] *= s;
+      if (b)
+        for (int64_t c = 0; c < w; ++c) v[c] += b[c0b + c];
+      store_out(v, w, o + c0b);
+    }
+  }
+}
+
+#define QUAROT_EPI_ARGS                                                                   \
+  const Epi &e, const int32_t *acc, int64_t lda, float *facc, int64_t ldf, int64_t r0, \
+      int64_t mr, int64_t c0, int64_t nc, int64_t g, T *out
+#define QUAROT_EPI_CALL e, acc, lda, facc, ldf, r0, mr, c0, nc, g, out
 
 template <typename T>
-static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
-                      int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
-                      int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void epi_avx512(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+
+// The same operations on 16 lanes at a time, for float and bf16 outputs (the models'
+// dtypes): int32 − corr → float, × w_scale, (+ the earlier groups' sum), × a_scale,
+// + bias, then round to nearest even into bf16 (NaN -> 0x7FC0) as c10 does.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_avx512_vec(QUAROT_EPI_ARGS) {
+  const float* ws = e.w_scale + g * e.npad + c0;
+  const float* b = e.bias ? e.bias + c0 : nullptr;
+  const bool last = g == e.groups - 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const __m512i corr = _mm512_set1_epi32(e.off * e.asums[(r0 + r) * e.groups + g]);
+    const __m512 s = _mm512_set1_ps(e.a_scale[r0 + r]);
+    const int32_t* ar = acc + r * lda;
+    float* fr = facc + r * ldf;
+    T* o = out + (r0 + r) * e.n + c0;
+    for (int64_t c = 0; c < nc; c += 16) {
+      const __mmask16 mk = nc - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nc - c)) - 1);
+      const __m512i ai = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mk, ar + c), corr);
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), _mm512_maskz_loadu_ps(mk, ws + c));
+      if (g > 0) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, fr + c), v);
+      if (!last) {
+        _mm512_mask_storeu_ps(fr + c, mk, v);
+        continue;
+      }
+      v = _mm512_mul_ps(v, s);
+      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + c));
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(o + c, mk, v);
+      } else {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i bias16 = _mm512_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+            _mm512_set1_epi32(0x7FFF));
+        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
+        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h,
+                                    _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o + c), mk, _mm512_cvtepi32_epi16(h));
+      }
+    }
+  }
+}
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) static void epi_avx2(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+template <typename T>
+static void epi_scalar(QUAROT_EPI_ARGS) {
+  epi_body<T>(QUAROT_EPI_CALL);
+}
+
+template <typename T>
+using EpiFn = void (*)(QUAROT_EPI_ARGS);
+
+template <typename T>
+static EpiFn<T> pick_epi(int isa) {
+  if (isa == kAvx512Vnni) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)
+      return &epi_avx512_vec<T>;
+    return &epi_avx512<T>;
+  }
+  return isa == kAvx2 ? &epi_avx2<T> : &epi_scalar<T>;
+}
+
+// Work items [0, n) handed out one at a time, in order, to whichever thread asks: on a
+// shared machine a thread that loses its core holds back only its current item (static
+// halves would make the other thread wait for the slower one at the join).
+class ItemQueue {
+ public:
+  explicit ItemQueue(int64_t n) : n_(n) {}
+  int64_t workers() const { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_)); }
+  int64_t next() {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < n_ ? i : -1;
+  }
+
+ private:
+  const int64_t n_;
+  std::atomic<int64_t> next_{0};
+};
+
+// ----------------------------------------------------------------------------
+// Vector GEMM driver (AVX512-VNNI, AVX2, scalar): register tiles of kTileM rows ×
+// kTileN·16 channels; work items are (channel tile, chunk of row tiles), channel-major
+// (consecutive items share a channel tile's weights), handed out by an ItemQueue.
+
+template <typename T>
+static void gemm_vector(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
+                        int64_t bits, T* out) {
   const int isa = current_isa();
-  const int64_t nblk = npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
+  const EpiFn<T> epi = pick_epi<T>(isa);
+  const int64_t nblk = e.npad / kNB, ntiles = (nblk + kTileN - 1) / kTileN;
   const int64_t mtiles = (m + kTileM - 1) / kTileM;
   const int64_t mchunk = 16;  // row tiles per work item (64 rows)
   const int64_t mchunks = (mtiles + mchunk - 1) / mchunk;
   const int64_t wstride = k / kstep(bits) * 64;  // bytes per block of 16 channels
-  const int64_t gs = k / groups;
-  const int32_t off = bits == 4 ? 8 : 128;
-  at::parallel_for(0, ntiles * mchunks, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t gs = k / e.groups;
+  ItemQueue queue(ntiles * mchunks);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     alignas(64) int32_t acc[kTileM * 64];
     alignas(64) float facc[kTileM * 64];
-    for (int64_t item = i0; item < i1; ++item) {
+    for (int64_t item; (item = queue.next()) >= 0;) {
       const int64_t nt = item / mchunks, mc = item % mchunks;
       const int64_t b0 = nt * kTileN, nb = std::min(kTileN, nblk - b0);
-      const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, n - c0);
+      const int64_t c0 = b0 * kNB, nc = std::min(nb * kNB, e.n - c0);
       const uint8_t* wt = w + b0 * wstride;
       const int64_t mt1 = std::min(mtiles, (mc + 1) * mchunk);
       for (int64_t mt = mc * mchunk; mt < mt1; ++mt) {
         const int64_t r0 = mt * kTileM, mr = std::min(kTileM, m - r0);
         const DotFn dot = pick_dot(isa, mr, nb);
-        for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t g = 0; g < e.groups; ++g) {
           dot(a + r0 * k, k, wt, wstride, g * gs, (g + 1) * gs, bits, acc);
-          const float* ws = w_scale + g * npad + c0;
-          for (int64_t r = 0; r < mr; ++r) {
-            const int32_t corr = off * asums[(r0 + r) * groups + g];
-            for (int64_t c = 0; c < nc; ++c) {
-              const float v = static_cast<float>(acc[r * 64 + c] - corr) * ws[c];
-              facc[r * 64 + c] = g == 0 ? v : facc[r * 64 + c] + v;
-            }
-          }
-        }
-        for (int64_t r = 0; r < mr; ++r) {
-          const float s = a_scale[r0 + r];
-          T* o = out + (r0 + r) * n + c0;
-          for (int64_t c = 0; c < nc; ++c) {
-            float v = facc[r * 64 + c] * s;
-            if (bias) v += bias[c0 + c];
-            o[c] = static_cast<T>(v);
-          }
+          epi(e, acc, 64, facc, 64, r0, mr, c0, nc, g, out);
         }
       }
     }
   });
+}
+
+// ----------------------------------------------------------------------------
+// AMX-INT8 driver, for M >= kAmxMinRows and group sizes that are multiples of 64.
+//
+// Tiles (tmm0-7): C00 C01 C10 C11 (int32, 16 rows × 16 channels each) = 32 rows × 32
+// channels; A0 A1 (16 rows × 64 activation codes); B0 B1 (64 k × 16 channels in AMX's
+// VNNI layout: row i holds k = 4i..4i+3 of each channel — exactly one 8-bit repacked
+// block row, or the low / high nibbles of one 4-bit row, so 4-bit weights unpack with
+// two AND and one shift per 64 bytes). tdpbsud multiplies the signed activation codes
+// by the unsigned stored weights (w + 8, w + 128); the epilogue removes the offset.
+//
+// Blocking: the activation codes are first copied into 16-row × 64-k tiles, contiguous
+// (no 4 KiB-strided rows that all fall into one L1 set), zero rows padding M to 16.
+// Work items are (chunk of up to 128 rows, panel of 32 channels), chunk-major: a thread
+// walks every panel of its chunk while the chunk's codes (≤ 1 MiB) stay in its L2.
+// Within an item, K (per group) goes in blocks of kAmxKBlock k-steps: the panel's block
+// of weights is unpacked once into a 16 KiB L1 buffer and every row-tile pair of the
+// chunk runs over it, its C tiles parked in a chunk × 32 int32 buffer between blocks;
+// after a group's last block the epilogue turns the chunk's sums into float.
+// Threads take items from an ItemQueue: distinct 32-channel column ranges of the
+// output, 64 bf16 bytes, one cache line per row.
+
+static constexpr int64_t kAmxMinRows = 16;
+
+// Rows per work item: ≤ 128 (the chunk's parked C, 16 KiB, and the unpacked B block,
+// 16 KiB, share L1 with the streaming codes), codes of a chunk ≤ ~1 MiB (L2).
+static int64_t amx_chunk(int64_t k) {
+  return std::max<int64_t>(32, std::min<int64_t>(128, (1 << 20) / k / 32 * 32));
+}
+
+static void amx_config() {
+  TileCfg cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  amx_load_config(cfg);
+}
+
+// The compiler does not know that the tile instructions (inline asm) read memory:
+// fence ordinary stores (packed codes, unpacked panel) before them.
+#define QUAROT_MEM_FENCE() __asm__ volatile("" ::: "memory")
+
+// C tiles of one row-tile pair (packed codes: ap, the second tile astride bytes later)
+// and one panel (b: [k-step][2 blocks][1024 bytes]) over ksteps k-steps (64 k each),
+// starting from zero or from c (int32, row stride 128 bytes), stored back to c.
+template <bool TWO_M, bool TWO_N>
+static void amx_tile(const int8_t* ap, int64_t astride, const uint8_t* b, int64_t ksteps,
+                     bool first, int32_t* c) {
+  if (first) {
+    _tile_zero(0);
+    if (TWO_N) _tile_zero(1);
+    if (TWO_M) _tile_zero(2);
+    if (TWO_M && TWO_N) _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, 128);
+    if (TWO_N) _tile_loadd(1, c + 16, 128);
+    if (TWO_M) _tile_loadd(2, c + 16 * 32, 128);
+    if (TWO_M && TWO_N) _tile_loadd(3, c + 16 * 32 + 16, 128);
+  }
+  for (int64_t kt = 0; kt < ksteps; ++kt) {
+    const uint8_t* bk = b + kt * 2048;
+    _tile_loadd(4, ap + kt * 1024, 64);
+    _tile_loadd(6, bk, 64);
+    if (TWO_N) _tile_loadd(7, bk + 1024, 64);
+    _tile_dpbsud(0, 4, 6);
+    if (TWO_N) _tile_dpbsud(1, 4, 7);
+    if (TWO_M) {
+      _tile_loadd(5, ap + astride + kt * 1024, 64);
+      _tile_dpbsud(2, 5, 6);
+      if (TWO_N) _tile_dpbsud(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  if (TWO_N) _tile_stored(1, c + 16, 128);
+  if (TWO_M) _tile_stored(2, c + 16 * 32, 128);
+  if (TWO_M && TWO_N) _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+using AmxTileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, bool, int32_t*);
+
+static constexpr int64_t kAmxKBlock = 8;  // k-steps (of 64) per unpacked B block: 16 KiB
+
+// k-steps [kt0, kt1) of a 4-bit panel of nbp blocks (16 channels each) ->
+// [kt1 - kt0][2][16 rows × 64 bytes].
+__attribute__((target("avx512f,avx512bw"))) static void amx_unpack4(const uint8_t* w,
+                                                                  int64_t wstride, int64_t nbp,
+                                                                  int64_t kt0, int64_t kt1,
+                                                                  uint8_t* dst) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t kt = kt0; kt < kt1; ++kt)
+    for (int64_t jb = 0; jb < nbp; ++jb) {
+      const uint8_t* src = w + jb * wstride + kt * 8 * 64;
+      uint8_t* d = dst + ((kt - kt0) * 2 + jb) * 1024;
+      for (int i = 0; i < 8; ++i) {
+        const __m512i v = _mm512_loadu_si512(src + 64 * i);
+        _mm512_store_si512(d + 128 * i, _mm512_and_si512(v, mask));
+        _mm512_store_si512(d + 128 * i + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+      }
+    }
+}
+
+// 8-bit: the two blocks' 16-row groups interleaved -> [kt1 - kt0][2][1024 bytes].
+static void amx_copy8(const uint8_t* w, int64_t wstride, int64_t nbp, int64_t kt0, int64_t kt1,
+                      uint8_t* dst) {
+  for (int64_t kt = kt0; kt < kt1; ++kt)
+    for (int64_t jb = 0; jb < nbp; ++jb)
+      std::memcpy(dst + ((kt - kt0) * 2 + jb) * 1024, w + jb * wstride + kt * 1024, 1024);
+}
+
+// Codes [M, K] -> [ceil(M/16)][K/64][16 rows × 64 bytes], zero rows past M.
+static void amx_pack_a(const int8_t* a, int64_t m, int64_t k, int8_t* dst) {
+  const int64_t mt = (m + 15) / 16, kts = k / 64;
+  at::parallel_for(0, mt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t kt = 0; kt < kts; ++kt) {
+        int8_t* d = dst + (t * kts + kt) * 1024;
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t row = t * 16 + r;
+          if (row < m) std::memcpy(d + r * 64, a + row * k + kt * 64, 64);
+          else std::memset(d + r * 64, 0, 64);
+        }
+      }
+  });
+}
+
+template <typename T>
+static void gemm_amx(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
+                     int64_t bits, T* out) {
+  const EpiFn<T> epi = pick_epi<T>(kAvx512Vnni);
+  const int64_t nblk = e.npad / kNB, npan = (nblk + 1) / 2;
+  const int64_t chunk = amx_chunk(k), mchunks = (m + chunk - 1) / chunk;
+  const int64_t wstride = k / kstep(bits) * 64;
+  const int64_t kts = k / 64, gkt = kts / e.groups;  // k-steps in all, per group
+  const int64_t astride = kts * 1024;                // bytes per packed 16-row tile
+  std::unique_ptr<int8_t, decltype(&std::free)> ap(
+      static_cast<int8_t*>(std::aligned_alloc(64, (m + 15) / 16 * astride)), &std::free);
+  amx_pack_a(a, m, k, ap.get());
+  QUAROT_MEM_FENCE();
+  ItemQueue queue(mchunks * npan);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
+    // the chunk's C (int32, 32 channels a row), its float group sums, one unpacked B block
+    std::unique_ptr<int32_t, decltype(&std::free)> cbuf(
+        static_cast<int32_t*>(std::aligned_alloc(64, chunk * 32 * 4)), &std::free);
+    std::unique_ptr<float, decltype(&std::free)> fbuf(
+        static_cast<float*>(std::aligned_alloc(64, chunk * 32 * 4)), &std::free);
+    alignas(64) uint8_t bblk[kAmxKBlock * 2048];
+    amx_config();
+    for (int64_t item; (item = queue.next()) >= 0;) {
+      const int64_t mc = item / npan, p = item % npan;
+      const int64_t b0 = 2 * p, nbp = std::min<int64_t>(2, nblk - b0);
+      const int64_t c0 = b0 * kNB, nc = std::min(nbp * kNB, e.n - c0);
+      const int64_t rc0 = mc * chunk, rc1 = std::min(m, rc0 + chunk);
+      for (int64_t g = 0; g < e.groups; ++g) {
+        // the group's k-steps in blocks: unpack a block (L1) once, run every row pair
+        // of the chunk over it, C kept in cbuf between blocks
+        for (int64_t kb = g * gkt; kb < (g + 1) * gkt; kb += kAmxKBlock) {
+          const int64_t kb1 = std::min((g + 1) * gkt, kb + kAmxKBlock);
+          if (bits == 4) amx_unpack4(w + b0 * wstride, wstride, nbp, kb, kb1, bblk);
+          else amx_copy8(w + b0 * wstride, wstride, nbp, kb, kb1, bblk);
+          QUAROT_MEM_FENCE();
+          for (int64_t r0 = rc0; r0 < rc1; r0 += 32) {
+            const bool two_m = rc1 - r0 > 16;
+            const AmxTileFn fn = two_m ? (nbp == 2 ? &amx_tile<true, true> : &amx_tile<true, false>)
+                                       : (nbp == 2 ? &amx_tile<false, true> : &amx_tile<false, false>);
+            fn(ap.get() + (r0 / 16) * astride + kb * 1024, astride, bblk, kb1 - kb,
+               kb == g * gkt, cbuf.get() + (r0 - rc0) * 32);
+          }
+        }
+        epi(e, cbuf.get(), 32, fbuf.get(), 32, rc0, rc1 - rc0, c0, nc, g, out);
+      }
+    }
+    amx_release();
+  });
+}
+
+template <typename T>
+static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
+                      int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
+                      int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
+  const Epi e{a_scale, asums, w_scale, bias, groups, npad, n, bits == 4 ? 8 : 128};
+  if (amx_enabled() && m >= kAmxMinRows && (k / groups) % 64 == 0)
+    gemm_amx<T>(e, a, m, k, w, bits, out);
+  else
+    gemm_vector<T>(e, a, m, k, w, bits, out);
 }
 
 Tensor gemm(const Tensor& codes, const Tensor& scales, const Tensor& asums, const Tensor& w_packed,

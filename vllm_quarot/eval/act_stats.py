@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vllm_quarot.hadamard import hadamard_transform, random_signs
+from vllm_quarot.models import DOWN_PROJ, INPUT_NORM, Q_PROJ
 
 
 @dataclass
@@ -48,7 +49,8 @@ def activation_stats(model: torch.nn.Module, ids: torch.Tensor, layers: list[int
     inner = model.model
     for i in layers:
         layer = inner.layers[i]
-        for name, mod in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj)):
+        for name, mod in (("q_proj", layer.get_submodule(Q_PROJ)), ("down_proj",
+                                                               layer.get_submodule(DOWN_PROJ))):
             hooks.append(mod.register_forward_pre_hook(
                 lambda _m, a, key=(i, name): captured.__setitem__(key, a[0].detach())))
     try:
@@ -60,7 +62,7 @@ def activation_stats(model: torch.nn.Module, ids: torch.Tensor, layers: list[int
     out = []
     for i in layers:
         q_in = captured[(i, "q_proj")].double()
-        gain = inner.layers[i].input_layernorm.weight.double()
+        gain = inner.layers[i].get_submodule(INPUT_NORM).weight.double()
         d_in = captured[(i, "down_proj")].double()
         out += [
             _stats(f"layer {i} q_proj", False, q_in),

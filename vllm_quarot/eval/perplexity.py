@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from vllm_quarot.errors import QuaRotError
+
 
 def token_windows(tokenizer: Any, text_file: str | Path, seqlen: int,
                   max_windows: int | None = None) -> list[list[int]]:
@@ -20,7 +22,7 @@ def token_windows(tokenizer: Any, text_file: str | Path, seqlen: int,
     ids = tokenizer(text, return_tensors="pt").input_ids[0].tolist()
     n = len(ids) // seqlen
     if n == 0:
-        raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than seqlen {seqlen}")
+        raise QuaRotError(f"{text_file} has {len(ids)} tokens, fewer than seqlen {seqlen}")
     if max_windows is not None:
         n = min(n, max_windows)
     return [ids[i * seqlen : (i + 1) * seqlen] for i in range(n)]

@@ -1,36 +1,32 @@
 """Pure-PyTorch simulation of a QuaRot checkpoint with transformers.
 
-The quantized weights are dequantized into an ordinary transformers model, and
-forward pre-hooks reproduce the runtime exactly: the online R4 Hadamard before
-down_proj and per-token activation fake-quantization before every quantized linear,
-using the same rounding code as the vLLM ops. A tensor_parallel_blocks N checkpoint
-gets the block-diagonal R4 (I_N ⊗ H_{n/N}) and per-(token, block of in_features/N)
-activation scales on the row-parallel o_proj and down_proj, as every TP rank computes.
-It is the reference that vLLM's outputs are compared with (tests, ``vllm-quarot eval``).
+The quantized weights are dequantized into an ordinary transformers model of the
+checkpoint's own architecture, and ``vllm_quarot.transforms`` installs what the runtime
+does online: the R4 Hadamard before down_proj, per-token activation fake quantization
+before every quantized linear (per (token, block) on the row-parallel linears of a
+tensor-parallel checkpoint) and the 4-bit KV cache with R3 and the key/value shifts,
+using the same rounding code as the vLLM ops. It is the reference that vLLM's outputs
+are compared with (tests, ``vllm-quarot eval``).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
-from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
-from vllm_quarot.kv_shift import KVShift, read_kv_shift
+from vllm_quarot.format import QuaRotFormat
+from vllm_quarot.kv_shift import read_kv_shift
 from vllm_quarot.offline.checkpoint import TensorSource
-from vllm_quarot.quant import (
-    dequantize_weight,
-    fake_quantize_asym,
-    fake_quantize_per_token_blocks,
-    quantize_static,
-    unpack_weight,
+from vllm_quarot.quant import dequantize_weight, unpack_weight
+from vllm_quarot.transforms import (
+    install_kv_attention,
+    install_linear_inputs,
+    kv_spec,
+    linear_input_specs,
 )
-
-ROW_PARALLEL = ("o_proj", "down_proj")  # input dimension split across TP ranks
 
 
 def load_simulated(
@@ -73,89 +69,10 @@ def load_simulated(
             state[name] = src.get(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    _install_hooks(model, fmt, quantized, input_scales, act_bits_override or {})
-    if fmt.kv_cache is not None:
-        shifts = read_kv_shift(model_dir, cfg) if fmt.kv_cache.shift else None
-        model.set_attn_implementation(_kv_attention(fmt, shifts))
+    install_linear_inputs(model, linear_input_specs(fmt, sorted(quantized), input_scales,
+                                                    act_bits_override))
+    spec = kv_spec(fmt, read_kv_shift(model_dir, cfg) if fmt.kv_cache and fmt.kv_cache.shift
+                   else None)
+    if spec is not None:
+        install_kv_attention(model, spec)
     return model
-
-
-_KV_ATTENTION_COUNT = itertools.count()
-
-
-def _kv_attention(fmt: QuaRotFormat, shifts: KVShift | None) -> str:
-    """Register an attention function that, after RoPE, subtracts the layer's key and
-    value shifts (kv_cache.shift), rotates queries and keys by R3 (on the layers it
-    applies to), fake-quantizes keys and values per token and head, runs SDPA and adds
-    the value shift back."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    kv, r3 = fmt.kv_cache, fmt.rotation.r3
-    name = f"quarot_kv{kv.bits}_{next(_KV_ATTENTION_COUNT)}"  # one per loaded model
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        i = module.layer_idx
-        dtype = key.dtype
-        k, v = key.float(), value.float()  # [B, kv_heads, T, D]
-        if shifts is not None:
-            k = k - shifts[i][0][:, None, :]
-            v = v - shifts[i][1][:, None, :]
-        if r3 is not None and r3.applies_to(i):
-            query = hadamard_transform(query.float()).to(query.dtype)
-            k = hadamard_transform(k)
-        key = fake_quantize_asym(k, kv.bits, kv.clip_ratio).to(dtype)
-        value = fake_quantize_asym(v, kv.bits, kv.clip_ratio)
-        if shifts is None:
-            value = value.to(dtype)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        out, weights = sdpa_attention_forward(module, query, key, value.to(dtype),
-                                              attention_mask, **kwargs)
-        # out: [B, T, heads, D]; query head h reads KV head h // group
-        group = query.shape[1] // value.shape[1]
-        vs = shifts[i][1].repeat_interleave(group, dim=0)
-        return (out.float() + vs).to(out.dtype), weights
-
-    AttentionInterface.register(name, attention)
-    return name
-
-
-def _install_hooks(model: torch.nn.Module, fmt: QuaRotFormat, quantized: set[str],
-                   input_scales: dict[str, torch.Tensor],
-                   override: dict[str, int | None]) -> None:
-    act = fmt.activation
-    static = act is not None and act.static
-    for name in sorted(quantized):
-        mod = model.get_submodule(name)
-        r4 = fmt.rotation.r4 if name.endswith("down_proj") else None
-        r4_blocks = r4.blocks if r4 is not None else 1
-        had_k = (hadamard_factor(mod.in_features // r4_blocks, torch.float32)
-                 if r4 is not None else None)
-        # the row-parallel linears: each TP rank quantizes its slice of the input
-        blocks = fmt.tp_blocks if name.endswith(ROW_PARALLEL) else 1
-        head = name == "lm_head"  # its own activation bits, per token, no clip
-        if static and not head and name not in input_scales:
-            raise CheckpointFormatError(f"{name}.input_scale is missing from the checkpoint")
-        scale = input_scales[name] if static and not head else None  # None: per token
-        bits, clip = act.for_layer(name) if act is not None else (None, 1.0)
-        if head:
-            assert fmt.lm_head is not None
-            bits, clip = fmt.lm_head.activation_bits, 1.0
-        for suffix, b in override.items():
-            if name.endswith(suffix):
-                bits = b
-
-        def hook(_m, args, had_k=had_k, r4_blocks=r4_blocks, scale=scale, bits=bits,
-                 blocks=blocks, clip=clip):
-            x = args[0]
-            if had_k is not None:
-                x = block_hadamard_transform(x.float(), r4_blocks, had_k).to(x.dtype)
-            if bits is None:
-                pass
-            elif scale is not None:
-                x = (quantize_static(x, scale, bits).float() * scale).to(x.dtype)
-            else:
-                x = fake_quantize_per_token_blocks(x, bits, clip, blocks)
-            return (x,)
-
-        mod.register_forward_pre_hook(hook)

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from vllm_quarot.errors import QuaRotError
+
 DEFAULT_ITEMS = 100
 MIN_WORDS = 20
 MAX_WORDS = 120
@@ -107,7 +109,7 @@ def last_word_items(text_file: str | Path | None = None, n: int | None = DEFAULT
     """The first n qualifying paragraphs of text_file (all of them when n is None)."""
     path = Path(text_file) if text_file is not None else default_data_file()
     if not path.is_file():
-        raise FileNotFoundError(f"zero-shot data {path} not found (set QUAROT_DATA_DIR "
+        raise QuaRotError(f"zero-shot data {path} not found (set QUAROT_DATA_DIR "
                                 "or pass the TinyStories validation head file)")
     items = []
     for para in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
@@ -117,7 +119,7 @@ def last_word_items(text_file: str | Path | None = None, n: int | None = DEFAULT
             if n is not None and len(items) == n:
                 break
     if not items:
-        raise ValueError(f"{path} has no paragraph usable as a last-word item")
+        raise QuaRotError(f"{path} has no paragraph usable as a last-word item")
     return items
 
 

@@ -37,13 +37,25 @@ from typing import Any
 
 import torch
 
-from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
+from vllm_quarot.errors import QuaRotError
+from vllm_quarot.format import QuaRotFormat
 from vllm_quarot.hadamard import hadamard_matrix
+from vllm_quarot.models import (
+    DOWN_PROJ,
+    LM_HEAD,
+    canonical_parts,
+    layer_index,
+    layer_prefix,
+    linear_sizes,
+)
 from vllm_quarot.offline.checkpoint import ShardedWriter, TensorSource, staged_dir
 from vllm_quarot.quant import dequantize_weight, unpack_weight
 
 TARGETS = ("compressed-tensors",)
 R4_SCHEME = "R4"  # transform_config group name; tensors ...down_proj.R4_input.weight
+# where the R4 matrix is stored once (llm-compressor stores a shared transform on the
+# first module it applies to)
+R4_TENSOR = f"{layer_prefix(0)}{DOWN_PROJ}.{R4_SCHEME}_input.weight"
 COPY_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
               "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
               "vocab.json", "merges.txt")
@@ -51,8 +63,8 @@ COPY_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 CT_VERSION = "0.17.0"
 
 
-class ExportError(ValueError):
-    """A checkpoint (or option) the export cannot express."""
+class ExportError(QuaRotError):
+    """A checkpoint (or option) the export cannot express (one line, exit 2)."""
 
 
 @dataclasses.dataclass
@@ -136,7 +148,7 @@ def quantization_config(fmt: QuaRotFormat) -> dict[str, Any]:
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                       "input_activations": acts,
                                       "output_activations": None, "format": fmt_name}},
-        "ignore": ["lm_head"],
+        "ignore": [LM_HEAD],
         "kv_cache_scheme": None,
         "quantization_status": "compressed",
         "sparsity_config": {},
@@ -146,7 +158,7 @@ def quantization_config(fmt: QuaRotFormat) -> dict[str, Any]:
     if fmt.rotation.r4 is not None:
         cfg["transform_config"] = {"config_groups": {R4_SCHEME: {
             "type": "random-hadamard",
-            "apply": [{"targets": ["re:.*mlp.down_proj$"], "location": "input",
+            "apply": [{"targets": [f"re:.*{DOWN_PROJ}$"], "location": "input",
                        "inverse": False, "ignore": []}],
             "randomize": False, "requires_grad": False, "head_dim": None,
             "precision": "torch.float32"}}}
@@ -172,33 +184,35 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, to: str = "compr
     if qc.get("quant_method") != "quarot":
         raise ExportError(f"{src_dir} is not a QuaRot checkpoint (quant_method "
                           f"{qc.get('quant_method')!r})")
-    try:
-        fmt = QuaRotFormat.from_dict(qc)
-    except CheckpointFormatError as e:
-        raise ExportError(str(e)) from e
+    fmt = QuaRotFormat.from_dict(qc)  # CheckpointFormatError: a QuaRotError too
     check_exportable(fmt)
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(src_dir)
+    fmt.check_model(hf_cfg)
     src = TensorSource(src_dir)
-    out_dtype = {"float16": torch.float16}.get(str(raw.get("torch_dtype")), torch.bfloat16)
+    dtype_name = str(raw.get("dtype") or raw.get("torch_dtype"))
+    out_dtype = {"float16": torch.float16}.get(dtype_name, torch.bfloat16)
     notes: list[str] = []
     with staged_dir(out_dir, overwrite) as stage:
         writer = ShardedWriter(stage)
         for name in sorted(src.keys()):
             t = src.get(name)
             base, _, leaf = name.rpartition(".")
-            if base == "lm_head" and leaf in ("weight_packed", "weight_scale"):
+            if base == LM_HEAD and leaf in ("weight_packed", "weight_scale"):
                 if leaf == "weight_packed":
                     assert fmt.lm_head is not None
-                    scale = src.get("lm_head.weight_scale")
-                    codes = unpack_weight(t, fmt.lm_head.bits, int(raw["hidden_size"]))
+                    scale = src.get(f"{LM_HEAD}.weight_scale")
+                    codes = unpack_weight(t, fmt.lm_head.bits, hf_cfg.hidden_size)
                     gs = -1 if scale.shape[1] == 1 else codes.shape[1] // scale.shape[1]
-                    writer.add("lm_head.weight",
+                    writer.add(f"{LM_HEAD}.weight",
                                dequantize_weight(codes, scale, gs, torch.float32).to(out_dtype))
                     notes.append(f"lm_head ({fmt.lm_head.name}) written dequantized in "
                                  f"{str(out_dtype).removeprefix('torch.')}: vLLM's "
                                  "compressed-tensors method quantizes linear layers only")
                 continue
             if leaf == "weight_packed":
-                k = _in_features(raw, base)
+                k = _in_features(hf_cfg, base)
                 if fmt.activation is None:  # pack-quantized: the same int32 words
                     writer.add(name, t)
                     writer.add(f"{base}.weight_shape",
@@ -209,8 +223,7 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, to: str = "compr
             writer.add(name, t)  # weight_scale, biases, norms, embeddings, 16-bit head
         transforms = []
         if fmt.rotation.r4 is not None:
-            writer.add(f"model.layers.0.mlp.down_proj.{R4_SCHEME}_input.weight",
-                       r4_matrix(fmt, out_dtype))
+            writer.add(R4_TENSOR, r4_matrix(fmt, out_dtype))
             r4 = fmt.rotation.r4
             transforms.append(f"R4 (down_proj input, {r4.construction} "
                               f"{r4.factors[0]}×{r4.factors[1]}, order {r4.size})")
@@ -232,17 +245,14 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, to: str = "compr
                          notes, mib)
 
 
-def _in_features(cfg: dict[str, Any], base: str) -> int:
-    """A linear's input size from config.json (o_proj: heads × head_dim)."""
-    hidden = int(cfg["hidden_size"])
-    heads = int(cfg["num_attention_heads"])
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    leaf = base.rpartition(".")[2]
-    if leaf == "down_proj":
-        return int(cfg["intermediate_size"])
-    if leaf == "o_proj":
-        return heads * head_dim
-    return hidden
+def _in_features(cfg: Any, base: str) -> int:
+    """A decoder linear's input size (a fused one's: its parts share their input)."""
+    i = layer_index(base)
+    if i is None:
+        raise ExportError(f"{base}.weight_packed: a quantized linear outside the decoder "
+                          "layers (only lm_head has one)")
+    part = canonical_parts(base)[0]
+    return linear_sizes(cfg)[part[len(layer_prefix(i)):]][1]
 
 
 def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -18,13 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vllm_quarot.errors import QuaRotError
 from vllm_quarot.offline.options import QuantizeError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 log = logging.getLogger("vllm_quarot.quantize")
 
 
-class MissingTensorError(KeyError):
+class MissingTensorError(QuaRotError, KeyError):
     """A tensor the quantizer needs is not in the input checkpoint."""
 
     def __str__(self) -> str:
@@ -43,7 +44,7 @@ class TensorSource:
         else:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
-                raise FileNotFoundError(
+                raise QuaRotError(
                     f"{self.dir} holds no *.safetensors weights (PyTorch .bin checkpoints "
                     "are not read: convert them with transformers' save_pretrained first)"
                 )

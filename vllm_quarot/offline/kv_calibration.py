@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_quarot.hadamard import hadamard_transform
-from vllm_quarot.quant import fake_quantize_asym
+from vllm_quarot.transforms import kv_fake_quant
 
 SMOOTH_ALPHAS = (0.0, 0.5)  # 0: no smoothing; QServe's α = 0.5
 MAX_WINDOWS = 8  # calibration windows used per layer
@@ -102,7 +102,7 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int
     attention output with 4-bit keys and values, against full precision."""
     q, k, v = q.float(), k.float(), v.float()
     ref = attention(q, k, v)
-    fq = lambda x: fake_quantize_asym(x, bits, clip)  # noqa: E731
+    fq = lambda x: kv_fake_quant(x, bits, clip)  # noqa: E731
     zeros = torch.zeros(k.shape[1], k.shape[-1], device=k.device)
 
     # values: shifted or not, judged with exact keys

@@ -1,20 +1,27 @@
-"""The quantizer's options, their checks, and its error type.
+"""The quantizer's options, declared once, their checks, and its error type.
 
-Every check here runs before any tensor is read or any file is written, so a bad
-option is a one-line error that costs nothing.
+Each option is a field of ``QuantizeOptions`` whose metadata holds its help text,
+choices, command-line flag and check (``option``); the CLI's argparse arguments
+(``add_arguments``) and the options table of docs/quantize.md (``options_markdown``;
+``tests/test_cli.py`` compares them) are derived from the fields. Every check runs
+before any tensor is read or any file is written, so a bad option is a one-line error
+that costs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vllm_quarot.errors import QuaRotError
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
 from vllm_quarot.hadamard import HadamardSizeError, factorize
+from vllm_quarot.models import head_dim as _head_dim
 
 # scheme -> (weight bits, activation bits or None, kv bits or None): the format's table
 SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
@@ -23,7 +30,7 @@ SCHEMES: dict[str, tuple[int, int | None, int | None]] = {
 STATIC_SCHEMES = tuple(name for name, s in FORMAT_SCHEMES.items()
                        if s.activation_mode == "static-per-tensor")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = ("auto", "cpu", "cuda")
 ROTATIONS = ("quarot", "spinquant", "r1r2", "none")
 SPINQUANT_WEIGHTS = ("auto", "float", "rtn")
 WEIGHT_METHODS = ("gptq", "rtn")
@@ -33,52 +40,141 @@ WEIGHT_METHODS = ("gptq", "rtn")
 LM_HEADS: dict[str, tuple[int, int | None] | None] = {
     "none": None, "w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, None)}
 LM_HEAD_CHOICES = ("auto", *LM_HEADS)
+SCHEME_HELP = {
+    "w4a4kv4": "the paper's setting: 4-bit weights, activations and KV cache",
+    "w4a4": "4-bit weights and activations, 16-bit KV cache",
+    "w4a8kv4": "4-bit weights and KV cache, 8-bit activations (the CPU pick: as fast as "
+               "W4A4 there, far less loss)",
+    "w4a8": "4-bit weights, 8-bit activations",
+    "w8a8": "8-bit weights and per-token activations (lossless)",
+    "w8a8-static": "8-bit weights, per-tensor activation scales calibrated offline",
+    "w4a16": "weight-only 4-bit",
+    "kv4": "only the KV cache (4-bit, with R3 / shift chosen per layer)",
+}
+# the calibration budget (windows × tokens) when --nsamples / --seqlen are not given:
+# QuaRot's 128 × 2048 where the maths runs on a GPU; on a CPU a budget that finishes a
+# 0.5B model in minutes (a 1.1B layer forward over 128 × 2048 tokens alone takes
+# minutes there: benchmarks/results/quantize_floor_cpu.md); a KV-only checkpoint needs
+# only what the KV calibration reads (kv_calibration.MAX_WINDOWS × MAX_TOKENS)
+BUDGETS = {"cuda": (128, 2048), "cpu": (32, 512), "kv": (8, 512)}
+# --calib-self samples used for the KV calibration when no text is given
+KV_SELF_SAMPLES = 8
 
 
-class QuantizeError(ValueError):
+class QuantizeError(QuaRotError):
     """A bad option, model or calibration input for the quantizer."""
+
+
+def option(default: Any, help: str, *, choices: Any = None, flag: str | None = None,
+           metavar: str | None = None, check: Callable[[Any], str | None] | None = None,
+           group: str | None = None, required: bool = False, cli_choices: bool = True,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A ``QuantizeOptions`` field with what the CLI and the docs need: help, choices,
+    flag (default ``--field-name``), a check returning an error message (or None), a
+    mutually exclusive group, required on the command line, choices checked by argparse
+    (cli_choices) or by check_options' own message."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar,
+            "check": check, "group": group, "required": required, "cli_choices": cli_choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _positive(name: str, what: str = "positive") -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v > 0 else f"{name} must be {what}, got {v}"
+
+
+def _ratio(name: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or 0.0 < v <= 1.0 else f"{name} must be in (0, 1], got {v}"
 
 
 @dataclasses.dataclass
 class QuantizeOptions:
-    """Everything ``vllm-quarot quantize`` takes besides its two directories. The CLI's
-    argparse destinations carry these names (see ``from_namespace``)."""
+    """Everything ``vllm-quarot quantize`` takes besides its two directories."""
 
-    scheme: str = "w4a4"
-    weight_method: str = "gptq"
-    calib: str | None = None
-    calib_self: int | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    group_size: int = -1
-    w_clip: bool = True  # per-channel (per-group) weight clip search, as QuaRot's GPTQ
-    act_clip: float | None = None  # default: 0.9 at 4 bits, 1.0 at 8 bits
-    kv_clip: float = 0.95
-    seed: int = 0
-    online_hadamard: bool = True
-    rotate: str = "quarot"
-    act_order: bool = True
-    damp: float = 0.01
-    verify: bool = False
-    overwrite: bool = False  # replace a non-empty OUT_DIR (once the new one is complete)
-    resume: bool = False  # continue an interrupted run from its last finished layer
-    revision: str | None = None  # of a Hugging Face Hub id (MODEL_DIR)
-    max_shard_size: str = "5GB"  # safetensors shards of at most this size (+ index)
-    tp: int = 1  # tensor_parallel_blocks: block-diagonal R4, per-block row-parallel inputs
-    a8_layers: str | None = None  # "auto", a number of layers, or comma-separated names
-    spinquant_steps: int = 30  # --rotate spinquant: Cayley SGD steps (SpinQuant: 100)
-    spinquant_lr: float = 1.5
-    # weights in the SpinQuant loop: auto = unquantized before GPTQ (SpinQuant's recipe:
-    # GPTQ adapts the weights to the rotation afterwards), RTN before RTN; float; rtn
-    spinquant_weights: str = "auto"
-    device: str = "auto"  # where the layer-streamed maths runs: cpu, cuda, auto
-    precision: str = "float32"  # calibration forward passes (Hessians, GPTQ: float64)
-    # with a 4-bit KV cache and calibration text: choose key/value shift, SmoothAttention
-    # and R3 per layer by measured attention error (offline/kv_calibration.py)
-    kv_calibrate: bool = True
-    # the lm_head quantized too (R1 is fused into it like every linear): auto, none,
-    # w8a8, w4a8, w4a16 (LM_HEADS); GPTQ when the layers use GPTQ
-    lm_head: str = "auto"
+    scheme: str = option(
+        "w4a4", "what to quantize: " + "; ".join(f"{k}: {v}" for k, v in SCHEME_HELP.items()),
+        choices=tuple(SCHEMES), required=True, cli_choices=False)
+    weight_method: str = option(
+        "gptq", "GPTQ (sequential inside each layer, act-order, clip search) or "
+        "round-to-nearest", choices=WEIGHT_METHODS)
+    calib: str | None = option(
+        None, "calibration text file (GPTQ, static scales, KV calibration): random "
+        "windows of it", metavar="FILE", group="calib")
+    calib_self: int | None = option(
+        None, "calibrate on N samples generated by the model itself (data-free)",
+        metavar="N", group="calib", check=_positive("--calib-self", "a positive number "
+                                                    "of samples"))
+    nsamples: int | None = option(
+        None, "calibration windows (default: 128 on a GPU, 32 on a CPU, 8 for kv4)",
+        check=_positive("--nsamples"))
+    seqlen: int | None = option(
+        None, "tokens per calibration window (default: 2048 on a GPU, 512 on a CPU)",
+        check=_positive("--seqlen"))
+    group_size: int = option(
+        -1, "-1: one weight scale per output channel; G: per group of G inputs",
+        check=lambda v: None if v == -1 or v > 0 else
+        f"--group-size must be -1 or positive, got {v}")
+    w_clip: bool = option(True, "search per-channel (per-group) weight clip ratios")
+    act_clip: float | None = option(
+        None, "activation clip ratio (default 0.9 at 4 bits, 1.0 at 8)",
+        check=_ratio("--act-clip"))
+    kv_clip: float = option(0.95, "KV cache clip ratio", check=_ratio("--kv-clip"))
+    seed: int = option(0, "R1's random signs and the calibration windows (same seed, "
+                       "same bytes)")
+    online_hadamard: bool = option(
+        True, "online R4 (down_proj) and R3 (query, key) rotations")
+    rotate: str = option(
+        "quarot", "quarot: randomized Hadamard R1/R2; spinquant: R1/R2 learned by Cayley "
+        "SGD from it; ablations: r1r2 = offline rotations only, none", choices=ROTATIONS)
+    act_order: bool = option(True, "GPTQ in activation order")
+    damp: float = option(0.01, "GPTQ dampening", check=_positive("--damp"))
+    verify: bool = option(
+        False, "check, layer by layer in float64, that the rotated model gives the "
+        "original hidden states and logits (fails above 1e-8)")
+    overwrite: bool = option(
+        False, "replace a non-empty OUT_DIR (only once the new one is complete)")
+    resume: bool = option(
+        False, "continue an interrupted run for OUT_DIR from its last finished layer "
+        "(kept in .OUT_DIR.partial); the options must be the same")
+    revision: str | None = option(None, "of a Hub id: branch, tag or commit")
+    max_shard_size: str = option(
+        "5GB", "safetensors shards of at most this size (+ index), e.g. 5GB, 500MB",
+        check=lambda v: shard_bytes(v) and None)
+    tp: int = option(
+        1, "tensor-parallel-ready for N ranks: block-diagonal online R4 and per-(token, "
+        "1/N slice) activation scales on o_proj/down_proj (same numbers at every TP "
+        "size dividing N)", metavar="N",
+        check=lambda v: None if v >= 1 else
+        f"--tp must be a positive number of blocks, got {v}")
+    a8_layers: str | None = option(
+        None, "keep the activations of some projections at 8 bits: auto (those with "
+        "massive outliers on the calibration set), the N worst, or names "
+        "(layers.1.mlp.down_proj,...)", metavar="auto|N|LIST",
+        check=lambda v: v is not None and parse_a8_layers(v) and None)
+    spinquant_steps: int = option(
+        30, "--rotate spinquant: Cayley SGD steps, one calibration window each (the "
+        "paper: 100)", check=lambda v: None if v >= 0 else
+        f"--spinquant-steps must be >= 0, got {v}")
+    spinquant_lr: float = option(1.5, "--rotate spinquant: learning rate",
+                                 check=_positive("--spinquant-lr"))
+    spinquant_weights: str = option(
+        "auto", "--rotate spinquant: weights in the loop; auto = 16-bit before GPTQ "
+        "(SpinQuant's recipe), RTN before RTN", choices=SPINQUANT_WEIGHTS)
+    device: str = option(
+        "auto", "where the layer-by-layer maths runs (auto: CUDA when present); one "
+        "decoder layer and its calibration activations at a time", choices=DEVICES)
+    precision: str = option(
+        "float32", "calibration forward passes (Hessians and GPTQ stay float64)",
+        choices=tuple(PRECISIONS))
+    kv_calibrate: bool = option(
+        True, "4-bit KV cache: choose key/value shift, SmoothAttention and R3 per layer "
+        "by attention error (on --calib text, else on "
+        f"{KV_SELF_SAMPLES} samples the model generates itself)")
+    lm_head: str = option(
+        "auto", "quantize the lm_head too (R1 fused; GPTQ when the layers use GPTQ); "
+        "auto: w8a8 when the scheme quantizes weights (lossless), else none",
+        choices=LM_HEAD_CHOICES)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -124,15 +220,31 @@ class QuantizeOptions:
 
     @property
     def calibrates_kv(self) -> bool:
-        """The KV cache choices are calibrated: a 4-bit cache, --kv-calibrate (the
-        default) and calibration text (given, or needed by another step)."""
-        return (self.kv_calibrate and self.bits[2] is not None
-                and (self.needs_calibration or self.calib is not None or bool(self.calib_self)))
+        """The KV cache choices are calibrated: a 4-bit cache and --kv-calibrate (the
+        default); without calibration text, on the model's own samples."""
+        return self.kv_calibrate and self.bits[2] is not None
 
     @property
     def uses_calibration(self) -> bool:
         """Calibration activations are computed (needed, or for the KV choices)."""
         return self.needs_calibration or self.calibrates_kv
+
+    @property
+    def self_samples(self) -> int | None:
+        """--calib-self, or the samples the KV calibration generates when it has no
+        text and nothing else needs calibration (None: none generated)."""
+        if self.calib_self:
+            return self.calib_self
+        if self.calib is None and self.calibrates_kv and not self.needs_calibration:
+            return KV_SELF_SAMPLES
+        return None
+
+    def budget(self, device: str | torch.device) -> tuple[int, int]:
+        """(windows, tokens per window) of the calibration: --nsamples / --seqlen, else
+        the default for this scheme and device (``BUDGETS``)."""
+        kind = "kv" if not self.needs_calibration else torch.device(device).type
+        n, t = BUDGETS.get(kind, BUDGETS["cpu"])
+        return (self.nsamples or n, self.seqlen or t)
 
     @property
     def spinquant_weights_in_loop(self) -> bool:
@@ -158,63 +270,88 @@ class QuantizeOptions:
         return self.rotate in ("quarot", "spinquant") and self.online_hadamard
 
 
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The quantizer's options as argparse arguments (destinations = field names)."""
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(QuantizeOptions):
+        m = f.metadata
+        target = p
+        if m.get("group"):
+            if m["group"] not in groups:
+                groups[m["group"]] = p.add_mutually_exclusive_group()
+            target = groups[m["group"]]
+        kw: dict[str, Any] = {"dest": f.name, "help": m["help"]}
+        if f.type in ("bool", bool):
+            target.add_argument(_flag(f), action=argparse.BooleanOptionalAction,
+                                default=f.default, **kw)
+            continue
+        typ = str(f.type)
+        kw["type"] = int if typ.startswith("int") else float if typ.startswith("float") \
+            else str
+        if m.get("choices") is not None and m.get("cli_choices", True):
+            kw["choices"] = m["choices"]
+        if m.get("metavar"):
+            kw["metavar"] = m["metavar"]
+        if m.get("required"):
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        target.add_argument(_flag(f), **kw)
+
+
+def options_markdown() -> str:
+    """The options table of docs/quantize.md, from the fields."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(QuantizeOptions):
+        m = f.metadata
+        flag = _flag(f)
+        if f.type in ("bool", bool):
+            flag = f"{flag} / --no-{flag[2:]}"
+        default = "required" if m.get("required") else (
+            "—" if f.default is None else str(f.default).lower()
+            if isinstance(f.default, bool) else str(f.default))
+        text = m["help"]
+        if m.get("choices") is not None and f.name != "scheme":
+            text += " (" + ", ".join(f"`{c}`" for c in m["choices"]) + ")"
+        text = text.replace("|", "\\|")
+        rows.append(f"| `{flag}` | {default} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
 def check_options(o: QuantizeOptions) -> None:
-    """The checks that need neither the model nor the data."""
-    if o.scheme not in SCHEMES:
-        raise QuantizeError(f"unknown scheme {o.scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if o.weight_method not in WEIGHT_METHODS:
-        raise QuantizeError(f"--weight-method must be gptq or rtn, got {o.weight_method!r}")
-    if o.rotate not in ROTATIONS:
-        raise QuantizeError(f"--rotate must be one of {ROTATIONS}, got {o.rotate!r}")
-    if o.lm_head not in LM_HEAD_CHOICES:
-        raise QuantizeError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}, got "
-                            f"{o.lm_head!r}")
+    """The checks that need neither the model nor the data: each option's own (choices,
+    ranges), then the ones between options."""
+    for f in dataclasses.fields(QuantizeOptions):
+        v, m = getattr(o, f.name), f.metadata
+        if m.get("choices") is not None and v not in m["choices"]:
+            if f.name == "scheme":
+                raise QuantizeError(
+                    f"unknown scheme {v!r}; choose one of {', '.join(SCHEMES)}")
+            raise QuantizeError(f"{_flag(f)} must be one of {', '.join(m['choices'])}, "
+                                f"got {v!r}")
+        if m.get("check") is not None:
+            problem = m["check"](v)
+            if problem:
+                raise QuantizeError(problem)
     if o.lm_head not in ("auto", "none") and o.bits[0] >= 16:
         raise QuantizeError(f"--lm-head {o.lm_head}: scheme {o.scheme} keeps 16-bit "
                             "weights; a quantized lm_head needs a weight-quantized scheme")
-    if o.group_size != -1 and o.group_size <= 0:
-        raise QuantizeError(f"--group-size must be -1 or positive, got {o.group_size}")
     w_bits = o.bits[0]
     if o.group_size != -1 and w_bits < 16 and (o.group_size * w_bits) % 32:
         raise QuantizeError(
             f"--group-size {o.group_size} at {w_bits} bits: a group must fill whole "
             f"32-bit words of packed codes (a multiple of {32 // w_bits})")
-    for name, v in (("--act-clip", o.act_clip), ("--kv-clip", o.kv_clip)):
-        if v is not None and not 0.0 < v <= 1.0:
-            raise QuantizeError(f"{name} must be in (0, 1], got {v}")
-    if o.precision not in PRECISIONS:
-        raise QuantizeError(f"--precision must be float32 or float64, got {o.precision!r}")
-    if o.device not in DEVICES:
-        raise QuantizeError(f"--device must be one of {', '.join(DEVICES)}, got {o.device!r}")
     resolve_device(o.device)
-    if o.a8_layers is not None:
-        if o.bits[1] != 4 or o.static:
-            raise QuantizeError(
-                f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
-                "has no 4-bit per-token activations")
-        parse_a8_layers(o.a8_layers)
-    if o.rotate == "spinquant":
-        if o.spinquant_steps < 0:
-            raise QuantizeError(f"--spinquant-steps must be >= 0, got {o.spinquant_steps}")
-        if not o.spinquant_lr > 0:
-            raise QuantizeError(f"--spinquant-lr must be positive, got {o.spinquant_lr}")
-        if o.spinquant_weights not in SPINQUANT_WEIGHTS:
-            raise QuantizeError(f"--spinquant-weights must be one of "
-                                f"{', '.join(SPINQUANT_WEIGHTS)}, got {o.spinquant_weights!r}")
-    shard_bytes(o.max_shard_size)
-    if o.nsamples <= 0:
-        raise QuantizeError(f"--nsamples must be positive, got {o.nsamples}")
-    if o.tp < 1:
-        raise QuantizeError(f"--tp must be a positive number of blocks, got {o.tp}")
-    if o.seqlen <= 0:
-        raise QuantizeError(f"--seqlen must be positive, got {o.seqlen}")
-    if o.calib_self is not None and o.calib_self <= 0:
-        raise QuantizeError(f"--calib-self must be a positive number of samples, got "
-                            f"{o.calib_self}")
+    if o.a8_layers is not None and (o.bits[1] != 4 or o.static):
+        raise QuantizeError(
+            f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
+            "has no 4-bit per-token activations")
     if o.calib is not None and o.calib_self is not None:
         raise QuantizeError("give either --calib FILE or --calib-self N, not both")
-    if not o.damp > 0:
-        raise QuantizeError(f"--damp must be positive, got {o.damp}")
     if o.needs_calibration and o.calib is None and not o.calib_self:
         raise QuantizeError(
             f"{_calibration_user(o)} need calibration text: give --calib FILE or "
@@ -283,7 +420,7 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
     calibration length vs the model's context."""
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
+    head_dim = _head_dim(cfg)
     if o.group_size != -1 and o.bits[0] < 16:
         sizes = {"hidden size": hidden, "intermediate size (down_proj)": inter,
                  "heads × head_dim (o_proj)": n_heads * head_dim}
@@ -302,7 +439,10 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
                 f"(in_features / --tp {o.tp}) of {', '.join(bad)}: a weight group may not "
                 "straddle two tensor-parallel ranks")
     max_pos = getattr(cfg, "max_position_embeddings", None)
-    if o.uses_calibration and max_pos is not None and o.seqlen > max_pos:
+    seqlen = o.budget(resolve_device(o.device))[1]
+    if o.uses_calibration and max_pos is not None and seqlen > max_pos:
+        if o.seqlen is None:  # a default budget: fit it to the model
+            return
         raise QuantizeError(
             f"--seqlen {o.seqlen} is longer than the model's context "
             f"(max_position_embeddings {max_pos})")
@@ -358,3 +498,24 @@ def tp_serving_warning(cfg: Any, tp: int) -> str | None:
     also = f" and {', '.join(map(str, ok))}" if ok else ""
     return (f"--tp {tp}: vLLM cannot serve this model ({heads} attention heads, {kv} KV "
             f"heads) at tensor parallelism {tp}; the checkpoint still serves at TP=1{also}")
+
+
+OPTIONS_BEGIN, OPTIONS_END = "<!-- options:begin -->", "<!-- options:end -->"
+
+
+def write_options_table(doc: Path) -> bool:
+    """Rewrite the options table between the markers of doc; True when it changed."""
+    text = doc.read_text(encoding="utf-8")
+    head, _, rest = text.partition(OPTIONS_BEGIN)
+    _, _, tail = rest.partition(OPTIONS_END)
+    new = f"{head}{OPTIONS_BEGIN}\n{options_markdown()}{OPTIONS_END}{tail}"
+    if new != text:
+        doc.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":  # python -m vllm_quarot.offline.options docs/quantize.md
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(f"{arg}: {'rewritten' if write_options_table(Path(arg)) else 'up to date'}")

@@ -17,14 +17,16 @@ activations row vectors):
   RMSNorm commutes with R1), both unquantized;
 - R2 per head on v_proj's output rows (R2ᵀ·W_v,h, bias b_h·R2) and o_proj's input
   columns (W_o,h·R2);
-- R4 (fixed Hadamard of the intermediate size) folded into down_proj's input and applied
-  online to its input; R3 (fixed Hadamard of head_dim) on queries and keys after RoPE
+- R4 (fixed Hadamard of the intermediate size; block-diagonal with ``tp_blocks`` blocks,
+  as a ``--tp N`` checkpoint serves it) folded into down_proj's input and applied online
+  to its input; R3 (fixed Hadamard of head_dim) on queries and keys after RoPE
   when ``r3`` and a KV cache bit width are given;
 - fake quantization as the runtime computes it (``vllm_quarot.quant``): weights RTN
   symmetric per output channel (group) at ``w_bits`` (no clip search; the quantizer
   passes 16 — weights unquantized — when GPTQ makes the final weights, as SpinQuant
   does, and RTN's bits before RTN); the inputs of all
-  seven linears per token at ``a_bits`` with ``act_clip``; keys and values asymmetric per
+  seven linears per token at ``a_bits`` with ``act_clip`` (per (token, block) on o_proj and
+  down_proj under ``tp_blocks``); keys and values asymmetric per
   token and head at ``kv_bits`` with ``kv_clip``. Every quantizer passes gradients
   straight through (identity), as SpinQuant's.
 
@@ -45,25 +47,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from vllm_quarot.hadamard import hadamard_factor, hadamard_transform, random_signs
+from vllm_quarot.format import OnlineHadamard
+from vllm_quarot.hadamard import block_hadamard_transform, random_signs
+from vllm_quarot.models import ATTN_IN as _ATTN_IN
+from vllm_quarot.models import DOWN_PROJ, LINEARS, MLP_IN, O_PROJ, layer_prefix
+from vllm_quarot.offline.layer_runner import load_canonical_model
 from vllm_quarot.offline.rotation import fold_norms, r1_matrix, r2_matrix
-from vllm_quarot.quant import (
-    dequantize_weight,
-    fake_quantize_asym,
-    fake_quantize_per_token,
-    quantize_with_scales,
-    weight_scales,
+from vllm_quarot.quant import dequantize_weight, quantize_with_scales, weight_scales
+from vllm_quarot.transforms import (
+    KVSpec,
+    LinearInputSpec,
+    install_kv_attention,
+    install_linear_inputs,
 )
 
 __all__ = ["CayleySGD", "LearnedRotations", "learn_rotations", "orthonormalize"]
 
 ORTHO_TOL = 1e-6
 MOMENTUM = 0.0  # SpinQuant's setting (its SGDG is built without momentum)
-
-ATTN_IN = ("q_proj", "k_proj", "v_proj")
-MLP_IN = ("gate_proj", "up_proj")
 
 
 @dataclasses.dataclass
@@ -144,7 +146,7 @@ class CayleySGD(torch.optim.Optimizer):
 
 
 def orthonormalize(r: torch.Tensor) -> torch.Tensor:
-    """The nearest orthogonal matrix (polar factor U·Vᵀ of the SVD), in float64."""
+    """The nearest orthogonal matrix (polar factor U·V_PROJᵀ of the SVD), in float64."""
     u, _, vh = torch.linalg.svd(r.detach().double().cpu())
     return u @ vh
 
@@ -173,44 +175,13 @@ def _fq_weight(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return _ste(w, deq)
 
 
-def _fq_act(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
-    with torch.no_grad():
-        xq = fake_quantize_per_token(x.detach(), bits, clip)
-    return _ste(x, xq)
-
-
 # False while the teacher's logits are computed (loss="kl"): the same rotated model with
 # every fake quantizer off is the original model (rotation invariance)
 _FAKE_QUANT = [True]
 
 
-def _fq_kv(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
-    with torch.no_grad():
-        xq = fake_quantize_asym(x.detach(), bits, clip)
-    return _ste(x, xq)
-
-
-def _attention_name(kv_bits: int | None, kv_clip: float, r3: bool, device: str) -> str:
-    """Register (once per setting) an attention function that rotates queries and keys
-    by R3 after RoPE and fake-quantizes keys and values (as eval/simulate.py does, with
-    straight-through gradients), then runs SDPA."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    name = f"spinquant_kv{kv_bits}_clip{kv_clip}_r3{int(r3)}_{torch.device(device).type}"
-
-    def attention(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN202
-        if r3:
-            had = hadamard_factor(query.shape[-1], torch.float32).to(query.device)
-            query = hadamard_transform(query.float(), had).to(query.dtype)
-            key = hadamard_transform(key.float(), had).to(key.dtype)
-        if kv_bits is not None and _FAKE_QUANT[0]:
-            key = _fq_kv(key, kv_bits, kv_clip)
-            value = _fq_kv(value, kv_bits, kv_clip)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(name, attention)
-    return name
+def _quantizing() -> bool:
+    return _FAKE_QUANT[0]
 
 
 # --------------------------------------------------------------------------- the model
@@ -222,33 +193,37 @@ class _RotatedModel:
 
     def __init__(self, model_dir: Path, *, w_bits: int, a_bits: int | None,
                  kv_bits: int | None, act_clip: float, kv_clip: float, group_size: int,
-                 online_r4: bool, r3: bool, device: str):
-        cfg = AutoConfig.from_pretrained(model_dir)
+                 online_r4: bool, r3: bool, device: str, tp_blocks: int = 1):
+        model = load_canonical_model(model_dir, torch.float32)  # Phi-3: as Mistral
+        cfg = model.config
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
-        self.act_clip = act_clip
-        self.online_r4 = online_r4
         self.hidden = cfg.hidden_size
         self.head_dim = (getattr(cfg, "head_dim", None)
                          or cfg.hidden_size // cfg.num_attention_heads)
         self.n_layers = cfg.num_hidden_layers
         self.device = torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.eval().requires_grad_(False)
-        use_r3 = r3 and kv_bits is not None
-        if use_r3 or kv_bits is not None:
-            model.set_attn_implementation(_attention_name(kv_bits, kv_clip, use_r3, device))
+        # the served numerics (transforms.py): R4 block-diagonal over tp_blocks, the
+        # row-parallel inputs quantized per (token, block), R3 and the KV quantizer
+        self.r4 = (OnlineHadamard.of_size(cfg.intermediate_size, tp_blocks)
+                   if online_r4 else None)
+        self.specs = {
+            layer_prefix(i)[len("model."):] + name: LinearInputSpec(
+                r4=self.r4 if name == DOWN_PROJ else None, bits=a_bits, clip=act_clip,
+                blocks=tp_blocks if name in (O_PROJ, DOWN_PROJ) else 1)
+            for i in range(self.n_layers) for name in LINEARS}
+        if kv_bits is not None:
+            install_kv_attention(model, KVSpec(kv_bits, kv_clip, OnlineHadamard.of_size(
+                self.head_dim) if r3 else None), ste=True, active=_quantizing)
         else:
             model.set_attn_implementation("sdpa")
         self.model = model
         self.base = model.model
-        self.inter = cfg.intermediate_size
-        self.r4_had = (hadamard_factor(self.inter, torch.float32).to(self.device)
-                       if online_r4 else None)
         self._prepare_layers()  # on the host: the folded weights go to the device once
         model.to(self.device)
         self.r1: torch.Tensor | None = None  # the float32 R1 of the current forward
         self.base.norm.register_forward_pre_hook(lambda _m, args: (args[0] @ self.r1.t(),))
-        self._install_act_hooks()
+        install_linear_inputs(self.base, self.specs, ste=True, active=_quantizing)
 
     def _prepare_layers(self) -> None:
         """Fold the norms (and R4) in float64; keep per layer the stacked weights that
@@ -261,11 +236,11 @@ class _RotatedModel:
         for i, layer in enumerate(self.base.layers):
             sd = {k: v.detach().double().cpu() for k, v in layer.state_dict().items()}
             fold_norms(sd)
-            if self.online_r4:
-                sd["mlp.down_proj.weight"] = hadamard_transform(sd["mlp.down_proj.weight"])
-            ins = [sd[f"self_attn.{n}.weight"] for n in ATTN_IN]
-            ins += [sd[f"mlp.{n}.weight"] for n in MLP_IN]
-            outs = [sd["self_attn.o_proj.weight"], sd["mlp.down_proj.weight"]]
+            if self.r4 is not None:
+                sd[f"{DOWN_PROJ}.weight"] = block_hadamard_transform(sd[f"{DOWN_PROJ}.weight"],
+                                                                self.r4.blocks)
+            ins = [sd[f"{n}.weight"] for n in _ATTN_IN + MLP_IN]
+            outs = [sd[f"{O_PROJ}.weight"], sd[f"{DOWN_PROJ}.weight"]]
             self.split_in.append([w.shape[0] for w in ins])
             self.split_out.append([w.shape[1] for w in outs])
             self.w_in.append(torch.cat(ins, 0).float().to(self.device))
@@ -273,37 +248,15 @@ class _RotatedModel:
             vb = sd.get("self_attn.v_proj.bias")
             self.v_bias.append(None if vb is None else vb.float().to(self.device))
             self.out_bias.append({n: sd[f"{n}.bias"].float().to(self.device)
-                                  for n in ("self_attn.o_proj", "mlp.down_proj")
-                                  if f"{n}.bias" in sd})
+                                  for n in (O_PROJ, DOWN_PROJ) if f"{n}.bias" in sd})
             p = f"layers.{i}."
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 self.overrides_fixed[f"{p}{norm}.weight"] = sd[f"{norm}.weight"].float().to(
                     self.device)
             # the module's own (unfolded) linear weights are never used: free them
-            for n in ATTN_IN + ("o_proj",):
-                getattr(layer.self_attn, n).weight = torch.nn.Parameter(
+            for n in LINEARS:
+                layer.get_submodule(n).weight = torch.nn.Parameter(
                     torch.empty(0, device=self.device), requires_grad=False)
-            for n in MLP_IN + ("down_proj",):
-                getattr(layer.mlp, n).weight = torch.nn.Parameter(
-                    torch.empty(0, device=self.device), requires_grad=False)
-
-    def _install_act_hooks(self) -> None:
-        for layer in self.base.layers:
-            for n in ATTN_IN + ("o_proj",):
-                getattr(layer.self_attn, n).register_forward_pre_hook(self._act_hook(False))
-            for n in MLP_IN:
-                getattr(layer.mlp, n).register_forward_pre_hook(self._act_hook(False))
-            layer.mlp.down_proj.register_forward_pre_hook(self._act_hook(self.online_r4))
-
-    def _act_hook(self, r4: bool):  # noqa: ANN202
-        def hook(_m, args):  # noqa: ANN001, ANN202
-            x = args[0]
-            if r4:
-                x = hadamard_transform(x, self.r4_had)
-            if self.a_bits is not None and _FAKE_QUANT[0]:
-                x = _fq_act(x, self.a_bits, self.act_clip)
-            return (x,)
-        return hook
 
     def _weights(self, r1: torch.Tensor, r2: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rotated (and fake-quantized) weights of every decoder layer."""
@@ -316,9 +269,7 @@ class _RotatedModel:
             n_kv, n_h = v.shape[0] // hd, o.shape[1] // hd
             v = torch.matmul(r2[i].t(), v.reshape(n_kv, hd, -1)).reshape(n_kv * hd, -1)
             o = torch.matmul(o.reshape(-1, n_h, hd), r2[i]).reshape(o.shape[0], -1)
-            ws = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v,
-                  "self_attn.o_proj": o, "mlp.gate_proj": gate, "mlp.up_proj": up,
-                  "mlp.down_proj": down}
+            ws = dict(zip(LINEARS, (q, k, v, o, gate, up, down), strict=True))
             for name, w in ws.items():
                 if self.w_bits < 16 and _FAKE_QUANT[0]:
                     w = _fq_weight(w, self.w_bits, self.group_size)
@@ -353,7 +304,7 @@ class _RotatedModel:
 
     def _logits(self, ids: torch.Tensor, r1: torch.Tensor,
                 r2: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token logits [B, T-1, V] of the rotated (fake-quantized) model."""
+        """Next-token logits [B, T-1, V_PROJ] of the rotated (fake-quantized) model."""
         r1 = r1.float()
         r2 = [r.float() for r in r2]
         self.r1 = r1
@@ -385,6 +336,7 @@ def learn_rotations(
     batch: int = 1,
     online_r4: bool = True,
     r3: bool = True,
+    tp_blocks: int = 1,
     device: str = "cpu",
     progress: bool = True,
     eval_ids: torch.Tensor | None = None,
@@ -415,7 +367,7 @@ def learn_rotations(
         raise ValueError(f"steps must be >= 0 and batch >= 1, got {steps}, {batch}")
     net = _RotatedModel(model_dir, w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
                         act_clip=act_clip, kv_clip=kv_clip, group_size=group_size,
-                        online_r4=online_r4, r3=r3, device=device)
+                        online_r4=online_r4, r3=r3, device=device, tp_blocks=tp_blocks)
     dev = net.device
     r1 = r1_matrix(random_signs(net.hidden, seed)).to(dev).requires_grad_(True)
     r2 = [r2_matrix(net.head_dim).to(dev).requires_grad_(True) for _ in range(net.n_layers)]

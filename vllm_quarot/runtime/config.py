@@ -15,6 +15,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_s
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, QuaRotFormat
+from vllm_quarot.models import DOWN_PROJ
 
 
 class QuaRotConfig(QuantizationConfig):
@@ -82,10 +83,34 @@ class QuaRotConfig(QuantizationConfig):
 
                 self.kv_shift = read_kv_shift(_local_dir(model_name, revision), hf_config)
 
-    def _select_kv_cache_dtype(self) -> None:
+    def check_cache_dtype(self, cache_dtype: str) -> None:
         """A checkpoint with a kv_cache section runs with the 4-bit cache it was
-        calibrated for: 'auto' becomes int4_per_token_head (before any Attention
-        layer reads it); another explicit dtype is an error."""
+        calibrated for: 'auto' or int4_per_token_head; another dtype is an error."""
+        from vllm_quarot.runtime.kv_attention import KV4_DTYPE
+
+        if self.fmt.kv_cache is None:
+            return
+        if self.fmt.kv_cache.bits != 4:
+            raise CheckpointFormatError(
+                f"the runtime serves 4-bit KV caches; the checkpoint asks for "
+                f"{self.fmt.kv_cache.bits} bits")
+        if cache_dtype not in ("auto", KV4_DTYPE):
+            raise CheckpointFormatError(
+                f"this checkpoint was quantized for a 4-bit KV cache (scheme "
+                f"{self.fmt.scheme!r}); --kv-cache-dtype {cache_dtype} contradicts "
+                f"it: use {KV4_DTYPE} or auto")
+
+    def check_engine_config(self, vllm_config: Any) -> None:
+        """What needs the whole engine configuration (run in the calling process by the
+        quarot-config-check patch, so that LLM(...) / vllm serve refuse with one line):
+        the tensor-parallel size and the KV cache dtype."""
+        self.fmt.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
+        if vllm_config.cache_config is not None:
+            self.check_cache_dtype(vllm_config.cache_config.cache_dtype)
+
+    def _select_kv_cache_dtype(self) -> None:
+        """'auto' becomes int4_per_token_head for a checkpoint with a kv_cache section
+        (before any Attention layer reads it)."""
         from vllm.config import get_current_vllm_config
 
         from vllm_quarot.runtime.kv_attention import KV4_DTYPE
@@ -93,17 +118,9 @@ class QuaRotConfig(QuantizationConfig):
         cache = get_current_vllm_config().cache_config
         if self.fmt.kv_cache is None or cache is None:
             return
-        if self.fmt.kv_cache.bits != 4:
-            raise CheckpointFormatError(
-                f"the runtime serves 4-bit KV caches; the checkpoint asks for "
-                f"{self.fmt.kv_cache.bits} bits")
+        self.check_cache_dtype(cache.cache_dtype)
         if cache.cache_dtype == "auto":
             cache.cache_dtype = KV4_DTYPE
-        elif cache.cache_dtype != KV4_DTYPE:
-            raise CheckpointFormatError(
-                f"this checkpoint was quantized for a 4-bit KV cache (scheme "
-                f"{self.fmt.scheme!r}); --kv-cache-dtype {cache.cache_dtype} contradicts "
-                f"it: use {KV4_DTYPE} or auto")
 
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str
@@ -124,8 +141,8 @@ class QuaRotConfig(QuantizationConfig):
         from vllm_quarot.runtime.transform import HadamardTransform
 
         r4 = self.fmt.rotation.r4
-        down = prefix.rsplit(".", 1)[-1] == "down_proj"
-        return QuaRotLinearMethod(scheme_for(self.fmt, prefix, self.packed_modules_mapping),
+        down = prefix.endswith(DOWN_PROJ)
+        return QuaRotLinearMethod(scheme_for(self.fmt, prefix),
                                   HadamardTransform(r4) if down and r4 else None, prefix)
 
 

@@ -29,13 +29,16 @@ from vllm_quarot.runtime.transform import HadamardTransform
 _LOADED = ("weight_packed", "weight_scale")
 
 
-def _counting(loader: Callable) -> Callable:
-    """The weight loader, counting on each parameter how many checkpoint tensors
-    (shards of a merged q/k/v or gate/up) were written into it."""
+def _counting(loader: Callable, shards: int) -> Callable:
+    """The weight loader, counting on each parameter how many of its ``shards`` (the
+    parts of a merged q/k/v or gate/up) checkpoint tensors wrote: one per call with a
+    shard id, all of them for a tensor fused on disk (Phi-3's qkv_proj: no shard id)."""
 
-    def load(param: torch.nn.Parameter, *args, **kwargs):
-        param.quarot_loads = getattr(param, "quarot_loads", 0) + 1
-        return loader(param, *args, **kwargs)
+    def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
+        shard = args[0] if args else kwargs.get("loaded_shard_id")
+        param.quarot_loads = getattr(param, "quarot_loads", 0) + (
+            shards if shard is None else 1)
+        return loader(param, loaded_weight, *args, **kwargs)
 
     return load
 
@@ -76,7 +79,8 @@ class QuaRotLinearMethod(LinearMethodBase):
                 f"{self.prefix}: input size {k} does not split into "
                 f"{layer.quarot_parts} blocks")
         self.scheme.create_weights(layer, self.prefix, k, output_partition_sizes,
-                                   _counting(extra_weight_attrs["weight_loader"]))
+                                   _counting(extra_weight_attrs["weight_loader"],
+                                             len(output_partition_sizes)))
         layer.quarot_in_features = k
         layer.quarot_out_features = sum(output_partition_sizes)
         layer.quarot_shards = len(output_partition_sizes)

@@ -1,8 +1,12 @@
 """Fixes for vLLM bugs outside the plugin that still take our users' servers down.
 
-Each patch is guarded by the vLLM version it was written against and applied by
-``vllm_quarot.register()``, which vLLM calls in every process (API server, engine
-core, workers); only the process that owns the model runner ever uses them.
+Each patch is an entry of ``PATCHES``: what it fixes, the vLLM version it was written
+against and the platform it applies to. ``vllm_quarot.register()``, which vLLM calls in
+every process (API server, engine core, workers), applies the ones that fit; on another
+vLLM version none is applied and one warning names each that is not (their bugs may be
+fixed there, or the patched code may have moved). ``VLLM_QUAROT_PATCHES=0`` turns them
+all off. The first two fix vLLM bugs that hit every CPU user (a bf16 model too); the
+third only acts on QuaRot checkpoints.
 
 CPU: seeded requests under chunked prefill (vLLM 0.32)
 ------------------------------------------------------
@@ -52,36 +56,72 @@ parallel configuration. So that ``LLM(..., tensor_parallel_size=T)`` and ``vllm 
 --tensor-parallel-size T`` refuse a checkpoint that cannot serve at T with one line in
 the calling process (not "Engine core initialization failed" after the workers
 started), ``VllmConfig.__post_init__`` is wrapped to run
-``QuaRotFormat.check_tensor_parallel`` once the config is complete.
+``QuaRotConfig.check_engine_config`` (tensor-parallel size, KV cache dtype) once the
+config is complete. Without the patch the same checks still refuse, later, in the
+workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from vllm.logger import init_logger
 
+from vllm_quarot import envs
+
 logger = init_logger("vllm.quarot")
 
-_applied = False
+VLLM_VERSION = "0.32"  # the vLLM the patches were written against (version prefix)
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    fixes: str  # one line: the bug, as a user sees it
+    platform: str | None  # "cpu", or None for every platform
+    apply: Callable[[], None]
+
+
+_applied: list[str] | None = None
+
+
+def applied() -> list[str]:
+    """The names of the patches applied in this process."""
+    return list(_applied or [])
 
 
 def apply() -> None:
     """Apply the patches that fit this vLLM and platform (idempotent)."""
     global _applied
-    if _applied:
+    if _applied is not None:
         return
-    _applied = True
+    _applied = []
+    if not envs.VLLM_QUAROT_PATCHES:
+        logger.info("vllm_quarot: VLLM_QUAROT_PATCHES=0: vLLM is not patched (%s)",
+                    ", ".join(p.name for p in PATCHES))
+        return
     import vllm
-
-    if not vllm.__version__.startswith("0.32"):
-        return
-    _patch_config_checks()
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return  # Philox generators: vLLM's offset rollback works there
-    _patch_cpu_seeded_chunked_prefill()
-    _patch_cpu_pipeline_buffer()
+    platform = "cpu" if current_platform.is_cpu() else (
+        "cuda" if current_platform.is_cuda() else current_platform.device_type)
+    wanted = [p for p in PATCHES if p.platform in (None, platform)]
+    if not vllm.__version__.startswith(VLLM_VERSION):
+        logger.warning(
+            "vllm_quarot: vLLM %s is not %s, the version its patches were written for; "
+            "NOT applied: %s", vllm.__version__, VLLM_VERSION,
+            "; ".join(f"{p.name} ({p.fixes})" for p in wanted))
+        return
+    for p in wanted:
+        p.apply()
+        _applied.append(p.name)
+    logger.debug("vllm_quarot: patched vLLM %s: %s", vllm.__version__, ", ".join(_applied))
+    if "cpu-seeded-chunked-prefill" in _applied:
+        logger.info("vllm_quarot: patched vLLM %s CPU model runner (cpu-seeded-chunked-"
+                    "prefill): seeded requests survive chunked prefill", vllm.__version__)
+
 
 
 def _discarded_generators(runner) -> dict[int, object]:
@@ -95,7 +135,6 @@ def _discarded_generators(runner) -> dict[int, object]:
 
 
 def _patch_cpu_seeded_chunked_prefill() -> None:
-    import vllm
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     if getattr(CPUModelRunner, "_quarot_seeded_chunk_fix", False):
@@ -133,9 +172,6 @@ def _patch_cpu_seeded_chunked_prefill() -> None:
     CPUModelRunner._sample = _sample
     CPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     CPUModelRunner._quarot_seeded_chunk_fix = True
-    logger.info("vllm_quarot: patched vLLM %s CPU model runner: seeded requests survive "
-                "chunked prefill (generator state restored instead of set_offset)",
-                vllm.__version__)
 
 
 def _patch_cpu_pipeline_buffer() -> None:
@@ -165,9 +201,22 @@ def _patch_config_checks() -> None:
 
     def __post_init__(self, *args, **kwargs):
         post_init(self, *args, **kwargs)
-        fmt = getattr(self.quant_config, "fmt", None)
-        if fmt is not None and type(self.quant_config).__name__ == "QuaRotConfig":
-            fmt.check_tensor_parallel(self.parallel_config.tensor_parallel_size)
+        if type(self.quant_config).__name__ == "QuaRotConfig":
+            self.quant_config.check_engine_config(self)
 
     VllmConfig.__post_init__ = __post_init__
     VllmConfig._quarot_checks = True
+
+
+PATCHES = (
+    Patch("cpu-seeded-chunked-prefill",
+          "a seeded request prefilled in chunks kills the engine: 'CPU Generator does not "
+          "use offset'", "cpu", _patch_cpu_seeded_chunked_prefill),
+    Patch("cpu-eager-pipeline-buffer",
+          "--pipeline-parallel-size > 1 with --enforce-eager fails at the second stage's "
+          "first step (bare AssertionError)", "cpu", _patch_cpu_pipeline_buffer),
+    Patch("quarot-config-check",
+          "a QuaRot checkpoint that cannot serve at the requested tensor-parallel size or "
+          "KV cache dtype is refused in the calling process, not after the workers "
+          "start", None, _patch_config_checks),
+)

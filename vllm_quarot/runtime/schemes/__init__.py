@@ -16,17 +16,16 @@ from vllm_quarot.runtime.schemes.wnan_dynamic import QuaRotWnAnDynamic
 __all__ = ["QuaRotScheme", "lm_head_scheme", "scheme_for"]
 
 
-def scheme_for(fmt: QuaRotFormat, prefix: str = "",
-               packed: dict[str, list[str]] | None = None) -> QuaRotScheme:
-    """The scheme of the checkpoint's quantized linear layer ``prefix`` (vLLM's name;
-    a merged layer's parts are found through ``packed``, vLLM's
-    packed_modules_mapping): activation bits may differ per layer (layer_bits)."""
+def scheme_for(fmt: QuaRotFormat, prefix: str = "") -> QuaRotScheme:
+    """The scheme of the checkpoint's quantized linear layer ``prefix`` (vLLM's name; a
+    merged layer's canonical parts come from the model map): activation bits may differ
+    per layer (layer_bits)."""
     act = fmt.activation
     if act is None:
         return QuaRotWnA16(fmt)
     if act.static:
         return QuaRotW8A8Static(fmt)
-    bits, clip = act.for_merged(prefix, packed or {}) if prefix else (act.bits, act.clip_ratio)
+    bits, clip = act.for_module(prefix) if prefix else (act.bits, act.clip_ratio)
     return QuaRotWnAnDynamic(fmt, bits, clip)
 
 

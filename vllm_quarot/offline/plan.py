@@ -1,0 +1,180 @@
+"""What a quantizer run will do, decided before any tensor is read: the model's family
+and config, and the checkpoint format it writes (``plan_format``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from vllm_quarot import __version__
+from vllm_quarot.format import (
+    ActivationSpec,
+    KVCacheSpec,
+    LMHeadSpec,
+    OnlineHadamard,
+    QuaRotFormat,
+    R1Spec,
+    R2Spec,
+    RotationSpec,
+    WeightSpec,
+)
+from vllm_quarot.hadamard import HadamardSizeError, factorize
+from vllm_quarot.models import Family, UnsupportedModelError, family_of, head_dim
+from vllm_quarot.offline.options import LM_HEADS, QuantizeError, QuantizeOptions
+
+
+def load_config(model_dir: Path) -> tuple[Any, Family]:
+    """The model's config and family; refused unless it is a supported, not yet
+    quantized model."""
+    if not (model_dir / "config.json").is_file():
+        raise QuantizeError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(model_dir)
+    try:
+        family = family_of(cfg)
+    except UnsupportedModelError as e:
+        raise QuantizeError(str(e)) from None
+    if getattr(cfg, "quantization_config", None):
+        raise QuantizeError(f"{model_dir} is already quantized; start from a 16/32-bit model")
+    return cfg, family
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The checkpoint's format section and the sizes and switches of the run."""
+
+    fmt: QuaRotFormat
+    w_bits: int
+    a_bits: int | None
+    hidden: int
+    head_dim: int
+    rotate: bool  # R1 (and R2) folded into the weights
+    online_r4: bool  # R4 folded into down_proj's input and applied online
+    act_clip: float
+    out_dtype: torch.dtype
+    nsamples: int  # calibration windows (resolved: --nsamples or the default budget)
+    seqlen: int
+
+
+def _output_dtype(cfg: Any) -> torch.dtype:
+    return torch.float16 if getattr(cfg, "dtype", None) == torch.float16 else torch.bfloat16
+
+
+def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
+    """The QuaRotFormat this run writes; impossible Hadamard orders are refused here."""
+    w_bits, a_bits, kv_bits = o.bits
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    hd = head_dim(cfg)
+    rotate = o.rotate != "none"
+    online_r4 = o.online_r4
+    r3 = o.online_rotations and kv_bits is not None
+    try:
+        if rotate:
+            factorize(hidden)
+            factorize(hd)
+        if online_r4:
+            factorize(inter // o.tp)
+    except HadamardSizeError as e:
+        raise QuantizeError(str(e)) from e
+    nsamples, seqlen = o.budget(device)
+    seqlen = min(seqlen, getattr(cfg, "max_position_embeddings", None) or seqlen)
+    calibration = (f"file:{Path(o.calib).name}" if o.calib
+                   else f"self-generated:{o.self_samples}" if o.self_samples else "none")
+    act_clip = o.activation_clip
+    fmt = QuaRotFormat(
+        scheme=o.scheme,
+        weight=WeightSpec(bits=w_bits, group_size=o.group_size,
+                          method=o.weight_method if w_bits < 16 else "none"),
+        activation=None if a_bits is None else ActivationSpec(
+            bits=a_bits, clip_ratio=act_clip,
+            dynamic="static-per-tensor" if o.static else "per-token"),
+        kv_cache=None if kv_bits is None else KVCacheSpec(bits=kv_bits, clip_ratio=o.kv_clip),
+        rotation=RotationSpec(
+            r1=R1Spec(kind=("cayley-learned" if o.rotate == "spinquant"
+                            else "randomized-hadamard" if rotate else "none"),
+                      seed=o.seed, size=hidden if rotate else 0),
+            r2=R2Spec(size=hd) if rotate else None,
+            r3=OnlineHadamard.of_size(hd) if r3 else None,
+            r4=OnlineHadamard.of_size(inter, o.tp) if online_r4 else None,
+        ),
+        tp_blocks=o.tp,
+        lm_head=lm_head_spec(o),
+        ignore=("lm_head",) if o.lm_head_scheme == "none" else (),
+        quantizer={
+            "name": "vllm-quarot",
+            "version": __version__,
+            "scheme": o.scheme,
+            "weight_method": o.weight_method,
+            "calibration": calibration,
+            "nsamples": nsamples if o.calib else (o.self_samples or nsamples),
+            "seqlen": seqlen,
+            "w_clip": o.w_clip,
+            "act_order": o.act_order,
+            "rotate": o.rotate,
+            "a8_layers": o.a8_layers,
+            "precision": o.precision,
+            "online_hadamard": o.online_hadamard,
+            "kv_calibrate": o.calibrates_kv,
+            "lm_head": o.lm_head_scheme,
+        },
+    )
+    return Plan(fmt, w_bits, a_bits, hidden, hd, rotate, online_r4, act_clip,
+                _output_dtype(cfg), nsamples if o.calib else (o.self_samples or nsamples),
+                seqlen)
+
+
+def lm_head_spec(o: QuantizeOptions) -> LMHeadSpec | None:
+    bits = LM_HEADS[o.lm_head_scheme]
+    if bits is None:
+        return None
+    return LMHeadSpec(bits=bits[0], group_size=o.group_size, activation_bits=bits[1],
+                      method=o.weight_method)
+
+
+def gemm_tflops(device: str | torch.device, hidden: int, inter: int, tokens: int = 1024,
+                reps: int = 3) -> float:
+    """Measured float32 GEMM rate (TFLOP/s, best of reps) of this device on a layer's
+    two largest products (tokens × hidden → inter, tokens × inter → hidden): what the
+    calibration forward passes and Hessians run on."""
+    import time
+
+    dev = torch.device(device)
+    x = torch.randn(tokens, hidden, device=dev)
+    w1, w2 = torch.randn(inter, hidden, device=dev), torch.randn(hidden, inter, device=dev)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.nn.functional.linear(torch.nn.functional.linear(x, w1), w2)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2 * tokens * hidden * inter / best / 1e12
+
+
+def estimate_seconds(cfg: Any, o: QuantizeOptions, plan: Plan, rate_tflops: float) -> float:
+    """A rough duration of the layer-by-layer work at this GEMM rate: the calibration
+    forwards (the sequential pass is about 1.5 of them), the Hessians, GPTQ (float64)
+    and the clip search, per layer, times the depth. tqdm's per-layer ETA replaces it
+    once the first layer is done."""
+    from vllm_quarot.models import linear_sizes
+
+    sizes = linear_sizes(cfg)
+    params = sum(n * k for n, k in sizes.values())
+    flops = 0.0
+    if o.uses_calibration:
+        tokens = plan.nsamples * plan.seqlen
+        flops += 2 * tokens * params * (1.5 if o.needs_calibration else 1.0)
+        if o.needs_calibration:
+            inputs = {k for _n, k in sizes.values()}
+            flops += sum(2 * tokens * k * k for k in inputs)
+    if o.uses_gptq:  # float64: about half the float32 rate
+        flops += 2 * sum(2 * n * k * k + k**3 for n, k in sizes.values())
+    if o.w_clip and plan.w_bits < 16:
+        flops += 80 * 6 * params
+    per_layer = flops / (max(rate_tflops, 1e-4) * 1e12)
+    return per_layer * cfg.num_hidden_layers

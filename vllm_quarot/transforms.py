@@ -1,0 +1,217 @@
+"""What the runtime does online, installed on a transformers model: the one place where
+the online rotations and the activation / KV fake quantization are written.
+
+Around each quantized linear the vLLM plugin (``runtime/``) computes
+``x → R4 (down_proj only) → quantize per token (or per (token, block) on the
+row-parallel linears of a tensor-parallel checkpoint, or with a static scale)``, and in
+the KV cache ``keys, values → minus their shift → R3 on queries and keys → 4-bit per
+token and head``. ``linear_input_specs`` / ``kv_spec`` derive these from a checkpoint
+format, ``install_linear_inputs`` / ``install_kv_attention`` put them on a transformers
+model as forward pre-hooks and an attention function. Their users:
+
+- the simulation (``eval/simulate.py``): the reference that vLLM's outputs are tested
+  against;
+- SpinQuant's training (``offline/spinquant.py``): the same numerics with
+  straight-through gradients, so that the rotations are learned against the model that
+  is served (block-diagonal R4 and per-block scales under ``--tp``);
+- the quantizer's layer runner (``offline/layer_runner.py``): R4 only (calibration runs
+  16-bit activations), and the activation-error meter of ``--a8-layers``;
+- the KV calibration (``offline/kv_calibration.py``): the KV quantizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_quarot.format import OnlineHadamard, QuaRotFormat
+from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
+from vllm_quarot.models import DOWN_PROJ, LM_HEAD, ROW_PARALLEL, canonical_parts
+from vllm_quarot.quant import fake_quantize_asym, fake_quantize_per_token_blocks, quantize_static
+
+Active = Callable[[], bool]
+
+
+def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """xq's value with x's (identity) gradient: the straight-through estimator."""
+    return x + (xq - x).detach()
+
+
+@dataclass(frozen=True)
+class LinearInputSpec:
+    """What happens to one linear's input before its integer GEMM."""
+
+    r4: OnlineHadamard | None = None  # the online Hadamard (down_proj), block-diagonal
+    bits: int | None = None  # None: 16-bit activations
+    clip: float = 1.0
+    blocks: int = 1  # one scale per (token, block of K_PROJ/blocks): TP row-parallel inputs
+    static_scale: torch.Tensor | None = None  # calibrated per-tensor scale [1]
+
+
+def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
+                       input_scales: dict[str, torch.Tensor] | None = None,
+                       override: dict[str, int | None] | None = None,
+                       ) -> dict[str, LinearInputSpec]:
+    """The runtime's treatment of each named module's input (canonical, fused or
+    ``lm_head`` names). override (analysis only) maps a name suffix (``down_proj``,
+    ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit."""
+    act, r4 = fmt.activation, fmt.rotation.r4
+    static = act is not None and act.static
+    specs = {}
+    for name in names:
+        if name == LM_HEAD:
+            assert fmt.lm_head is not None
+            bits, clip, blocks, scale = fmt.lm_head.activation_bits, 1.0, 1, None
+        else:
+            bits, clip = act.for_module(name) if act is not None else (None, 1.0)
+            row_parallel = any(p.endswith(ROW_PARALLEL) for p in canonical_parts(name))
+            blocks = fmt.tp_blocks if row_parallel else 1
+            scale = None
+            if static:
+                scale = (input_scales or {}).get(name)
+                if scale is None:
+                    from vllm_quarot.errors import CheckpointFormatError
+
+                    raise CheckpointFormatError(
+                        f"{name}.input_scale is missing from the checkpoint")
+        for suffix, b in (override or {}).items():
+            if name.endswith(suffix):
+                bits = b
+        specs[name] = LinearInputSpec(
+            r4=r4 if name.endswith(DOWN_PROJ) else None, bits=bits, clip=clip, blocks=blocks,
+            static_scale=scale)
+    return specs
+
+
+def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor | None = None,
+                    ste: bool = False, quantize: bool = True) -> torch.Tensor:
+    """The input as the runtime's kernel sees it: R4 (computed in float32 at least, as
+    the kernels do), then the activation fake quantization (when quantize)."""
+    if spec.r4 is not None:
+        if had_k is None:
+            had_k = hadamard_factor(spec.r4.block_size, torch.float32).to(x.device)
+        dtype = x.dtype
+        x = block_hadamard_transform(x if dtype == torch.float64 else x.float(),
+                                     spec.r4.blocks, had_k.to(x.device)).to(dtype)
+    if not quantize or spec.bits is None:
+        return x
+    with torch.no_grad():
+        if spec.static_scale is not None:
+            s = spec.static_scale.to(x.device)
+            xq = (quantize_static(x.detach(), s, spec.bits).float() * s).to(x.dtype)
+        else:
+            xq = fake_quantize_per_token_blocks(x.detach(), spec.bits, spec.clip, spec.blocks)
+    return _ste(x, xq) if ste else xq
+
+
+def install_linear_inputs(model: torch.nn.Module, specs: dict[str, LinearInputSpec],
+                          ste: bool = False, active: Active | None = None,
+                          quantize: bool = True) -> list:
+    """A forward pre-hook on each named module applying its spec; ``active`` (when
+    given) switches the quantization (not the rotations, which the weights carry) off
+    while it returns False. Returns the hook handles."""
+    handles = []
+    for name, spec in specs.items():
+        mod = model.get_submodule(name)
+        had_k = None
+        if spec.r4 is not None:
+            p = next(iter(mod.parameters()), None)
+            dtype = torch.float64 if p is not None and p.dtype == torch.float64 else \
+                torch.float32
+            had_k = hadamard_factor(spec.r4.block_size, dtype)
+            if p is not None:
+                had_k = had_k.to(p.device)
+
+        def hook(_m, args, spec=spec, had_k=had_k):
+            on = quantize and (active is None or active())
+            return (transform_input(args[0], spec, had_k, ste=ste, quantize=on),)
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    return handles
+
+
+# ----------------------------------------------------------------------- KV cache
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The 4-bit KV cache: bits, clip, R3 (on the layers it applies to) and the
+    per-layer key/value shifts (layer -> (k, v) [kv_heads, head_dim]) or None."""
+
+    bits: int
+    clip: float
+    r3: OnlineHadamard | None
+    shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def kv_spec(fmt: QuaRotFormat, shifts=None) -> KVSpec | None:
+    kv = fmt.kv_cache
+    if kv is None:
+        return None
+    return KVSpec(kv.bits, kv.clip_ratio, fmt.rotation.r3, shifts if kv.shift else None)
+
+
+def kv_fake_quant(x: torch.Tensor, bits: int, clip: float, ste: bool = False) -> torch.Tensor:
+    """Keys or values as the 4-bit cache returns them: asymmetric per token and head."""
+    with torch.no_grad():
+        xq = fake_quantize_asym(x.detach(), bits, clip)
+    return _ste(x, xq) if ste else xq
+
+
+def quantize_kv_states(layer: int, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, spec: KVSpec, ste: bool = False,
+                       quantize: bool = True,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(query, key, value, value shift to add back or None) after RoPE, as the cache
+    attends: keys and values minus their shift, R3 on queries and keys (float32),
+    fake-quantized keys and values. Shapes [B, heads or kv_heads, T, D]."""
+    dtype = key.dtype
+    k, v = key.float(), value.float()
+    v_add = None
+    if spec.shifts is not None:
+        k_shift, v_shift = spec.shifts[layer]
+        k = k - k_shift.to(k.device)[:, None, :]
+        v = v - v_shift.to(v.device)[:, None, :]
+        v_add = v_shift
+    if spec.r3 is not None and spec.r3.applies_to(layer):
+        had = hadamard_factor(query.shape[-1], torch.float32).to(query.device)
+        query = hadamard_transform(query.float(), had).to(query.dtype)
+        k = hadamard_transform(k, had)
+    if quantize:
+        k = kv_fake_quant(k, spec.bits, spec.clip, ste)
+        v = kv_fake_quant(v, spec.bits, spec.clip, ste)
+    return query, k.to(dtype), v, v_add
+
+
+_ATTENTION_COUNT = itertools.count()
+
+
+def install_kv_attention(model: torch.nn.Module, spec: KVSpec, ste: bool = False,
+                         active: Active | None = None) -> str:
+    """Give the model an attention function (transformers' AttentionInterface, one per
+    call) that applies ``quantize_kv_states`` after RoPE, runs SDPA and adds the value
+    shift back to the output."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    name = f"quarot_kv{spec.bits}_{next(_ATTENTION_COUNT)}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        on = active is None or active()
+        q, k, v, v_add = quantize_kv_states(module.layer_idx, query, key, value, spec,
+                                            ste=ste, quantize=on)
+        out, weights = sdpa_attention_forward(module, q, k, v.to(k.dtype), attention_mask,
+                                              **kwargs)
+        if v_add is None:
+            return out, weights
+        # out: [B, T, heads, D]; query head h reads KV head h // group
+        group = q.shape[1] // v.shape[1]
+        vs = v_add.to(out.device).repeat_interleave(group, dim=0)
+        return (out.float() + vs).to(out.dtype), weights
+
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+    return name
