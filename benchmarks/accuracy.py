@@ -1,15 +1,23 @@
-"""Regenerates the README's accuracy table (QuaRot paper's Table 1, on small models).
+"""The one perplexity harness: the accuracy table (QuaRot paper's Table 1, on small
+models) and the studies that are row sets of it.
 
-For every row: quantize with `vllm-quarot quantize` (cached under --work), then
-measure perplexity through vLLM (the serving path, when vLLM can serve the row) and
-through the pure-PyTorch simulation, and report the checkpoint size.
+For every row: quantize with `vllm-quarot quantize` (cached under --work), optionally
+derive a variant of that checkpoint (same weights, another config: a row set's view),
+then measure perplexity through vLLM (the serving path, when vLLM can serve the row)
+and through the pure-PyTorch simulation, and report the checkpoint size.
 
     .venv/bin/python benchmarks/accuracy.py --model smollm2      # WikiText-2
     .venv/bin/python benchmarks/accuracy.py --model stories260k  # TinyStories, sim only
     .venv/bin/python benchmarks/accuracy.py --model smollm2-qwen2keys --rows 0,14,15,16
         # SmolLM2 with Qwen2's massive key biases: the KV4 rows
+    .venv/bin/python benchmarks/accuracy.py --row-set tp-blocks --no-vllm
+        # --tp 1/2/8 checkpoints (block-diagonal R4, per-slice scales)
+    .venv/bin/python benchmarks/accuracy.py --row-set a8 --seeds 1
+        # --a8-layers 0/2/4/auto from one W4A4KV4 checkpoint (weights shared)
+    .venv/bin/python benchmarks/accuracy.py --row-set act --no-vllm --seeds 1
+        # which projections' 4-bit activations cost most; other activation clips
 
-Writes benchmarks/results/accuracy_<model>.md and prints the same table.
+Writes benchmarks/results/accuracy_<model>[_<row set>].md and prints the same table.
 """
 
 from __future__ import annotations
@@ -18,19 +26,34 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
-# (label, quantize options or None for the 16-bit original, seeded). Options not given
-# are the CLI's defaults (GPTQ: sequential in each layer, weight clip search, act-order,
-# damp 0.01), so a row shows what a user gets. Seeded rows are quantized once per R1
-# seed (--seeds) and reported as mean ± standard deviation: at 4 bits one seed's figure
-# moves by ~10 %, more than many method differences.
-ROWS: list[tuple[str, dict | None, bool]] = [
+
+class Row(NamedTuple):
+    """label; quantize options (None: the 16-bit original); seeded (one checkpoint per
+    R1 seed); view: (name, fn(ckpt, out) -> checkpoint) derives a variant that shares
+    the weights; sim: keyword arguments of load_simulated (analysis-only overrides, so
+    simulation only)."""
+
+    label: str
+    opts: dict | None
+    seeded: bool = False
+    view: tuple[str, Callable[[Path, Path], Path]] | None = None
+    sim: dict | None = None
+
+
+# Options not given are the CLI's defaults (GPTQ: sequential in each layer, weight
+# clip search, act-order, damp 0.01), so a row shows what a user gets. Seeded rows are
+# quantized once per R1 seed (--seeds) and reported as mean ± standard deviation: at 4
+# bits one seed's figure moves by ~10 %, more than many method differences.
+ROWS: list[Row] = [Row(*r) for r in [
     ("bf16", None, False),
     ("W8A8, no rotation", dict(scheme="w8a8", weight_method="rtn", rotate="none"), False),
     ("W8A8, QuaRot", dict(scheme="w8a8", weight_method="rtn"), False),
@@ -57,7 +80,74 @@ ROWS: list[tuple[str, dict | None, bool]] = [
     ("W4A8KV4 QuaRot-RTN", dict(scheme="w4a8kv4", weight_method="rtn"), False),
     ("W4A8KV4 QuaRot-RTN, --no-kv-calibrate", dict(scheme="w4a8kv4", weight_method="rtn",
                                                    kv_calibrate=False), False),
-]
+]]
+
+
+def _a8_view(n: int | str) -> tuple[str, Callable[[Path, Path], Path]]:
+    """The checkpoint with the n sub-blocks of largest 4-bit activation error at 8 bits,
+    chosen from the errors the quantizer measured (``--a8-layers N``'s own choice);
+    GPTQ's weights do not depend on the activation bits, so the weights are shared."""
+    def make(ckpt: Path, out: Path) -> Path:
+        from vllm_quarot.offline.quantize import select_a8_layers
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        qc = cfg["quantization_config"]
+        errors = qc["quantizer"].get("activation_errors")
+        if not errors:
+            raise SystemExit(f"{ckpt} was not quantized with --a8-layers")
+        qc["activation"]["layer_bits"] = dict(sorted(
+            select_a8_layers(errors, str(n), cfg["num_hidden_layers"]).items()))
+        qc["quantizer"]["a8_layers"] = str(n)
+        return _config_view(ckpt, out, cfg)
+    return f"a8-{n}", make
+
+
+def _clip_view(clip: float) -> tuple[str, Callable[[Path, Path], Path]]:
+    """The checkpoint served with another activation clip ratio (weights unchanged)."""
+    def make(ckpt: Path, out: Path) -> Path:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["quantization_config"]["activation"]["clip_ratio"] = clip
+        return _config_view(ckpt, out, cfg)
+    return f"clip-{clip}", make
+
+
+def _config_view(ckpt: Path, out: Path, cfg: dict) -> Path:
+    """out: ckpt's files symlinked, with cfg as its config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+_W4A4KV4 = dict(scheme="w4a4kv4")
+_ACT = {"16-bit activations everywhere": {"proj": None},
+        "8-bit activations everywhere": {"proj": 8},
+        "8-bit at down_proj": {"down_proj": 8},
+        "8-bit at o_proj": {"o_proj": 8},
+        "8-bit at q/k/v_proj": {"q_proj": 8, "k_proj": 8, "v_proj": 8},
+        "8-bit at gate/up_proj": {"gate_proj": 8, "up_proj": 8}}
+# the studies: each a list of rows of this harness (--row-set NAME), after the 16-bit
+# reference
+_BF16 = ROWS[0]
+ROW_SETS: dict[str, list[Row]] = {
+    "table1": ROWS,
+    # tensor-parallel-ready checkpoints: block-diagonal R4 I_N ⊗ H_{inter/N} and
+    # per-(token, 1/N slice) activation scales on o_proj and down_proj
+    "tp-blocks": [_BF16] + [Row(f"W4A4KV4 QuaRot-GPTQ, --tp {n}", {**_W4A4KV4, "tp": n}, True)
+                  for n in (1, 2, 8)],
+    # keeping the N sub-blocks of largest 4-bit activation error at 8 bits
+    "a8": [_BF16] + [Row(f"W4A4KV4 QuaRot-GPTQ, --a8-layers {n}", {**_W4A4KV4, "a8_layers": "auto"},
+               True, view=_a8_view(n)) for n in (0, 2, 4, "auto")],
+    # which projections' 4-bit activations cost most (simulation overrides), and the
+    # activation clip ratio, on one W4A4KV4 checkpoint
+    "act": [_BF16, Row("W4A4KV4 QuaRot-GPTQ, as quantized", _W4A4KV4, True)]
+    + [Row(f"W4A4KV4 QuaRot-GPTQ, {k}", _W4A4KV4, True, sim={"act_bits_override": v})
+       for k, v in _ACT.items()]
+    + [Row(f"W4A4KV4 QuaRot-GPTQ, activation clip {c}", _W4A4KV4, True, view=_clip_view(c))
+       for c in (0.8, 0.85, 0.95, 1.0)],
+}
 
 MODELS = {
     # name: (text, seqlen, vLLM can serve it, calibration text)
@@ -72,11 +162,11 @@ MODELS = {
 
 def model_dir(name: str) -> Path:
     if name == "smollm2":
-        from models import smollm2_dir
+        from vllm_quarot.eval.zoo import smollm2_dir
 
         return smollm2_dir()
     if name == "smollm2-qwen2keys":
-        from models import smollm2_qwen2_keys_dir
+        from vllm_quarot.eval.zoo import smollm2_qwen2_keys_dir
 
         return smollm2_qwen2_keys_dir()
     return DATA / "stories260K" / "hf"
@@ -142,6 +232,8 @@ def _stat(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--row-set", choices=sorted(ROW_SETS), default="table1",
+                    help="which rows: the accuracy table or one of the studies")
     ap.add_argument("--max-windows", type=int, default=8,
                     help="perplexity windows of seqlen tokens (None: the whole text)")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -173,7 +265,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default benchmarks/results/accuracy_<model>.md")
     a = ap.parse_args()
 
-    from models import default_cache_dir
     from transformers import AutoTokenizer
 
     from vllm_quarot.eval.perplexity import (
@@ -182,6 +273,8 @@ def main() -> None:
         serve_perplexity,
         token_windows,
     )
+    from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.eval.zoo import default_cache_dir
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     text, seqlen, servable, calib = MODELS[a.model]
@@ -192,11 +285,12 @@ def main() -> None:
     if a.calib == "wikitext-heldout":
         calib = str(_heldout(tok, DATA / text, len(windows) * seqlen, work))
     # --rows 7,11,12:1 -> row 12 with one seed only
+    rows = ROW_SETS[a.row_set]
     picked = ([(int(r.split(":")[0]), int(r.split(":")[1]) if ":" in r else None)
-               for r in a.rows.split(",")] if a.rows else [(i, None) for i in range(len(ROWS))])
+               for r in a.rows.split(",")] if a.rows else [(i, None) for i in range(len(rows))])
     results = []
     for i, n_seeds in picked:
-        label, opts, seeded = ROWS[i]
+        label, opts, seeded, view, sim_kw = rows[i]
         vals, sims, mib, secs = [], [], 0.0, []
         first = a.first_seed if seeded else 0
         for seed in range(first, first + ((n_seeds or a.seeds) if seeded else 1)):
@@ -206,7 +300,10 @@ def main() -> None:
                        "nsamples": a.nsamples, "seqlen": a.calib_seqlen}
                 row.update(overrides(a.set + ([f"spinquant_steps={a.spinquant_steps}"]
                                               if a.spinquant_steps is not None else []), opts))
-                ckpt = work / f"row{i:02d}-seed{seed}-{_key(row)}"
+                # the options decide the checkpoint: rows (and row sets) with the same
+                # options share one, whatever their row number
+                ckpt = next(iter(sorted(work.glob(f"row*-seed{seed}-{_key(row)}"))),
+                            work / f"row{i:02d}-seed{seed}-{_key(row)}")
                 if a.cached_only and not (ckpt / "config.json").is_file():
                     continue
                 if not (ckpt / "config.json").is_file():
@@ -216,15 +313,20 @@ def main() -> None:
                     secs.append(time.time() - t)
                     print(f"[accuracy]   {secs[-1]:.0f} s; worst layer error "
                           f"{max(s.layer_errors.values(), default=0):.4f}", flush=True)
+                if view is not None:
+                    ckpt = view[1](ckpt, work / f"{ckpt.name}-{view[0]}")
             # vLLM (the serving path) scores seed 0; the simulation (the runtime's maths in
             # float32, several times faster than bf16 vLLM on an AVX2 CPU) every seed of a
             # seeded row, and seed 0 of the rows in --sim-rows
-            serve = servable and not a.no_vllm and seed == 0
-            with_sim = not servable or (seeded and not a.no_sim) or (
+            serve = servable and not a.no_vllm and seed == 0 and sim_kw is None
+            with_sim = not servable or sim_kw is not None or (seeded and not a.no_sim) or (
                 seed == 0 and (a.sim_rows == "all" or str(i) in a.sim_rows.split(",")))
-            # scores are cached beside the checkpoint, per evaluation set
-            key = _key([row, text, seqlen, len(windows)])
-            cache = work / f"scores-row{i:02d}-seed{seed}-{key}.json"
+            # scores are cached beside the checkpoint, per evaluation set and variant
+            key = _key([row, text, seqlen, len(windows)]
+                       + ([view and view[0], json.dumps(sim_kw, sort_keys=True)]
+                          if view or sim_kw else []))
+            cache = next(iter(sorted(work.glob(f"scores-row*-seed{seed}-{key}.json"))),
+                         work / f"scores-row{i:02d}-seed{seed}-{key}.json")
             got = json.loads(cache.read_text()) if cache.is_file() else {}
             if a.cached_only:  # what was scored, nothing more
                 serve, with_sim = serve and "vllm" in got, with_sim and "sim" in got
@@ -233,7 +335,8 @@ def main() -> None:
             if serve and "vllm" not in got:
                 got["vllm"] = serve_perplexity(ckpt, windows, "quarot" if opts else None)
             if with_sim and "sim" not in got:
-                got["sim"] = hf_perplexity(load_reference(ckpt), windows)
+                got["sim"] = hf_perplexity(load_simulated(ckpt, **sim_kw) if sim_kw
+                                           else load_reference(ckpt), windows)
             work.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(got))
             v, sim = (got.get("vllm") if serve else None), (got.get("sim") if with_sim else None)
@@ -251,7 +354,8 @@ def main() -> None:
     ref_s = bf16[0][3][0] if bf16 and bf16[0][3] else None
     n_tok = len(windows) * (seqlen - 1)
     lines = [
-        f"{a.model}: perplexity on `{text}` ({len(windows)}×{seqlen} tokens, {n_tok} scored); "
+        f"{a.model}, rows `{a.row_set}`: perplexity on `{text}` ({len(windows)}×{seqlen} "
+        f"tokens, {n_tok} scored); "
         f"calibration: {a.nsamples}×{a.calib_seqlen} tokens of `{calib}`. vLLM (bf16, the "
         "serving path) scores R1 seed 0; the simulation (float32) every seed: mean ± "
         "standard deviation over the seeds in brackets. 'vs bf16' compares simulation with "
@@ -276,7 +380,9 @@ def main() -> None:
         lines.append(f"| {i} | {label} | {vs} | {ss} | {rel} | {ratio} | {mib:.1f} |")
     table = "\n".join(lines)
     print(table)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"accuracy_{a.model}.md"
+    suffix = "" if a.row_set == "table1" else "_" + a.row_set.replace("-", "_")
+    out = (Path(a.out) if a.out
+           else ROOT / "benchmarks" / "results" / f"accuracy_{a.model}{suffix}.md")
     out.write_text(table + "\n")
     print(f"wrote {out}")
 

@@ -49,10 +49,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     a = ap.parse_args()
 
-    from models import smollm2_dir
     from transformers import AutoTokenizer
 
     from vllm_quarot.eval.perplexity import token_windows
+    from vllm_quarot.eval.zoo import smollm2_dir
 
     base = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(base)

@@ -129,8 +129,7 @@ def smollm2(k: int, cache: Path) -> tuple[Path, int]:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from models import smollm2_dir
+    from vllm_quarot.eval.zoo import smollm2_dir
 
     src = smollm2_dir(cache)
     full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
@@ -324,7 +323,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=DATA / "wikitext-2-raw" / "wiki.test.raw",
                     help="calibration text (default: WikiText-2 test, $QUAROT_DATA_DIR)")
     ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="where the truncated models live (default: benchmarks/models.py's)")
+                    help="where the truncated models live (default: vllm_quarot.eval.zoo's cache)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/quantize_speed_<device>.md")
     ap.add_argument("--floor-only", action="store_true",
@@ -338,8 +337,7 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from models import default_cache_dir
+    from vllm_quarot.eval.zoo import default_cache_dir
 
     device = a.device
     if device == "auto":

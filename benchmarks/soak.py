@@ -40,9 +40,7 @@ def make_tiny(out: Path, scheme: str = "w4a4kv4") -> Path:
     shared data folder for the tokenizer)."""
     if (out / "config.json").is_file():
         return out
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny_models import make_random_model
-
+    from vllm_quarot.eval.zoo import make_random_model
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     src = make_random_model(out.with_name(out.name + "-src"))

@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
     from vllm_quarot.offline.spinquant import learn_rotations
 
     if a.model == "smollm2":
-        from models import smollm2_dir
+        from vllm_quarot.eval.zoo import smollm2_dir
 
         model = smollm2_dir()
     else:
@@ -68,7 +67,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     if a.calib is None:
         from accuracy import _heldout
-        from models import default_cache_dir
+
+        from vllm_quarot.eval.zoo import default_cache_dir
 
         text = DATA / "wikitext-2-raw" / "wiki.test.raw"
         a.calib = _heldout(tok, text, 8 * 2048, default_cache_dir() / "accuracy-smollm2")

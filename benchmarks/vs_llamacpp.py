@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 from cpu_e2e import CACHE, make_model, quantize_model
-from models import smollm2_dir, smollm2_gguf
+
+from vllm_quarot.eval.zoo import smollm2_dir, smollm2_gguf
 
 CONCURRENCY = (1, 8, 32)
 # --decode-tokens / --long-prompt set these for the workers through the environment

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -28,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # models.py: SmolLM2 from its PyPI wheel
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = [
@@ -140,10 +138,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "demo_smollm2.md"))
     a = ap.parse_args()
 
-    from models import default_cache_dir, smollm2_dir
     from transformers import AutoTokenizer
 
     from vllm_quarot.eval.perplexity import token_windows
+    from vllm_quarot.eval.zoo import default_cache_dir, smollm2_dir
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
     t_start = time.time()

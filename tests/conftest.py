@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 if not torch.cuda.is_available():
     # The Triton kernels (the GPU path) run on CPU tensors under Triton's interpreter;
     # it is chosen when kernels are defined, so before anything imports them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
-
+from vllm_quarot.eval.zoo import DATA_DIR, STORIES_HF, make_random_model  # noqa: E402
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize  # noqa: E402
 
 TINYSTORIES = DATA_DIR / "tinystories" / "validation_head.txt"
@@ -31,6 +27,27 @@ def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true",
                      help="the inner loop: every test that needs no vLLM engine, plus the "
                           "end-to-end tests marked quick")
+
+
+def pytest_report_header(config):
+    """The CPU's ISA in the header: kernels are chosen per ISA, so a failure on another
+    machine is read next to what that machine has."""
+    import platform
+
+    flags: set[str] = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+           if f in flags]
+    return f"cpu: {model} ({os.cpu_count()} cores) isa: {' '.join(isa) or 'unknown'}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINYSTORIES
-from tiny_models import STORIES_HF
 
 from vllm_quarot.cli import build_parser, main
+from vllm_quarot.eval.zoo import STORIES_HF
 from vllm_quarot.offline.options import QuantizeOptions
 
 

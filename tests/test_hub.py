@@ -224,9 +224,8 @@ def test_cli_quantizes_a_cached_hub_id_offline(hf_env, monkeypatch, tmp_path, ca
     HF cache: it is read from the snapshot, and the checkpoint records the Hub id."""
     import json
 
-    from tiny_models import STORIES_HF
-
     from vllm_quarot.cli import main
+    from vllm_quarot.eval.zoo import STORIES_HF
 
     snap = _cache_repo(hf_env, "org/stories", {})
     for f in STORIES_HF.iterdir():

@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 from conftest import TINYSTORIES
-from tiny_models import make_random_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_quarot.eval.simulate import load_simulated
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.format import KV_SHIFT_FILE, CheckpointFormatError, QuaRotFormat
 from vllm_quarot.offline import kv_calibration as kvc
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from conftest import TINYSTORIES
-from tiny_models import make_random_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.format import QuaRotFormat
 from vllm_quarot.models import (
     ATTN_IN,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINYSTORIES
 from test_vllm_e2e import LOGPROB_TOL, PROMPTS, simulate
-from tiny_models import make_random_model
 
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 
 pytestmark = pytest.mark.vllm

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file, save_file
-from tiny_models import STORIES_HF, make_random_model
 from transformers import AutoConfig
 
+from vllm_quarot.eval.zoo import STORIES_HF, make_random_model
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
 from vllm_quarot.offline.gptq import HessianAccumulator, gptq_quantize
 from vllm_quarot.offline.quantize import QuantizeError, QuantizeOptions, quantize

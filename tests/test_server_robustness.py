@@ -77,7 +77,8 @@ def long_llama(tmp_path_factory, shared_data) -> Path:
     decide the sampled tokens."""
     import torch
     from safetensors.torch import load_file, save_file
-    from tiny_models import make_random_model
+
+    from vllm_quarot.eval.zoo import make_random_model
 
     out = make_random_model(tmp_path_factory.mktemp("models") / "llama-long")
     cfg = json.loads((out / "config.json").read_text())

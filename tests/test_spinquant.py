@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from tiny_models import make_random_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.hadamard import hadamard_transform, random_signs
 from vllm_quarot.offline.checkpoint import TensorSource
 from vllm_quarot.offline.rotation import (

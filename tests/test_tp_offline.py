@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_random_model
 
 from vllm_quarot.eval.simulate import load_simulated
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.format import FORMAT_VERSION, OnlineHadamard, QuaRotFormat
 from vllm_quarot.hadamard import block_hadamard_transform, hadamard_matrix
 from vllm_quarot.offline import rotation

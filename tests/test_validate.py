@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file, save_file
-from tiny_models import make_random_model
 from transformers import AutoConfig
 
+from vllm_quarot.eval.zoo import make_random_model
 from vllm_quarot.format import CheckpointFormatError, OnlineHadamard, QuaRotFormat
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 from vllm_quarot.validate import check_quant_method, validate_checkpoint

@@ -106,7 +106,7 @@ def test_compiled_autodetect_matches_simulation(engine, quarot_w4a4):
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory, shared_data) -> Path:
-    from tiny_models import make_random_model
+    from vllm_quarot.eval.zoo import make_random_model
 
     return make_random_model(tmp_path_factory.mktemp("phi3") / "src", "phi3")
 
@@ -126,7 +126,12 @@ def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, sc
         calib=str(TINYSTORIES), nsamples=4, seqlen=64))
     out = engine(out_dir).run(PROMPTS)
     assert out["quantization"] == "quarot"
-    simulate(out_dir, out["results"])
+    # 8-bit activations of clip 1.0 run on vLLM's int8 kernels, whose own per-token
+    # quantizer (vectorised per ISA) may break a rounding tie the other way than the
+    # simulation's: one code in 255, amplified by this random model's ~500-nat logits
+    # (seen: 0.06 nats at -520 on an AVX-512 CI machine). The tokens stay exact.
+    simulate(out_dir, out["results"],
+             logprob_rtol=1e-3 if scheme.startswith("w8a8") else 0.0)
 
 
 def test_a8_layers_and_4bit_lm_head_match_simulation(tmp_path, engine, random_llama):
@@ -242,13 +247,13 @@ def test_kv4_flag_on_a_16bit_checkpoint(engine, quarot_w4a4):
 
 @pytest.fixture(scope="module")
 def qwen2_massive_keys_kv4(tmp_path_factory) -> Path:
-    """A Qwen2-shaped model with Qwen2's massive key biases (tiny_models), its KV cache
+    """A Qwen2-shaped model with Qwen2's massive key biases (vllm_quarot.eval.zoo), its KV cache
     quantized with the KV choices calibrated (every layer shifts its keys). The kv4
     scheme (16-bit weights and activations) isolates the cache: with 8-bit activations
     on this model, vLLM and the simulation differ by up to ~0.2 nats already at KV16
     (activation codes that flip on last-bit differences, amplified by the massive q·k
     terms), which the KV path must not be blamed for."""
-    from tiny_models import make_random_model
+    from vllm_quarot.eval.zoo import make_random_model
 
     root = tmp_path_factory.mktemp("qwen2-keys")
     src = make_random_model(root / "src", "qwen2", hidden=256, intermediate=512, heads=4,

