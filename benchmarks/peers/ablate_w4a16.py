@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_quarot.eval.zoo import DATA_DIR as DATA
+
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 BASE = {"scheme": "w4a16", "group_size": 64, "lm_head": "none", "nsamples": 32,
@@ -128,8 +129,7 @@ def main() -> int:
                     / "peers" / "smollm2-c32x512-e8x2048")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from models import smollm2_dir
+    from vllm_quarot.eval.zoo import smollm2_dir
 
     windows = a.work / "windows.json"
     if not windows.is_file():

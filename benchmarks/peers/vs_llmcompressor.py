@@ -46,9 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_quarot.eval.zoo import DATA_DIR as DATA
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-DATA = Path(os.environ.get("QUAROT_DATA_DIR", ROOT.parent / "shared" / "data"))
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -79,9 +79,9 @@ def log(msg: str) -> None:
 
 
 def model_dir(name: str) -> Path:
-    import models
+    from vllm_quarot.eval.zoo import smollm2_dir, smollm2_qwen2_keys_dir
 
-    return models.smollm2_qwen2_keys_dir() if name == "smollm2-qwen2keys" else models.smollm2_dir()
+    return smollm2_qwen2_keys_dir() if name == "smollm2-qwen2keys" else smollm2_dir()
 
 
 def run_measured(cmd: list[str], logfile: Path, env: dict[str, str] | None = None,
