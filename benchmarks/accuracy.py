@@ -195,7 +195,7 @@ def _heldout(tok, text_file: Path, n_tokens: int, work: Path) -> Path:
     """The evaluation text from well after its first n_tokens (the scored windows): a
     calibration set in the evaluation's domain that shares no token with it."""
     text = text_file.read_text(encoding="utf-8")
-    ids = tok(text).input_ids
+    ids = tok(text, verbose=False).input_ids  # a whole text: no length warning
     start = len(tok.decode(ids[: 2 * n_tokens]))  # twice the scored span: a margin
     out = work / f"{text_file.stem}-after-{2 * n_tokens}-tokens.txt"
     work.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def heldout_text(tok, wiki: Path, scored_tokens: int, cache: Path) -> Path:
     """WikiText-2 test from twice the scored span on: in-domain calibration text that
     shares no token with the evaluated windows."""
     text = wiki.read_text(encoding="utf-8")
-    ids = tok(text).input_ids
+    ids = tok(text, verbose=False).input_ids  # a whole text: no length warning
     out = cache / f"wiki.test-after-{2 * scored_tokens}-tokens.txt"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,11 @@ def table(results: dict[str, dict], cols: list[str], n_tok: int, windows: int,
             cells.append(cell)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    for i in (0, 2):  # two of the prompts, greedy, as each model continues them
+        gens = [results[c]["gens"][i].strip().replace("|", "\\|").replace("\n", " ⏎ ")
+                for c in cols]
+        rows.append(f"| `{PROMPTS[i].strip()}` … | " + " | ".join(
+            f"{g[:70]}{'…' if len(g) > 70 else ''}" for g in gens) + " |")
     row(f"WikiText-2 perplexity ({windows}×{seqlen})", "{:.2f}", "ppl")
     row("checkpoint size (MiB)", "{:.1f}", "mib")
     row("KV cache capacity (tokens)", "{:,}", "capacity")

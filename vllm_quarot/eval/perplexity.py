@@ -19,7 +19,7 @@ from vllm_quarot.errors import QuaRotError
 def token_windows(tokenizer: Any, text_file: str | Path, seqlen: int,
                   max_windows: int | None = None) -> list[list[int]]:
     text = Path(text_file).read_text(encoding="utf-8")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0].tolist()
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0].tolist()
     n = len(ids) // seqlen
     if n == 0:
         raise QuaRotError(f"{text_file} has {len(ids)} tokens, fewer than seqlen {seqlen}")

@@ -46,7 +46,7 @@ def spinquant_ids(tok: Any, o: QuantizeOptions, plan: Plan,
 def file_windows(path: Path, tok: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples windows of seqlen tokens at seeded random offsets of the tokenized file."""
     g = torch.Generator().manual_seed(seed)
-    ids = tok(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = tok(path.read_text(encoding="utf-8"), return_tensors="pt", verbose=False).input_ids[0]
     if ids.numel() <= seqlen:
         raise QuantizeError(
             f"calibration file {path} has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
