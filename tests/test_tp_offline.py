@@ -114,9 +114,9 @@ def test_tp_option_errors(shared_data, tmp_path, caplog):
                        r"weight group may not straddle two tensor-parallel ranks$"):
         quantize(src, out, QuantizeOptions(**rtn, tp=4, group_size=16))
     assert not out.exists()
-    # without the online R4 the order does not matter; weight-only has no R4 either
-    for opts in (dict(**rtn, online_hadamard=False), dict(scheme="w4a16",
-                                                          weight_method="rtn")):
+    # without the online R4 the order does not matter (weight-only has R4 too)
+    for opts in (dict(**rtn, online_hadamard=False), dict(scheme="w4a16", weight_method="rtn",
+                                                          online_hadamard=False)):
         quantize(src, out, QuantizeOptions(**opts, tp=16, overwrite=True))
         fmt = _fmt(out)
         assert fmt.tp_blocks == 16 and fmt.rotation.r4 is None

@@ -193,10 +193,31 @@ def test_activation_section_removed(rtn_w4a4):
                        r"activation 4-bit per-token, kv_cache none, but the sections say "
                        r"weight 4-bit, activation none, kv_cache none"):
         QuaRotFormat.from_dict(cfg)
-    del cfg["scheme"]  # now reads as w4a16, but down_proj carries R4 for quantized inputs
+    del cfg["scheme"]  # the quantizer's record still names it w4a4
+    with pytest.raises(CheckpointFormatError, match=r"^scheme 'w4a4' means weight 4-bit, "
+                       r"activation 4-bit per-token"):
+        QuaRotFormat.from_dict(cfg)
+    # without any record it reads as w4a16 of a quantizer that gave W4A16 no R4
+    del cfg["quantizer"]["scheme"]
     with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is set, but the quantizer "
                        r"did not rotate for it"):
         QuaRotFormat.from_dict(cfg)
+
+
+def test_weight_only_r4_record(rtn_w4a4):
+    """W4A16 carries the online R4 when the quantizer recorded its scheme (quantizer
+    .scheme); W4A16 checkpoints of earlier versions (no record) have none and still read."""
+    cfg = _section(rtn_w4a4)
+    cfg.update(scheme="w4a16", activation=None)
+    cfg["quantizer"]["scheme"] = "w4a16"
+    assert QuaRotFormat.from_dict(copy.deepcopy(cfg)).rotation.r4 is not None
+    no_r4 = copy.deepcopy(cfg)
+    no_r4["rotation"]["r4"] = None
+    with pytest.raises(CheckpointFormatError, match=r"^rotation.r4 is null, but the quantizer "
+                       r"applied it"):
+        QuaRotFormat.from_dict(copy.deepcopy(no_r4))
+    del no_r4["quantizer"]["scheme"]  # an older W4A16 checkpoint
+    assert QuaRotFormat.from_dict(no_r4).rotation.r4 is None
 
 
 def test_r4_removed(rtn_w4a4):
@@ -235,6 +256,7 @@ def test_scheme_must_be_known_and_agree(rtn_w4a4, patch, msg):
 def test_no_scheme_is_named_after_the_sections(rtn_w4a4):
     cfg = _section(rtn_w4a4)
     del cfg["scheme"]
+    cfg["quantizer"].pop("scheme", None)  # nor in the quantizer's record: hand-written
     assert QuaRotFormat.from_dict(cfg).scheme == "w4a4"
     cfg["weight"] = {"bits": 8}
     with pytest.raises(CheckpointFormatError, match=r"^quantization_config has no scheme, "

@@ -306,12 +306,31 @@ def _text_file(path: str) -> Path:
     return Path(path)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``vllm-quarot export CKPT OUT --to compressed-tensors`` (vllm_quarot/interop)."""
+    p = sub.add_parser("export", help="write a QuaRot checkpoint in another tool's format "
+                       "(compressed-tensors: stock vLLM serves it without the plugin)")
+    p.add_argument("ckpt", metavar="CKPT", help="a vllm-quarot checkpoint directory")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--to", choices=("compressed-tensors",), default="compressed-tensors")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    def run(a: argparse.Namespace) -> int:
+        from vllm_quarot.interop.compressed_tensors import export_checkpoint
+
+        print(export_checkpoint(a.ckpt, a.out_dir, a.to, a.overwrite).format())
+        return 0
+
+    p.set_defaults(parser=p, run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vllm-quarot", description=__doc__)
     ap.add_argument("--version", action="version", version=f"vllm-quarot {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_export(sub)
     return ap
 
 
@@ -330,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "quantize":
             return _run_quantize(a)
+        if a.cmd == "export":
+            return a.run(a)
         return _run_eval(a)
     except QuaRotError as e:
         print(f"{cmd}: error: {_one_line(e)}", file=sys.stderr)

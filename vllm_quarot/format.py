@@ -449,6 +449,11 @@ class QuaRotFormat(_Section):
                 raise CheckpointFormatError(
                     f"quantization_config.{key} is missing or not an object")
         data = {k: v for k, v in cfg.items() if not (k == "scheme" and v is None)}
+        recorded = (cfg.get("quantizer") or {}).get("scheme")
+        if "scheme" not in data and isinstance(recorded, str):
+            # the quantizer records the scheme too (quantizer.scheme): a deleted
+            # "scheme" is still checked against the sections
+            data["scheme"] = recorded
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -559,8 +564,12 @@ class QuaRotFormat(_Section):
         recorded = q.get("online_hadamard")
         # not recorded (vllm-quarot <= 0.1): R3 proves the online Hadamards were on
         online = recorded if recorded is not None else (True if r.r3 else None)
+        # weight-only 4/8-bit schemes carry R4 since the quantizer records its scheme
+        # (quantizer.scheme); older W4A16 checkpoints have none
+        weight_r4 = self.weight.bits < 16 and "scheme" in q
         for name, used, present, what in (
-            ("rotation.r4", act, r.r4 is not None, "down_proj's weights carry R4"),
+            ("rotation.r4", act or weight_r4, r.r4 is not None,
+             "down_proj's weights carry R4"),
             ("rotation.r3", kv, r.r3 is not None, "keys were calibrated behind R3"),
         ):
             if present and (online is False or not used):

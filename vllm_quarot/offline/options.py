@@ -291,8 +291,10 @@ class QuantizeOptions:
 
     @property
     def online_r4(self) -> bool:
-        """R4 is folded into down_proj's input and applied online by the runtime."""
-        return self.online_rotations and self.bits[1] is not None
+        """R4 is folded into down_proj's input and applied online by the runtime: with
+        quantized activations, and with 4/8-bit weights alone (W4A16: the Hadamard
+        spreads down_proj's weight outliers too, as QuIP's input rotations do)."""
+        return self.online_rotations and (self.bits[1] is not None or self.bits[0] < 16)
 
     @property
     def online_rotations(self) -> bool:

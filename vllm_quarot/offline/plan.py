@@ -110,6 +110,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
         quantizer={
             "name": "vllm-quarot",
             "version": __version__,
+            "scheme": o.scheme,
             "weight_method": o.weight_method,
             "calibration": calibration,
             "nsamples": nsamples if o.calib else (o.self_samples or nsamples),
