@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from vllm_quarot.errors import QuaRotError
-from vllm_quarot.format import MAX_KV_PIVOTS
+from vllm_quarot.format import MAX_KV_PIVOTS, SMOOTH_METHODS
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
-from vllm_quarot.format import SMOOTH_METHODS
 from vllm_quarot.hadamard import HadamardSizeError, factorize
 from vllm_quarot.models import head_dim as _head_dim
 
