@@ -641,10 +641,10 @@ def test_fused_family_stores_one_order_per_input(tmp_path, shared_data):
     """Phi-3 (fused qkv_proj, gate_up_proj): one smooth_perm per fused linear, the
     checkpoint validates, and the simulation smooths the fused module's input."""
     from conftest import TINYSTORIES
-    from tiny_models import make_random_model
     from transformers import AutoConfig
 
     from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.eval.zoo import make_random_model
     from vllm_quarot.offline.checkpoint import TensorSource
     from vllm_quarot.offline.quantize import quantize
     from vllm_quarot.validate import validate_checkpoint
@@ -701,9 +701,8 @@ def test_vllm_matches_simulation_whatever_the_batch(engine, rrs_ckpt):
 # compile_for, in a subprocess outside the interpreter): tensor-core integer dots, no
 # spills, shared memory within the device's.
 _COMPILE = r"""
-import json, sys, torch
-sys.path.insert(0, "tests")
-import triton_compile as tc
+import json, torch
+import triton_compile as tc  # tests/ is on the child's PYTHONPATH
 from vllm_quarot.runtime.ops import triton as tk
 for m in (1, 2048):
     for gs in (64, 128):
@@ -734,6 +733,8 @@ def test_triton_kernels_compile_for_gpus():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(root / "tests"), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
                           env=env, cwd=root, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
