@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -39,7 +40,11 @@ class EngineProcess:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=engine_env(**env))
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while (not self._ready.wait(1.0) and self.proc.poll() is None
+               and time.monotonic() < deadline):
+            pass
+        if not self._ready.is_set() or self.proc.poll() is not None:
             self.close()
             raise AssertionError(f"vLLM engine {self.key} did not start:\n{self.log[-6000:]}")
 
@@ -73,9 +78,13 @@ class EngineProcess:
                                               "sequential": sequential,
                                               "prompt_logprobs": prompt_logprobs}) + "\n")
             self.proc.stdin.flush()
-            ok = self._got.wait_for(lambda: len(self._results) > n
-                                    or self.proc.poll() is not None, timeout)
-            if not ok or len(self._results) <= n:
+            # re-checked every second, not only when a line arrives: a runner that died
+            # while a child of it still holds its stdout sends no EOF to wake us
+            deadline = time.monotonic() + timeout
+            while (len(self._results) <= n and self.proc.poll() is None
+                   and time.monotonic() < deadline):
+                self._got.wait(1.0)
+            if len(self._results) <= n:
                 raise AssertionError(f"vLLM engine {self.key} failed a request:\n"
                                      f"{self.log[-6000:]}")
             out = dict(self._results[n])
