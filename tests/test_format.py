@@ -92,3 +92,18 @@ def test_kv_cache_pivots():
             QuaRotFormat.from_dict({**GOOD, "kv_cache": {"bits": 4, "pivots": bad}})
     with pytest.raises(CheckpointFormatError, match="pivots is served with 4-bit caches"):
         QuaRotFormat.from_dict({**GOOD, "kv_cache": {"bits": 8, "pivots": 1}})
+
+
+def test_pivots_are_refused_off_cpu(monkeypatch):
+    """Only the CPU KV4 backend keeps pivot tokens at 16 bits: another platform refuses
+    a kv_cache.pivots checkpoint in the calling process (one line), not silently."""
+    from vllm.platforms import current_platform
+
+    from vllm_quarot.runtime import config
+
+    two = QuaRotFormat.from_dict({**GOOD, "kv_cache": {"bits": 4, "pivots": 2}})
+    config._check_pivots_platform(two)  # this CPU: served
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    with pytest.raises(CheckpointFormatError, match="--kv-pivots 0"):
+        config._check_pivots_platform(two)
+    config._check_pivots_platform(QuaRotFormat.from_dict(GOOD))  # no pivots: nothing

@@ -78,6 +78,7 @@ class QuaRotConfig(QuantizationConfig):
 
             validate_model(model_name, hf_config, self.fmt)
             _check_smoothing_platform(self.fmt)
+            _check_pivots_platform(self.fmt)
             kv = self.fmt.kv_cache
             if kv is not None and kv.shift:
                 from vllm_quarot.kv_shift import read_kv_shift
@@ -169,6 +170,22 @@ def _check_smoothing_platform(fmt: QuaRotFormat) -> None:
         f"{smooth.group_size}); off CPU vllm-quarot serves that only on CUDA GPUs with "
         f"triton and groups of {', '.join(map(str, triton_ops.SMOOTH_GROUP_SIZES))}: serve "
         "it with vLLM's CPU build, or quantize with --smooth-group 64")
+
+
+def _check_pivots_platform(fmt: QuaRotFormat) -> None:
+    """IntactKV pivots (kv_cache.pivots) live in the CPU KV4 backend's page layout; no
+    GPU cache keeps them, so a GPU engine would silently quantize the sink tokens:
+    refuse it with one line."""
+    if fmt.kv_cache is None or not fmt.kv_cache.pivots:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return
+    raise CheckpointFormatError(
+        f"this checkpoint keeps its first {fmt.kv_cache.pivots} token(s) at 16 bits in the "
+        "4-bit KV cache (kv_cache.pivots, IntactKV), which only vLLM's CPU build serves "
+        "with vllm-quarot; quantize with --kv-pivots 0 for another platform")
 
 
 def _local_dir(model: str, revision: str | None) -> str:
