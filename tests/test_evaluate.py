@@ -51,7 +51,7 @@ def test_windows_are_non_overlapping_and_capped(tmp_path):
     f.write_text("abcdefghij" * 10)
 
     class CharTok:
-        def __call__(self, text, return_tensors=None):
+        def __call__(self, text, return_tensors=None, verbose=True):  # an HF tokenizer's call
             return SimpleNamespace(input_ids=torch.tensor([[ord(c) for c in text]]))
 
     w = token_windows(CharTok(), f, 30)
