@@ -94,7 +94,12 @@ def _strip_smooth(src: Path, dst: Path) -> Path:
         return dst
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    def top_level_weights(d: str, names: list[str]) -> list[str]:
+        # the weights and config are rewritten below; quarot/ (the KV shift) is copied
+        return [n for n in names if Path(d) == src and (n.endswith(".safetensors")
+                                                       or n == "config.json")]
+
+    shutil.copytree(src, tmp, ignore=top_level_weights)
     for f in src.glob("*.safetensors"):
         t = load_file(f)
         save_file({k: v for k, v in t.items() if not k.endswith(".smooth_perm")},
