@@ -125,6 +125,17 @@ ROWS += [
     Row("W4A4 (KV16) QuaRot-GPTQ (row 22 without RRS)", dict(scheme="w4a4", **RRS), True,
         view=("no-smooth", _strip_smooth)),
 ]
+# the KV4 alternatives of issue #31 beside row 14 (the default: pivots auto); the key
+# variants are the simulation of row 14's checkpoint with other keys (nothing serves them)
+_KV4 = dict(scheme="kv4", weight_method="rtn")
+ROWS += [
+    Row("KV4 only, KV calibrated, --kv-pivots 0 (no IntactKV)", {**_KV4, "kv_pivots": "0"},
+        False),
+    Row("KV4 only, KV calibrated, keys 8-bit (K8V4; simulation only)", _KV4, False,
+        sim={"kv_keys": "int8"}),
+    Row("KV4 only, KV calibrated, keys per channel per 16-token page (KIVI; simulation "
+        "only)", _KV4, False, sim={"kv_keys": "channel"}),
+]
 
 
 def _a8_view(n: int | str) -> tuple[str, Callable[[Path, Path], Path]]:
@@ -239,10 +250,16 @@ def _key(opts: object) -> str:
     def full(o: object) -> object:
         if not isinstance(o, dict):
             return o
-        d = dataclasses.asdict(QuantizeOptions(**o))
+        q = QuantizeOptions(**o)
+        d = dataclasses.asdict(q)
         if d.get("smooth") is None:  # rows without --smooth keep their pre-RRS keys
             for f in ("smooth", "smooth_group", "smooth_reorder"):
                 d.pop(f, None)
+        if q.calibrates_kv and q.pivots is None:
+            # 0.10: the pivots are found before the first layer's KV choice (0.9 grew
+            # them layer by layer, and the layers before the first sink were calibrated
+            # without the pivots they are served with)
+            d["kv_recipe"] = "sinks-first"
         return d
 
     resolved = [full(x) for x in opts] if isinstance(opts, list) else full(opts)

@@ -34,6 +34,9 @@ def engine_args(a: argparse.Namespace) -> dict:
         tensor_parallel_size=a.tp,
         pipeline_parallel_size=a.pp,
         distributed_executor_backend="mp" if a.tp * a.pp > 1 else None,
+        # a cache of a few blocks forces preemption (and reports it)
+        num_gpu_blocks_override=a.num_blocks,
+        disable_log_stats=a.num_blocks is None,
     )
 
 
@@ -60,7 +63,12 @@ def generate(llm, prompts: list[str], max_tokens: int, sequential: bool,
                         "prompt_logprobs": lps,
                         "num_cached_tokens": out.num_cached_tokens or 0})
     cfg = llm.llm_engine.vllm_config
-    return {"quantization": cfg.model_config.quantization, "results": results}
+    preemptions = None
+    if cfg.cache_config.num_gpu_blocks_override is not None:  # stats are on
+        preemptions = sum(m.value for m in llm.get_metrics()
+                          if m.name == "vllm:num_preemptions")
+    return {"quantization": cfg.model_config.quantization, "results": results,
+            "num_preemptions": preemptions}
 
 
 def walk_refusals(path: str) -> None:
@@ -102,6 +110,8 @@ if __name__ == "__main__":
     ap.add_argument("--prompt-file", default=None, help="JSON list of prompts (replaces args)")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    ap.add_argument("--num-blocks", type=int, default=None,
+                    help="num_gpu_blocks_override: a small cache forces preemption")
     ap.add_argument("--serve", action="store_true", help="requests from stdin")
     ap.add_argument("--refusals", default=None, help="JSON file of must-refuse cases")
     a = ap.parse_args()

@@ -83,6 +83,25 @@ def test_smoothing_is_invariant_through_rope(tmp_path, shared_data, arch):
                            torch.ones(2, 32))
 
 
+def test_every_layer_is_calibrated_with_the_pivots_it_is_served_with(tmp_path):
+    """--kv-pivots auto finds the sinks (here in layer 2 only, as a real Qwen2.5 has
+    none in its first layers) before the first layer's KV choice: each layer's choice
+    is measured with the pivots the cache will keep. Calibrated without them, a layer
+    whose keys share a large bias loses its common 4-bit clip error against the exact
+    sink (the Qwen2.5 surrogate: +18 % perplexity at KV4)."""
+    from vllm_quarot.eval.zoo import make_qwen25_like_model
+
+    src = make_qwen25_like_model(tmp_path / "src", sink_layers=(2,))
+    s = quantize(src, tmp_path / "kv4", QuantizeOptions(
+        scheme="kv4", weight_method="rtn", calib=str(TINYSTORIES), nsamples=8, seqlen=128))
+    qc = json.loads((tmp_path / "kv4" / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache"]["pivots"] == 1
+    lead0 = [c["leading_attention"][0] for _, c in sorted(s.kv_choices.items())]
+    assert lead0[0] < kvc.PIVOT_SHARE and lead0[1] < kvc.PIVOT_SHARE < lead0[2], lead0
+    assert [c["pivots"] for _, c in sorted(s.kv_choices.items())] == [1, 1, 1]
+
+
+
 def _kl_vs_original(src, ckpt, ids) -> float:
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     sim = load_simulated(ckpt)

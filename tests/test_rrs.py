@@ -35,8 +35,9 @@ from vllm_quarot.quant import (
 )
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
-# rrs.cpp has no AMX code: under "amx" it runs its AVX512-VNNI path, tested as such
-ISAS = [i for i in cpu_ops.supported_isas() if i != "amx"]
+# under "amx", GEMMs of M >= 16 rows with groups of multiples of 64 run quarot_cpu.cpp's
+# AMX tiles with the RRS epilogue (the shapes of 70 rows and more), the rest AVX512-VNNI
+ISAS = cpu_ops.supported_isas()
 native = pytest.mark.skipif(not cpu_ops.AVAILABLE, reason="native library not built")
 
 
@@ -141,7 +142,7 @@ def test_reference_ops_pass_opcheck():
 Q = torch.ops.quarot_cpu
 KERNEL_SHAPES = [  # (M, K, N, group): ragged M and N, groups from 8 to the whole row
     (1, 64, 48, 32), (2, 136, 37, 8), (5, 576, 100, 64), (17, 1536, 70, 96),
-    (70, 512, 130, 128), (9, 192, 576, 192),
+    (70, 512, 130, 128), (9, 192, 576, 192), (133, 384, 100, 64), (48, 256, 16, 256),
 ]
 
 

@@ -320,7 +320,7 @@ def test_kv4_pivots_through_chunked_prefill_and_prefix_cache(engine, qwen25_sink
     Prefix caching (only requests without prompt log-probs read the cache): a second
     request sharing a prefix of more than one 128-token block reuses the first's first
     block, pivots included, and still decodes the simulation's tokens. The capacity
-    counts the tail and stays above 3.4x bf16. (Preemption is not exercised here.)"""
+    counts the tail and stays above 3.4x bf16. (Preemption: the next test.)"""
     ckpt = qwen25_sink_kv4
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     assert qc["kv_cache"]["pivots"] == 1
@@ -347,3 +347,21 @@ def test_kv4_pivots_through_chunked_prefill_and_prefix_cache(engine, qwen25_sink
     ratio = _kv_capacity(out["log"]) / ((1 << 30) // bf16_per_token)
     assert ratio >= 3.4, ratio
     print(f"KV4 with 1 pivot: {ratio:.3f}x the bf16 capacity")
+
+
+def test_kv4_pivots_survive_preemption(engine, qwen25_sink_kv4):
+    """A cache of 4 blocks (2 sequences of the 256-token limit) and 4 requests that
+    each grow into a second block: the scheduler preempts and recomputes (vLLM's
+    counter says so), the recomputed sequences write their pivots again (or find their
+    first block, tail included, in the prefix cache), and every request decodes the
+    tokens it decodes alone, with no preemption and no cache read."""
+    ckpt = qwen25_sink_kv4
+    eng = engine(ckpt, *KV4_ENGINE, "--num-blocks", "4")
+    prompts = [f"{LONG_PREFIX} {p}" for p in PROMPTS[:4]]
+    batch = eng.run(prompts, max_tokens=150, prompt_logprobs=False)
+    assert batch["num_preemptions"] > 0, batch["log"][-3000:]
+    assert all(len(r["prompt_token_ids"]) + 150 > 128 for r in batch["results"])
+    alone = eng.run(prompts, max_tokens=150, sequential=True)  # log-probs: no cache read
+    assert alone["num_preemptions"] == batch["num_preemptions"]
+    for got, ref in zip(batch["results"], alone["results"], strict=True):
+        assert got["token_ids"] == ref["token_ids"]

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vllm_quarot.format import OnlineHadamard, QuaRotFormat
 from vllm_quarot.hadamard import block_hadamard_transform, hadamard_factor, hadamard_transform
@@ -179,6 +180,10 @@ class KVSpec:
     r3: OnlineHadamard | None
     shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     pivots: int = 0
+    # analysis only (the simulation's accuracy rows; nothing serves them): keys "int8"
+    # (8-bit per token and head, vLLM's turboquant_k8v4 point) or "channel" (4-bit per
+    # channel over each 16-token page, KIVI's keys) instead of 4-bit per token
+    keys: str | None = None
 
 
 def kv_spec(fmt: QuaRotFormat, shifts=None) -> KVSpec | None:
@@ -223,9 +228,29 @@ def quantize_kv_states(layer: int, query: torch.Tensor, key: torch.Tensor,
         query = hadamard_transform(query.float(), had).to(query.dtype)
         k = hadamard_transform(k, had)
     if quantize:
-        k = kv_fake_quant(k, spec.bits, spec.clip, ste, spec.pivots)
+        k = (kv_fake_quant(k, spec.bits, spec.clip, ste, spec.pivots) if spec.keys is None
+             else _analysis_keys(k, spec))
         v = kv_fake_quant(v, spec.bits, spec.clip, ste, spec.pivots)
     return query, k.to(dtype), v, v_add
+
+
+KEY_PAGE = 16  # tokens per page of the "channel" analysis keys
+
+
+def _analysis_keys(k: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """Keys [..., T, D] under an analysis variant (KVSpec.keys), pivots exact."""
+    if spec.keys == "int8":
+        kq = fake_quantize_asym(k, 8, 1.0)
+    elif spec.keys == "channel":
+        t, pad = k.shape[-2], (-k.shape[-2]) % KEY_PAGE
+        pages = F.pad(k, (0, 0, 0, pad)).unflatten(-2, (-1, KEY_PAGE))  # [..., P, 16, D]
+        kq = fake_quantize_asym(pages.transpose(-1, -2), spec.bits, spec.clip)
+        kq = kq.transpose(-1, -2).flatten(-3, -2)[..., :t, :]
+    else:
+        raise ValueError(f"unknown analysis key variant {spec.keys!r}")
+    if spec.pivots:
+        kq[..., :spec.pivots, :] = k[..., :spec.pivots, :].half().to(kq.dtype)
+    return kq
 
 
 _ATTENTION_COUNT = itertools.count()

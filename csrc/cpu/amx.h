@@ -1,5 +1,5 @@
 // AMX tile configuration, shared by the GEMM (quarot_cpu.cpp) and the peak
-// microbenchmark (peak.cpp).
+// microbenchmark (peak.cpp); the RRS entry into the AMX GEMM (rrs.cpp).
 #pragma once
 
 #include <cstdint>
@@ -21,5 +21,16 @@ static inline void amx_load_config(const TileCfg& cfg) {
 }
 
 static inline void amx_release() { __asm__ volatile("tilerelease" ::: "memory"); }
+
+// Rotated Runtime Smooth's GEMM (rrs.cpp) on the AMX driver of quarot_cpu.cpp: the RRS
+// repack is the 4-bit layout of the column-permuted codes, so the same tiles run it; the
+// epilogue applies xs [M, G] to each group's sum, then w_scale [N] (+ bias). For M >= 16
+// and group sizes that are multiples of 64, when amx_enabled().
+#define RRS_AMX_ARGS(T)                                                                   \
+  const int8_t *a, const float *xs, const int32_t *asums, int64_t m, int64_t k,       \
+      int64_t groups, const uint8_t *w, const float *w_scale, const float *bias, int64_t n, \
+      T *out
+template <typename T>
+void rrs_gemm_amx(RRS_AMX_ARGS(T));
 
 }  // namespace quarot_cpu

@@ -523,6 +523,9 @@ struct Epi {
   const float* bias;     // [N] or null
   int64_t groups, npad, n;
   int32_t off;  // 8 (4-bit weights stored w + 8) or 128 (8-bit)
+  // Rotated Runtime Smooth (rrs.cpp): one activation scale per (row, group) [M, G],
+  // applied to each group's sum; w_scale is then per channel [N] and a_scale unused
+  const float* row_gscale = nullptr;
 };
 
 // float -> T for a run of outputs, as c10's conversions round (bf16: nearest even, NaN
@@ -654,6 +657,87 @@ static EpiFn<T> pick_epi(int isa) {
     return &epi_avx512<T>;
   }
   return isa == kAvx2 ? &epi_avx2<T> : &epi_scalar<T>;
+}
+
+// RRS epilogue (Epi::row_gscale), in the order of rrs.cpp's tiles and of the reference
+// quarot::smooth_int_linear: f = 0 + Σ_g float(sum_g − 8·asum_g) · xs[r, g], then
+// f · w_scale[c] (+ bias[c]).
+template <typename T>
+static QUAROT_INLINE void epi_rrs_body(const Epi& e, const int32_t* acc, int64_t lda, float* facc,
+                                       int64_t ldf, int64_t r0, int64_t mr, int64_t c0,
+                                       int64_t nc, int64_t g, T* out) {
+  const bool last = g == e.groups - 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t rg = (r0 + r) * e.groups + g;
+    const int32_t corr = e.off * e.asums[rg];
+    const float xs = e.row_gscale[rg];
+    const int32_t* ar = acc + r * lda;
+    float* fr = facc + r * ldf;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float p = static_cast<float>(ar[c] - corr) * xs;
+      fr[c] = (g == 0 ? 0.f : fr[c]) + p;
+    }
+    if (!last) continue;
+    T* o = out + (r0 + r) * e.n + c0;
+    for (int64_t c = 0; c < nc; ++c) {
+      float v = fr[c] * e.w_scale[c0 + c];
+      if (e.bias) v = v + e.bias[c0 + c];
+      o[c] = static_cast<T>(v);
+    }
+  }
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_rrs_avx512(QUAROT_EPI_ARGS) {
+  epi_rrs_body<T>(QUAROT_EPI_CALL);
+}
+
+// The same on 16 lanes (float and bf16 outputs; bf16 rounded as c10 does).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_rrs_avx512_vec(
+    QUAROT_EPI_ARGS) {
+  const float* ws = e.w_scale + c0;
+  const float* b = e.bias ? e.bias + c0 : nullptr;
+  const bool last = g == e.groups - 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t rg = (r0 + r) * e.groups + g;
+    const __m512i corr = _mm512_set1_epi32(e.off * e.asums[rg]);
+    const __m512 xs = _mm512_set1_ps(e.row_gscale[rg]);
+    const int32_t* ar = acc + r * lda;
+    float* fr = facc + r * ldf;
+    T* o = out + (r0 + r) * e.n + c0;
+    for (int64_t c = 0; c < nc; c += 16) {
+      const __mmask16 mk = nc - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nc - c)) - 1);
+      const __m512i ai = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mk, ar + c), corr);
+      const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), xs);
+      __m512 v = _mm512_add_ps(g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, fr + c), p);
+      if (!last) {
+        _mm512_mask_storeu_ps(fr + c, mk, v);
+        continue;
+      }
+      v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ws + c));
+      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + c));
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(o + c, mk, v);
+      } else {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i bias16 = _mm512_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+            _mm512_set1_epi32(0x7FFF));
+        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
+        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h,
+                                    _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o + c), mk, _mm512_cvtepi32_epi16(h));
+      }
+    }
+  }
+}
+
+template <typename T>
+static EpiFn<T> pick_rrs_epi() {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)
+    return &epi_rrs_avx512_vec<T>;
+  return &epi_rrs_avx512<T>;
 }
 
 // Work items [0, n) handed out one at a time, in order, to whichever thread asks: on a
@@ -834,9 +918,8 @@ static void amx_pack_a(const int8_t* a, int64_t m, int64_t k, int8_t* dst) {
 }
 
 template <typename T>
-static void gemm_amx(const Epi& e, const int8_t* a, int64_t m, int64_t k, const uint8_t* w,
-                     int64_t bits, T* out) {
-  const EpiFn<T> epi = pick_epi<T>(kAvx512Vnni);
+static void gemm_amx(const Epi& e, EpiFn<T> epi, const int8_t* a, int64_t m, int64_t k,
+                     const uint8_t* w, int64_t bits, T* out) {
   const int64_t nblk = e.npad / kNB, npan = (nblk + 1) / 2;
   const int64_t chunk = amx_chunk(k), mchunks = (m + chunk - 1) / chunk;
   const int64_t wstride = k / kstep(bits) * 64;
@@ -889,10 +972,24 @@ static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asum
                       int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
   const Epi e{a_scale, asums, w_scale, bias, groups, npad, n, bits == 4 ? 8 : 128};
   if (amx_enabled() && m >= kAmxMinRows && (k / groups) % 64 == 0)
-    gemm_amx<T>(e, a, m, k, w, bits, out);
+    gemm_amx<T>(e, pick_epi<T>(kAvx512Vnni), a, m, k, w, bits, out);
   else
     gemm_vector<T>(e, a, m, k, w, bits, out);
 }
+
+template <typename T>
+void rrs_gemm_amx(const int8_t* a, const float* xs, const int32_t* asums, int64_t m, int64_t k,
+                  int64_t groups, const uint8_t* w, const float* w_scale, const float* bias,
+                  int64_t n, T* out) {
+  const int64_t npad = (n + kNB - 1) / kNB * kNB;
+  Epi e{nullptr, asums, w_scale, bias, groups, npad, n, 8};
+  e.row_gscale = xs;
+  gemm_amx<T>(e, pick_rrs_epi<T>(), a, m, k, w, 4, out);
+}
+template void rrs_gemm_amx<float>(RRS_AMX_ARGS(float));
+template void rrs_gemm_amx<double>(RRS_AMX_ARGS(double));
+template void rrs_gemm_amx<c10::BFloat16>(RRS_AMX_ARGS(c10::BFloat16));
+template void rrs_gemm_amx<c10::Half>(RRS_AMX_ARGS(c10::Half));
 
 Tensor gemm(const Tensor& codes, const Tensor& scales, const Tensor& asums, const Tensor& w_packed,
             const Tensor& w_scale_t, const c10::optional<Tensor>& bias, int64_t n, int64_t bits,

@@ -12,8 +12,9 @@
 // in float32, in this order, without FMA contraction (built with -ffp-contract=off; the
 // vector kernels use separate multiply and add instructions).
 //
-// Self-contained next to quarot_cpu.cpp: its own weight layout and GEMM, sharing only
-// the online Hadamard (hadamard.h) and the run-time ISA choice (isa.h). Weights are 4-bit
+// Next to quarot_cpu.cpp: its own vector GEMM, sharing the online Hadamard (hadamard.h),
+// the run-time ISA choice (isa.h) and, for M >= 16 with groups of multiples of 64 on AMX
+// machines, quarot_cpu.cpp's AMX driver with an RRS epilogue (amx.h). Weights are 4-bit
 // codes, stored unsigned (w + 8) in blocks of 16 output channels × 8 k, input columns
 // in the smoothing order (perm), so that vpdpbusd (u8 × s8) applies directly:
 //   [N/16][K/8][16 channels × 4 bytes]; byte b of channel j holds k = 8i + b (low
@@ -36,6 +37,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx.h"
 #include "hadamard.h"
 #include "isa.h"
 
@@ -51,19 +53,11 @@ constexpr float kEps = 1e-12f;
 // ----------------------------------------------------------------------------
 // Quantization of one row.
 
-template <typename T>
-static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, int64_t kh,
-                                   const int32_t* perm, float* buf, float* tmp, float* gbuf,
-                                   int bits, float ratio, int64_t gs, int8_t* q, float* scale,
-                                   int32_t* asum) {
-  for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
-  if (had_t) hadamard_row(buf, tmp, k, had_t, kh);
-  float* v = buf;
-  if (perm) {
-    for (int64_t i = 0; i < k; ++i) tmp[i] = buf[perm[i]];
-    v = tmp;
-  }
-  const int64_t groups = k / gs;
+// The smoothing factors, the row's scale and the codes of v (one row, in the smoothing
+// order): scalar code, and the same operations on 16 lanes below.
+static QUAROT_INLINE void groups_scalar(const float* v, int64_t groups, int64_t gs, float ratio,
+                                        int bits, float* gbuf, int8_t* q, float* scale,
+                                        int32_t* asum) {
   float ymax = 0.f;  // max over the groups of m_g / s_g: the smoothed row's max |y|
   for (int64_t g = 0; g < groups; ++g) {
     const float* vg = v + g * gs;
@@ -92,6 +86,65 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, in
   }
 }
 
+// gs a multiple of 16: IEEE division, round half to even (vrndscaleps = nearbyint),
+// clamp; maxima are order-independent, so every result is the scalar code's.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_avx512(
+    const float* v, int64_t groups, int64_t gs, float ratio, int bits, float* gbuf, int8_t* q,
+    float* scale, int32_t* asum) {
+  float ymax = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + g * gs + i)));
+    const float mg = _mm512_reduce_max_ps(mx);
+    const float s = std::max(mg, kEps);
+    gbuf[g] = s;
+    ymax = std::max(ymax, mg / s);
+  }
+  const float a = std::max(ymax * ratio, kEps);
+  const int qmax = (1 << (bits - 1)) - 1;
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(-qmax - 1));
+  const __m512 hi = _mm512_set1_ps(static_cast<float>(qmax));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float sc = a * gbuf[g];
+    const __m512 scv = _mm512_set1_ps(sc);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < gs; i += 16) {
+      __m512 c = _mm512_div_ps(_mm512_loadu_ps(v + g * gs + i), scv);
+      c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      c = _mm512_min_ps(_mm512_max_ps(c, lo), hi);
+      const __m512i ci = _mm512_cvtps_epi32(c);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * gs + i), _mm512_cvtepi32_epi8(ci));
+      sum = _mm512_add_epi32(sum, ci);
+    }
+    asum[g] = _mm512_reduce_add_epi32(sum);
+    scale[g] = sc;
+  }
+}
+
+template <typename T, bool AVX512>
+static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, int64_t kh,
+                                   const int32_t* perm, float* buf, float* tmp, float* gbuf,
+                                   int bits, float ratio, int64_t gs, int8_t* q, float* scale,
+                                   int32_t* asum) {
+  float* v = buf;
+  if (perm && !had_t) {  // gathered straight from the row, in the smoothing order
+    for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[perm[i]]);
+  } else {
+    for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
+  }
+  if (had_t) hadamard_row(buf, tmp, k, had_t, kh);
+  if (perm && had_t) {
+    float* __restrict t = tmp;
+    const float* __restrict b = buf;
+    for (int64_t i = 0; i < k; ++i) t[i] = b[perm[i]];
+    v = tmp;
+  }
+  if (AVX512 && gs % 16 == 0)
+    groups_avx512(v, k / gs, gs, ratio, bits, gbuf, q, scale, asum);
+  else
+    groups_scalar(v, k / gs, gs, ratio, bits, gbuf, q, scale, asum);
+}
+
 #define RRS_ROW_ARGS                                                                    \
   const T *x, int64_t k, const float *had_t, int64_t kh, const int32_t *perm, float *buf, \
       float *tmp, float *gbuf, int bits, float ratio, int64_t gs, int8_t *q, float *scale, \
@@ -100,15 +153,15 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, in
 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void row_avx512(RRS_ROW_ARGS) {
-  row_body<T>(RRS_ROW_CALL);
+  row_body<T, true>(RRS_ROW_CALL);
 }
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) static void row_avx2(RRS_ROW_ARGS) {
-  row_body<T>(RRS_ROW_CALL);
+  row_body<T, false>(RRS_ROW_CALL);
 }
 template <typename T>
 static void row_scalar(RRS_ROW_ARGS) {
-  row_body<T>(RRS_ROW_CALL);
+  row_body<T, false>(RRS_ROW_CALL);
 }
 
 static const int32_t* check_perm(const c10::optional<Tensor>& perm, int64_t k) {
@@ -369,6 +422,10 @@ template <typename T>
 static void gemm_impl(const int8_t* a, const float* xs, const int32_t* asums, int64_t m,
                       int64_t k, int64_t groups, const uint8_t* w, const float* w_scale,
                       const float* bias, int64_t n, T* out) {
+  if (amx_enabled() && m >= 16 && (k / groups) % 64 == 0) {
+    rrs_gemm_amx<T>(a, xs, asums, m, k, groups, w, w_scale, bias, n, out);
+    return;
+  }
   const int isa = current_isa();
   const TileShape ts = tile_shape(isa, m);
   const int64_t nblk = (n + kNB - 1) / kNB;

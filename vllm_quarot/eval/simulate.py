@@ -12,6 +12,7 @@ are compared with (tests, ``vllm-quarot eval``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,12 +35,15 @@ def load_simulated(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     act_bits_override: dict[str, int | None] | None = None,
+    kv_keys: str | None = None,
 ) -> torch.nn.Module:
     """A transformers model that computes what the vLLM plugin computes.
 
     act_bits_override (analysis only) maps a module-name suffix (``down_proj``,
     ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit: it answers
-    "which projections dominate the error" without re-quantizing.
+    "which projections dominate the error" without re-quantizing. kv_keys (analysis
+    only): the keys of the 4-bit cache as ``transforms.KVSpec.keys`` ("int8": K8V4;
+    "channel": per channel over 16-token pages).
     """
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
@@ -78,5 +82,7 @@ def load_simulated(
     spec = kv_spec(fmt, read_kv_shift(model_dir, cfg) if fmt.kv_cache and fmt.kv_cache.shift
                    else None)
     if spec is not None:
+        if kv_keys is not None:
+            spec = dataclasses.replace(spec, keys=kv_keys)
         install_kv_attention(model, spec)
     return model

@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -300,16 +301,25 @@ def smollm2_qwen2_keys_dir(cache_dir: str | os.PathLike[str] | None = None) -> P
     16-bit perplexity is the baseline its quantized rows are compared with."""
     import torch
 
+    def make(base: Path):
+        model = _as_qwen2(base)
+        with torch.no_grad():
+            plant_massive_qk_bias(model, QWEN2_KEY_BIAS)
+        return model
+
+    return _smollm2_variant(cache_dir, QWEN2_KEYS_NAME, make, "planted key biases")
+
+
+def _smollm2_variant(cache_dir: str | os.PathLike[str] | None, name: str,
+                     make: Callable[[Path], Any], what: str) -> Path:
+    """The cached SmolLM2 variant ``name``, built by make(SmolLM2's directory) once."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    out = cache / QWEN2_KEYS_NAME
+    out = cache / name
     if _is_complete(out):
         return out
     base = smollm2_dir(cache_dir)
     _log(f"building {out} from {base}")
-    model = _as_qwen2(base)
-    with torch.no_grad():
-        plant_massive_qk_bias(model, QWEN2_KEY_BIAS)
-    _save(model, base, out, "planted key biases")
+    _save(make(base), base, out, what)
     return out
 
 
@@ -338,15 +348,8 @@ def smollm2_qwen25_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     30-80 % of the attention from layer 12 on). The planting changes no score in exact
     arithmetic; it clears two slow RoPE pairs of q and k per layer, which is what the
     16-bit model loses (its own perplexity is the baseline)."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    out = cache / QWEN25_NAME
-    if _is_complete(out):
-        return out
-    base = smollm2_dir(cache_dir)
-    _log(f"building {out} from {base}")
-    model = qwen25_surrogate(base)
-    _save(model, base, out, "planted Qwen2.5 statistics")
-    return out
+    return _smollm2_variant(cache_dir, QWEN25_NAME, qwen25_surrogate,
+                            "planted Qwen2.5 statistics")
 
 
 def qwen25_surrogate(base: Path, big_key_share: float = QWEN25_BIG_KEY_SHARE,
@@ -738,7 +741,7 @@ SINK_DIM = 5  # the residual dimension that carries the random test models' sink
 
 def make_qwen25_like_model(out: Path, layers: int = 3, hidden: int = 896, heads: int = 14,
                            kv_heads: int = 2, intermediate: int = 512, sink_logit: float = 4.0,
-                           seed: int = 0) -> Path:
+                           seed: int = 0, sink_layers: Iterable[int] | None = None) -> Path:
     """A random Qwen2.5-shaped model (14 heads / 2 KV heads of 64, hidden 896: GQA 7:1,
     q/k/v biases) with the real model's key/query statistics planted
     (``plant_qwen25_statistics``: k biases of 145-211 in the first layers' profile, q
@@ -746,7 +749,8 @@ def make_qwen25_like_model(out: Path, layers: int = 3, hidden: int = 896, heads:
     BOS token (the tokenizer's first token of every prompt) carries a massive
     activation in the residual stream (dimension SINK_DIM), its key lacks the bias
     every other key carries, and the queries' bias scores every biased key sink_logit
-    lower, so the sink draws a large share of every query's attention."""
+    lower, so the sink draws a large share of every query's attention. sink_layers: the
+    layers that have the sink (default: all; the real model's first three have none)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -764,7 +768,8 @@ def make_qwen25_like_model(out: Path, layers: int = 3, hidden: int = 896, heads:
         n = model.config.num_hidden_layers
         profile = qwen25_profile(n) if n >= 4 else BiasProfile(
             (145.0, 211.0, 35.0)[:n], (0.56, 0.07, 0.1)[:n])
-        plant_qwen25_statistics(model, profile, {i: x[0, 0] for i, x in sinks.items()},
+        plant_qwen25_statistics(model, profile, {i: x[0, 0] for i, x in sinks.items()
+                                                 if sink_layers is None or i in sink_layers},
                                 sink_logit=sink_logit, seed=seed)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -14,15 +14,22 @@ from vllm_quarot.runtime.kernels.base import LinearConfig, QuaRotLinearKernel, r
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 
+def native_cpu_unavailable(c: LinearConfig) -> str | None:
+    """Why the native CPU library cannot run any layer of c here (None: it can)."""
+    if c.device_type != "cpu":
+        return "CPU only"
+    if not cpu_ops.AVAILABLE:
+        return "the native library is not built or VLLM_QUAROT_NO_EXT=1"
+    return None
+
+
 class NativeCPULinearKernel(QuaRotLinearKernel):
     fuses_hadamard = True
 
     @classmethod
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
-        if c.device_type != "cpu":
-            return False, "CPU only"
-        if not cpu_ops.AVAILABLE:
-            return False, "the native library is not built or VLLM_QUAROT_NO_EXT=1"
+        if (why := native_cpu_unavailable(c)) is not None:
+            return False, why
         if c.a_bits is None:
             return False, "no weight-only GEMM (16-bit activations)"
         if not cpu_ops.can_run(c.w_bits, c.in_features, c.group_size):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_quarot.runtime.kernels.base import LinearConfig, QuaRotLinearKernel, register
+from vllm_quarot.runtime.kernels.native_cpu import native_cpu_unavailable
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
 
@@ -21,10 +22,8 @@ class NativeCPURRSKernel(QuaRotLinearKernel):
 
     @classmethod
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
-        if c.device_type != "cpu":
-            return False, "CPU only"
-        if not cpu_ops.AVAILABLE:
-            return False, "the native library is not built or VLLM_QUAROT_NO_EXT=1"
+        if (why := native_cpu_unavailable(c)) is not None:
+            return False, why
         if not cpu_ops.can_run_rrs(c.w_bits, c.in_features, c.group_size, c.smooth_group):
             return False, (f"{c.w_bits}-bit weights with K={c.in_features}, group "
                            f"{c.group_size}, smoothing group {c.smooth_group}: 4-bit "

@@ -78,6 +78,18 @@ if AVAILABLE:
         return q.to(tl.int8)
 
     @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of this program: GROUP_M row tiles walk the column
+        tiles together, so that their weight tiles stay in L2 (grouped ordering)."""
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BM)
+        grid_n = tl.cdiv(N, BN)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        rows_here = tl.minimum(grid_m - first_m, GROUP_M)
+        return first_m + (pid % width) % rows_here, (pid % width) // rows_here
+
+    @triton.jit
     def _round_to(y, ROUND: tl.constexpr):
         """Round float32 y to fp16 (ROUND=1) or bf16 (ROUND=2) precision, half to even.
         bf16 by bit arithmetic: the interpreter's bf16 cast truncates, the GPU's rounds."""
@@ -177,14 +189,7 @@ if AVAILABLE:
         codes (A_INT) or 16-bit activations. GROUPED: one weight scale per BK tile (the
         group size is BK), applied to each tile's sum as int_linear applies it per group;
         otherwise one per channel, applied to the whole int32 sum."""
-        pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BM)
-        grid_n = tl.cdiv(N, BN)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows_here
-        pid_n = (pid % width) // rows_here
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
 
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -508,14 +513,7 @@ if AVAILABLE:
         """out[M, N] = (Σ_g (A_g·W_gᵀ)·a_scale[:, g]) · w_scale + bias: A int8 codes [M, K],
         W 4-bit [N, K/2] nibble pairs (columns in the codes' order), one K tile = one
         smoothing group (BK = the group size)."""
-        pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BM)
-        grid_n = tl.cdiv(N, BN)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        rows_here = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows_here
-        pid_n = (pid % width) // rows_here
+        pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
 
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
