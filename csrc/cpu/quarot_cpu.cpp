@@ -597,6 +597,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void epi_avx512(
   epi_body<T>(QUAROT_EPI_CALL);
 }
 
+// 16 float results into float or bf16 outputs (bf16: round to nearest even, NaN ->
+// 0x7FC0, as c10 converts), the lanes of mk only.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static QUAROT_INLINE void store16(
+    T* o, __mmask16 mk, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(o, mk, v);
+  } else {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias16 = _mm512_add_epi32(
+        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
+    h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o), mk, _mm512_cvtepi32_epi16(h));
+  }
+}
+
 // The same operations on 16 lanes at a time, for float and bf16 outputs (the models'
 // dtypes): int32 − corr → float, × w_scale, (+ the earlier groups' sum), × a_scale,
 // + bias, then round to nearest even into bf16 (NaN -> 0x7FC0) as c10 does.
@@ -622,18 +639,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_avx512_vec(
       }
       v = _mm512_mul_ps(v, s);
       if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + c));
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_storeu_ps(o + c, mk, v);
-      } else {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i bias16 = _mm512_add_epi32(
-            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-            _mm512_set1_epi32(0x7FFF));
-        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
-        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h,
-                                    _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o + c), mk, _mm512_cvtepi32_epi16(h));
-      }
+      store16<T>(o + c, mk, v);
     }
   }
 }
@@ -717,18 +723,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_rrs_avx512_
       }
       v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, ws + c));
       if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + c));
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_storeu_ps(o + c, mk, v);
-      } else {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i bias16 = _mm512_add_epi32(
-            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-            _mm512_set1_epi32(0x7FFF));
-        __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, bias16), 16);
-        h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), h,
-                                    _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o + c), mk, _mm512_cvtepi32_epi16(h));
-      }
+      store16<T>(o + c, mk, v);
     }
   }
 }
