@@ -200,10 +200,16 @@ def kv_fake_quant(x: torch.Tensor, bits: int, clip: float, ste: bool = False,
     returns them: asymmetric per token and head, except the first ``pivots`` tokens,
     which the cache keeps in float16 (kv_cache.pivots)."""
     with torch.no_grad():
-        xq = fake_quantize_asym(x.detach(), bits, clip)
-        if pivots:
-            xq[..., :pivots, :] = x.detach()[..., :pivots, :].half().to(xq.dtype)
+        xq = _keep_pivots(fake_quantize_asym(x.detach(), bits, clip), x.detach(), pivots)
     return _ste(x, xq) if ste else xq
+
+
+def _keep_pivots(xq: torch.Tensor, x: torch.Tensor, pivots: int) -> torch.Tensor:
+    """xq with its first ``pivots`` positions replaced by x's, in float16 as the cache
+    keeps them (kv_cache.pivots)."""
+    if pivots:
+        xq[..., :pivots, :] = x[..., :pivots, :].half().to(xq.dtype)
+    return xq
 
 
 def quantize_kv_states(layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -248,9 +254,7 @@ def _analysis_keys(k: torch.Tensor, spec: KVSpec) -> torch.Tensor:
         kq = kq.transpose(-1, -2).flatten(-3, -2)[..., :t, :]
     else:
         raise ValueError(f"unknown analysis key variant {spec.keys!r}")
-    if spec.pivots:
-        kq[..., :spec.pivots, :] = k[..., :spec.pivots, :].half().to(kq.dtype)
-    return kq
+    return _keep_pivots(kq, k, spec.pivots)
 
 
 _ATTENTION_COUNT = itertools.count()

@@ -25,7 +25,8 @@ static inline void amx_release() { __asm__ volatile("tilerelease" ::: "memory");
 // Rotated Runtime Smooth's GEMM (rrs.cpp) on the AMX driver of quarot_cpu.cpp: the RRS
 // repack is the 4-bit layout of the column-permuted codes, so the same tiles run it; the
 // epilogue applies xs [M, G] to each group's sum, then w_scale [N] (+ bias). For M >= 16
-// and group sizes that are multiples of 64, when amx_enabled().
+// and group sizes that are multiples of 64, when amx_enabled(): amx_gemm_applies().
+bool amx_gemm_applies(int64_t m, int64_t k, int64_t groups);
 #define RRS_AMX_ARGS(T)                                                                   \
   const int8_t *a, const float *xs, const int32_t *asums, int64_t m, int64_t k,       \
       int64_t groups, const uint8_t *w, const float *w_scale, const float *bias, int64_t n, \

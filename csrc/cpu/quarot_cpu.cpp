@@ -614,6 +614,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static QUAROT_INLINE void s
   }
 }
 
+// Lanes [c, c + 16) of a row of nc outputs that exist, and their group sums in float:
+// int32 sum − corr (the stored-weight offset times the row's code sum).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static QUAROT_INLINE __mmask16 lanes16(
+    int64_t nc, int64_t c) {
+  return nc - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nc - c)) - 1);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static QUAROT_INLINE __m512 sums16(
+    const int32_t* ar, __mmask16 mk, __m512i corr) {
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(mk, ar), corr));
+}
+
 // The same operations on 16 lanes at a time, for float and bf16 outputs (the models'
 // dtypes): int32 − corr → float, × w_scale, (+ the earlier groups' sum), × a_scale,
 // + bias, then round to nearest even into bf16 (NaN -> 0x7FC0) as c10 does.
@@ -629,9 +640,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_avx512_vec(
     float* fr = facc + r * ldf;
     T* o = out + (r0 + r) * e.n + c0;
     for (int64_t c = 0; c < nc; c += 16) {
-      const __mmask16 mk = nc - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nc - c)) - 1);
-      const __m512i ai = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mk, ar + c), corr);
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), _mm512_maskz_loadu_ps(mk, ws + c));
+      const __mmask16 mk = lanes16(nc, c);
+      __m512 v = _mm512_mul_ps(sums16(ar + c, mk, corr), _mm512_maskz_loadu_ps(mk, ws + c));
       if (g > 0) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, fr + c), v);
       if (!last) {
         _mm512_mask_storeu_ps(fr + c, mk, v);
@@ -713,9 +723,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void epi_rrs_avx512_
     float* fr = facc + r * ldf;
     T* o = out + (r0 + r) * e.n + c0;
     for (int64_t c = 0; c < nc; c += 16) {
-      const __mmask16 mk = nc - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nc - c)) - 1);
-      const __m512i ai = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mk, ar + c), corr);
-      const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), xs);
+      const __mmask16 mk = lanes16(nc, c);
+      const __m512 p = _mm512_mul_ps(sums16(ar + c, mk, corr), xs);
       __m512 v = _mm512_add_ps(g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, fr + c), p);
       if (!last) {
         _mm512_mask_storeu_ps(fr + c, mk, v);
@@ -961,12 +970,16 @@ static void gemm_amx(const Epi& e, EpiFn<T> epi, const int8_t* a, int64_t m, int
   });
 }
 
+bool amx_gemm_applies(int64_t m, int64_t k, int64_t groups) {
+  return amx_enabled() && m >= kAmxMinRows && (k / groups) % 64 == 0;
+}
+
 template <typename T>
 static void gemm_impl(const int8_t* a, const float* a_scale, const int32_t* asums, int64_t m,
                       int64_t k, const uint8_t* w, const float* w_scale, int64_t groups,
                       int64_t npad, const float* bias, int64_t n, int64_t bits, T* out) {
   const Epi e{a_scale, asums, w_scale, bias, groups, npad, n, bits == 4 ? 8 : 128};
-  if (amx_enabled() && m >= kAmxMinRows && (k / groups) % 64 == 0)
+  if (amx_gemm_applies(m, k, groups))
     gemm_amx<T>(e, pick_epi<T>(kAvx512Vnni), a, m, k, w, bits, out);
   else
     gemm_vector<T>(e, a, m, k, w, bits, out);

@@ -422,7 +422,7 @@ template <typename T>
 static void gemm_impl(const int8_t* a, const float* xs, const int32_t* asums, int64_t m,
                       int64_t k, int64_t groups, const uint8_t* w, const float* w_scale,
                       const float* bias, int64_t n, T* out) {
-  if (amx_enabled() && m >= 16 && (k / groups) % 64 == 0) {
+  if (amx_gemm_applies(m, k, groups)) {
     rrs_gemm_amx<T>(a, xs, asums, m, k, groups, w, w_scale, bias, n, out);
     return;
   }

@@ -448,12 +448,9 @@ class QuantizeRun:
         shares: list[float] = []
         for i in tqdm(range(self.cfg.num_hidden_layers), desc="attention sinks", unit="layer",
                       leave=False):
-            prefix = layer_prefix(i)
-            raw = {k[len(prefix):]: self.src.get(k)
-                   for k in self.src.keys() if k.startswith(prefix)}
             # the family's split projections (Phi-3's fused qkv_proj), unrotated
-            runner = LayerRunner(self.kind, i, self.family.split(raw, self.cfg), None,
-                                 dtype=self.dtype, device=self.device)
+            sd = self.family.split(self._source_layer(i), self.cfg)
+            runner = LayerRunner(self.kind, i, sd, None, dtype=self.dtype, device=self.device)
             x = h.to(runner.device, runner.dtype)
             q, k, _v = kv_calibration.layer_qkv(runner.module, x, runner._position_embeddings(x))
             lead = kv_calibration.leading_attention(q.float().cpu(), k.float().cpu(),
@@ -465,6 +462,11 @@ class QuantizeRun:
                  "the attention, in layer %d)", self.kv_pivots, 100 * max(shares),
                  max(range(len(shares)), key=shares.__getitem__))
 
+    def _source_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer i's tensors as the input model stores them, by in-layer name."""
+        prefix = layer_prefix(i)
+        return {k[len(prefix):]: self.src.get(k) for k in self.src.keys() if k.startswith(prefix)}
+
     def layer(self, i: int, h_cal: torch.Tensor | None) -> torch.Tensor | None:
         """Fold norms, rotate, quantize and write decoder layer i; return the calibration
         hidden states after it (computed with its quantized weights).
@@ -474,8 +476,7 @@ class QuantizeRun:
         of the already quantized q/k/v, then gate/up, then down_proj, each Hessian taken
         behind the sub-blocks quantized before it."""
         prefix = layer_prefix(i)
-        raw = {k[len(prefix):]: self.src.get(k).double()
-               for k in self.src.keys() if k.startswith(prefix)}
+        raw = {k: v.double() for k, v in self._source_layer(i).items()}
         if self.verifier is not None:
             self.verifier.original_layer(LayerRunner(self.kind, i, raw, None, original=True))
         sd = self.family.split(raw, self.cfg)
