@@ -20,6 +20,16 @@ from vllm_quarot.eval.zoo import DATA_DIR, STORIES_HF, make_random_model  # noqa
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize  # noqa: E402
 
 TINYSTORIES = DATA_DIR / "tinystories" / "validation_head.txt"
+# The random test models' ~400-nat logits turn one flipped 4-bit code (vLLM's kernels and
+# transformers' differ in the last bits) into tenths of a nat, or whole nats from a
+# cached token on; whether a model sits that close to a rounding boundary is luck of its
+# weights and settings. With --kv-clip 1.0 (the default since 0.11) the random RRS model
+# does: its float32 and float64 simulations differ by up to 3 nats (the BOS token's
+# layer-1 KV codes move with an earlier 4-bit activation on a boundary), and vLLM
+# differs from the float32 one by 0.2-0.9 nats there and on the W4A8KV4 Phi-3 model
+# (tokens equal). At 0.95 neither model has such a token, so the vLLM = simulation
+# checks on them pin 0.95 rather than loosen test_vllm_e2e.LOGPROB_TOL.
+RANDOM_MODEL_KV_CLIP = 0.95
 WIKITEXT = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -94,7 +104,7 @@ def quarot_w4a4kv4(tmp_path_factory, random_llama) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "llama-w4a4kv4"
     quantize(random_llama, out, QuantizeOptions(
         scheme="w4a4kv4", weight_method="gptq", calib=str(TINYSTORIES), nsamples=8,
-        seqlen=128))
+        seqlen=128, kv_clip=RANDOM_MODEL_KV_CLIP))
     return out
 
 

@@ -534,7 +534,8 @@ def test_a_bad_channel_order_is_refused(single_process_group, monkeypatch):
 # Quantizer, simulation and vLLM end to end
 
 
-RRS_OPTIONS = dict(scheme="w4a4kv4", nsamples=8, seqlen=128)
+# --kv-clip: see conftest.RANDOM_MODEL_KV_CLIP (as conftest's quarot_w4a4kv4)
+RRS_OPTIONS = dict(scheme="w4a4kv4", nsamples=8, seqlen=128, kv_clip=0.95)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINYSTORIES, view
+from conftest import RANDOM_MODEL_KV_CLIP, TINYSTORIES, view
 from engines import run_vllm
 
 from vllm_quarot.eval.simulate import load_simulated
@@ -123,7 +123,7 @@ def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, sc
     out_dir = tmp_path / scheme
     quantize(phi3 if arch == "phi3" else random_llama, out_dir, QuantizeOptions(
         scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
-        calib=str(TINYSTORIES), nsamples=4, seqlen=64))
+        calib=str(TINYSTORIES), nsamples=4, seqlen=64, kv_clip=RANDOM_MODEL_KV_CLIP))
     out = engine(out_dir).run(PROMPTS)
     assert out["quantization"] == "quarot"
     # 8-bit activations of clip 1.0 run on vLLM's int8 kernels, whose own per-token
