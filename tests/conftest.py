@@ -164,6 +164,13 @@ def refusals(tmp_path_factory, random_llama, rtn_w4a4, quarot_w4a4kv4) -> dict[s
                                  kv_heads=2)
     tp1 = root / "tp1-w4a4"
     quantize(tp_model, tp1, QuantizeOptions(scheme="w4a4", weight_method="rtn"))
+    # an imported QuIP checkpoint: transforms over o_proj's / down_proj's whole input
+    from ct_checkpoints import make_ct_quip
+
+    from vllm_quarot.interop.ct_import import import_checkpoint
+
+    quip = root / "quip-full"
+    import_checkpoint(make_ct_quip(tp_model, root / "ct-quip-full"), quip)
     base = dict(dtype="float32", enforce_eager=True, max_model_len=256)
     cases = [
         ("plain-with-quarot-flag", random_llama, {"quantization": "quarot"}),
@@ -174,6 +181,8 @@ def refusals(tmp_path_factory, random_llama, rtn_w4a4, quarot_w4a4kv4) -> dict[s
         ("no-quant-method", no_method, {}),
         ("full-r4-at-tp2", tp1, {"tensor_parallel_size": 2,
                                  "distributed_executor_backend": "mp"}),
+        ("imported-full-transform-at-tp2", quip, {"tensor_parallel_size": 2,
+                                                  "distributed_executor_backend": "mp"}),
     ]
     out = walk_refusals([{"id": i, "model": str(m), "args": base | a} for i, m, a in cases])
     out["_paths"] = json.dumps({"missing": str(missing)})

@@ -324,6 +324,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(parser=p, run=run)
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    """``vllm-quarot import CT_CKPT OUT`` (vllm_quarot/interop/ct_import.py)."""
+    p = sub.add_parser("import", help="make an llm-compressor (compressed-tensors) "
+                       "checkpoint with online transforms (QuIP, SpinQuant R4) a vllm-quarot "
+                       "one that the plugin serves on CPU and at tensor parallelism")
+    p.add_argument("ckpt", metavar="CT_CKPT", help="a compressed-tensors checkpoint directory")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    def run(a: argparse.Namespace) -> int:
+        from vllm_quarot.interop.ct_import import import_checkpoint
+
+        print(import_checkpoint(a.ckpt, a.out_dir, a.overwrite).format())
+        return 0
+
+    p.set_defaults(parser=p, run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vllm-quarot", description=__doc__)
     ap.add_argument("--version", action="version", version=f"vllm-quarot {__version__}")
@@ -331,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_import(sub)
     return ap
 
 
@@ -349,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "quantize":
             return _run_quantize(a)
-        if a.cmd == "export":
+        if a.cmd in ("export", "import"):
             return a.run(a)
         return _run_eval(a)
     except QuaRotError as e:

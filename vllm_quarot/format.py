@@ -33,10 +33,10 @@ from vllm_quarot.models import (
 
 __all__ = [
     "FORMAT_VERSION", "KV_SHIFT_FILE", "MAX_KV_PIVOTS", "QUANT_METHOD", "READABLE_VERSIONS",
-    "SCHEMES",
-    "SUPPORTED_ARCHITECTURES", "ActivationSpec", "CheckpointFormatError", "KVCacheSpec",
-    "LMHeadSpec", "OnlineHadamard", "QuaRotFormat", "R1Spec", "R2Spec", "RotationSpec",
-    "SchemeSpec", "SmoothSpec", "WeightSpec",
+    "SCHEMES", "TRANSFORMS_FILE",
+    "SUPPORTED_ARCHITECTURES", "ActivationSpec", "CheckpointFormatError", "InputTransform",
+    "KVCacheSpec", "LMHeadSpec", "OnlineHadamard", "QuaRotFormat", "R1Spec", "R2Spec",
+    "RotationSpec", "SchemeSpec", "SmoothSpec", "WeightSpec",
 ]
 
 QUANT_METHOD = "quarot"
@@ -49,14 +49,18 @@ QUANT_METHOD = "quarot"
 #    as none
 # 7: activation.smooth (Rotated Runtime Smooth, per-linear smooth_perm tensors); 1-6
 #    read as no smoothing
-FORMAT_VERSION = 7
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# 8: rotation.input_transforms (stored online matrices, TRANSFORMS_FILE: imported
+#    compressed-tensors checkpoints); 1-7 read as none
+FORMAT_VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 # kv_cache.pivots: at most this many leading tokens per sequence (they live in the tail of
 # the sequence's first cache block, which holds at least 32 tokens on CPU)
 MAX_KV_PIVOTS = 8
 # the per-layer key/value shift vectors of a ``kv_cache.shift`` checkpoint; in a
 # subfolder so that vLLM's loader, which globs *.safetensors, never reads it as weights
 KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
+# the matrices of rotation.input_transforms (same subfolder, same reason)
+TRANSFORMS_FILE = "quarot/transforms.safetensors"
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
 R1_KINDS = ("randomized-hadamard", "cayley-learned", "none")
 
@@ -340,11 +344,42 @@ class OnlineHadamard(_Section):
                 "version that made it (quantizer.version) or quantize the model again")
 
 
+class InputTransform(_Section):
+    """An online transform stored as a matrix (``vllm-quarot import`` of a
+    compressed-tensors checkpoint: llm-compressor's QuIP / SpinQuant online rotations):
+    the input x of each listed linear (every decoder layer) becomes x @ M / √size, M
+    applied block-diagonally when ``size`` is smaller than the input (compressed-tensors'
+    head_dim). M is ``name`` in TRANSFORMS_FILE, checked against ``sha256`` (of its
+    float32 bytes) when the runtime reads it."""
+
+    name: str  # the tensor in TRANSFORMS_FILE
+    size: int  # the order of M (one block)
+    linears: tuple[str, ...]  # canonical linears of a layer (``self_attn.q_proj``, ...)
+    sha256: str
+
+    @model_validator(mode="after")
+    def _check(self) -> InputTransform:
+        from vllm_quarot.models import LINEARS
+
+        bad = [n for n in self.linears if n not in LINEARS]
+        if bad or not self.linears or self.size < 1:
+            raise CheckpointFormatError(
+                f"rotation.input_transforms {self.name!r}: size {self.size}, linears "
+                f"{list(self.linears)} (known linears: {', '.join(LINEARS)})")
+        return self
+
+
 class RotationSpec(_Section):
     r1: R1Spec = Field(default_factory=R1Spec)
     r2: R2Spec | None = None  # per-head Hadamard of head_dim fused into v/o_proj; null: none
     r3: OnlineHadamard | None = None  # head_dim, on queries and keys after RoPE (KV4)
     r4: OnlineHadamard | None = None  # intermediate size, before down_proj
+    input_transforms: tuple[InputTransform, ...] = ()  # stored online matrices
+
+    def input_transform(self, linear: str) -> InputTransform | None:
+        """The stored transform of a canonical linear (``...self_attn.q_proj``)."""
+        return next((t for t in self.input_transforms
+                     if any(linear.endswith(n) for n in t.linears)), None)
 
     @property
     def r2_size(self) -> int:
@@ -362,7 +397,9 @@ class RotationSpec(_Section):
         return {"r1": self.r1.model_dump(),
                 "r2": self.r2.model_dump() if self.r2 and self.r2.size else None,
                 "r3": self.r3.to_dict() if self.r3 else None,
-                "r4": self.r4.to_dict() if self.r4 else None}
+                "r4": self.r4.to_dict() if self.r4 else None,
+                **({"input_transforms": [t.model_dump() for t in self.input_transforms]}
+                   if self.input_transforms else {})}
 
 
 @dataclass(frozen=True)
@@ -486,6 +523,14 @@ class QuaRotFormat(_Section):
         for name, online in (("rotation.r3", r.r3), ("rotation.r4", r.r4)):
             if online is not None:
                 online.check(name)
+        listed = [n for t in r.input_transforms for n in t.linears]
+        if len(listed) != len(set(listed)):
+            raise CheckpointFormatError(
+                "rotation.input_transforms lists a linear twice: one transform per input")
+        if r.input_transforms and (r.r4 is not None or self.tp_blocks != 1):
+            raise CheckpointFormatError(
+                "rotation.input_transforms (imported transforms) cannot be combined with "
+                "rotation.r4 or tensor_parallel_blocks > 1")
         if self.lm_head is not None and w.bits >= 16:
             raise CheckpointFormatError("a quantized lm_head needs a quantized scheme")
         if self.scheme == "custom":  # hand-written section: named after what it says
@@ -607,6 +652,16 @@ class QuaRotFormat(_Section):
                     f"{name} is {got} but the model has size {want}: checkpoint and "
                     "config.json do not match")
         n, attn = self.tp_blocks, hf_config.num_attention_heads * head_dim(hf_config)
+        if r.input_transforms:
+            from vllm_quarot.models import linear_sizes
+
+            sizes = linear_sizes(hf_config)
+            for t in r.input_transforms:
+                for lin in t.linears:
+                    if sizes[lin][1] % t.size:
+                        raise CheckpointFormatError(
+                            f"rotation.input_transforms {t.name!r} of size {t.size} does "
+                            f"not divide {lin}'s input size {sizes[lin][1]}")
         smooth = self.activation.smooth if self.activation is not None else None
         if smooth is not None:
             sizes = {"hidden size": hf_config.hidden_size, "heads × head_dim": attn,
@@ -639,6 +694,27 @@ class QuaRotFormat(_Section):
             f"Quantize it with `vllm-quarot quantize ... --tp {tp_size}` (or a multiple "
             f"of {tp_size}), or serve it at a tensor-parallel size dividing "
             f"{self.tp_blocks}")
+
+
+    def check_transforms_tp(self, tp_size: int, hf_config: Any) -> None:
+        """A stored transform on a row-parallel input (o_proj, down_proj), whose shards
+        live on different ranks, runs per rank only if its blocks lie within a shard."""
+        from vllm_quarot.models import ROW_PARALLEL, linear_sizes
+
+        if tp_size == 1 or not self.rotation.input_transforms:
+            return
+        sizes = linear_sizes(hf_config)
+        for t in self.rotation.input_transforms:
+            for lin in t.linears:
+                k = sizes[lin][1]
+                if lin in ROW_PARALLEL and (k % tp_size or (k // tp_size) % t.size):
+                    raise CheckpointFormatError(
+                        f"--tensor-parallel-size {tp_size} cannot serve this checkpoint: "
+                        f"its online transform {t.name!r} of order {t.size} spans "
+                        f"{lin}'s input ({k}), which tensor parallelism splits into "
+                        f"{tp_size} shards of {k // tp_size}. Serve it at "
+                        "--tensor-parallel-size 1, or make it with a transform block "
+                        "(llm-compressor's head_dim) that divides the shard")
 
 
 def documented_fields() -> list[str]:

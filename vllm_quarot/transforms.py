@@ -39,6 +39,7 @@ from vllm_quarot.quant import (
     fake_smooth_quantize,
     quantize_static,
 )
+from vllm_quarot.stored_transforms import apply_matrix
 
 Active = Callable[[], bool]
 
@@ -61,20 +62,25 @@ class LinearInputSpec:
     # and the channel order (smooth_perm; None: natural order)
     smooth_group: int = 0
     smooth_perm: torch.Tensor | None = None
+    # an imported checkpoint's stored online transform (normalised; block-diagonal)
+    matrix: torch.Tensor | None = None
 
 
 def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
                        input_scales: dict[str, torch.Tensor] | None = None,
                        override: dict[str, int | None] | None = None,
                        smooth_perms: dict[str, torch.Tensor] | None = None,
-                       smooth: bool = True) -> dict[str, LinearInputSpec]:
+                       smooth: bool = True,
+                       matrices: dict[str, torch.Tensor] | None = None,
+                       ) -> dict[str, LinearInputSpec]:
     """The runtime's treatment of each named module's input (canonical, fused or
     ``lm_head`` names). override (analysis only) maps a name suffix (``down_proj``,
     ``layers.29.mlp.down_proj``) to other activation bits, None = 16-bit. With
     ``activation.smooth`` the decoder layers' linears smooth their inputs (smooth_perms:
     each one's ``smooth_perm`` tensor when ``reorder``); smooth=False quantizes them per
     token instead (the quantizer's --a8-layers ranking, measured before the orders
-    exist)."""
+    exist). matrices: ``stored_transforms.read_transforms`` of a checkpoint with
+    ``rotation.input_transforms``."""
     act, r4 = fmt.activation, fmt.rotation.r4
     static = act is not None and act.static
     rrs = act.smooth if act is not None and smooth else None
@@ -107,17 +113,22 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
         for suffix, b in (override or {}).items():
             if name.endswith(suffix):
                 bits = b
+        stored = fmt.rotation.input_transform(name) if name != LM_HEAD else None
         specs[name] = LinearInputSpec(
             r4=r4 if name.endswith(DOWN_PROJ) else None, bits=bits, clip=clip, blocks=blocks,
             static_scale=scale, smooth_group=group,
-            smooth_perm=None if perm is None else perm.long())
+            smooth_perm=None if perm is None else perm.long(),
+            matrix=None if stored is None else (matrices or {})[stored.name])
     return specs
 
 
 def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor | None = None,
                     ste: bool = False, quantize: bool = True) -> torch.Tensor:
     """The input as the runtime's kernel sees it: R4 (computed in float32 at least, as
-    the kernels do), then the activation fake quantization (when quantize)."""
+    the kernels do) or the stored transform, then the activation fake quantization
+    (when quantize)."""
+    if spec.matrix is not None:
+        x = apply_matrix(x, spec.matrix)
     if spec.r4 is not None:
         if had_k is None:
             had_k = hadamard_factor(spec.r4.block_size, torch.float32).to(x.device)

@@ -183,10 +183,12 @@ def expected_tensors(fmt: QuaRotFormat, hf_config: Any) -> dict[str, _Want]:
                 want[f"{key}.bias"] = _Want(FLOAT_DTYPES, (n,), "bias")
     want[f"{FINAL_NORM}.weight"] = _Want(FLOAT_DTYPES, (hidden,), "RMSNorm gain")
     head = fmt.lm_head
-    if head is None:
+    if head is None and not getattr(c, "tie_word_embeddings", False):
         want[f"{LM_HEAD}.weight"] = _Want(FLOAT_DTYPES, (vocab, hidden),
                                           "untied lm_head, final norm folded in")
-    else:
+    # (tied: the head is the embedding, as in an imported checkpoint; our quantizer
+    # unties it, folding the final norm in)
+    elif head is not None:
         want[f"{LM_HEAD}.weight_packed"] = _Want(
             ("I32",), (vocab, hidden * head.bits // 32),
             f"lm_head {head.bits}-bit codes packed in int32")

@@ -147,6 +147,36 @@ def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path) -> dict[str
     return out
 
 
+IMPORTED = "llm-compressor, imported"  # their checkpoint, `vllm-quarot import`ed
+
+
+def import_theirs(d: Path, windows: Path, repeats: int) -> tuple[dict[str, Any],
+                                                                 dict[str, Any]] | None:
+    """Their checkpoint with online transforms (which stock vLLM serves on CUDA only)
+    through `vllm-quarot import` and the plugin: (the import's facts, its vLLM score);
+    None when it has no transforms (stock vLLM serves it)."""
+    ck = d / "ckpt"
+    qc = json.loads((ck / "config.json").read_text()).get("quantization_config") or {}
+    if not qc.get("transform_config"):
+        return None
+    imp = d / "imported"
+    facts = d / "import.json"
+    if not facts.is_file():
+        from vllm_quarot.errors import QuaRotError
+        from vllm_quarot.interop.ct_import import import_checkpoint
+
+        t0 = time.monotonic()
+        try:
+            summary = import_checkpoint(ck, imp, overwrite=True).format()
+            out = {"wall_s": time.monotonic() - t0, "mib": size_mib(imp), "ckpt": str(imp),
+                   "summary": summary}
+        except QuaRotError as e:
+            out = {"error": str(e)}
+        facts.write_text(json.dumps(out, indent=1))
+    out = json.loads(facts.read_text())
+    return out, ({} if "error" in out else score(imp, windows, d, True, repeats))
+
+
 def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, windows: Path,
                   d: Path) -> dict[str, Any]:
     res = d / "result.json"
@@ -311,7 +341,8 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
                          f"– | – | – |")
             notes.append(f"{tool} {recipe}: quantization failed: {q['error']}")
             continue
-        served = "stock vLLM" if tool == "llm-compressor" else "vLLM + vllm-quarot"
+        served = {"llm-compressor": "stock vLLM", IMPORTED: "vLLM + vllm-quarot import"}.get(
+            tool, "vLLM + vllm-quarot")
         if "error" in s:
             notes.append(f"{tool} {recipe}: {served} refused it: {s['error']}")
             served = f"not served ({len(notes)})"
@@ -320,9 +351,12 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         ppl = s.get("vllm_ppl")
         rel = f"{(ppl / ref - 1) * 100:+.1f} %" if ppl and ref else "–"
         f32 = q.get("inmemory_ppl", q.get("sim_ppl"))
+        wall = q.get("wall_s")
+        when = ("–" if wall is None else f"{wall / 60:.1f} min" if wall >= 60 else
+                f"{wall:.0f} s") + (" (import)" if tool == IMPORTED else "")
         lines.append(
             f"| {recipe} | {tool} | {served} | {fmt(ppl)} | {rel} | {fmt(f32)} | "
-            f"{q['wall_s'] / 60:.1f} min | {q['peak_rss_gib']:.2f} GiB | {q['mib']:.1f} | "
+            f"{when} | {fmt(q.get('peak_rss_gib'))} GiB | {q['mib']:.1f} | "
             f"{fmt(s.get('tok_s_1'), '.1f')} | {fmt(s.get('tok_s_32'), '.1f')} |")
     if notes:
         lines += ["", *[f"({i}) {n}" for i, n in enumerate(notes, 1)]]
@@ -376,8 +410,18 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
     rows = []
     for recipe in recipes:
         for tool, d, plugin in (("llm-compressor", work / "llmc" / recipe, False),
+                                (IMPORTED, work / "llmc" / recipe, True),
                                 ("vllm-quarot", _ours_dir(work, recipe), True)):
             q = read(d / "result.json")
+            if tool != "vllm-quarot" and q is None and (d / "worker.json").is_file():
+                # the worker finished, its parent did not record the process figures
+                q = {**read(d / "worker.json"), "mib": size_mib(d / "ckpt")}
+                q["wall_s"] = q.get("oneshot_s")
+            if tool == IMPORTED:
+                imp = read(d / "import.json")
+                if imp is None or q is None:
+                    continue
+                q = {**imp, "inmemory_ppl": q.get("inmemory_ppl")}
             if q is None and tool == "vllm-quarot" and recipe.endswith("w4a16-g64") \
                     and not recipe.startswith("none"):
                 # the same quantizer options as ablate_w4a16.py's "base" variant (run
@@ -461,6 +505,11 @@ def main() -> int:
             s_theirs = score(work / "llmc" / recipe / "ckpt", windows, work / "llmc" / recipe,
                              False, a.repeats)
         rows.append((recipe, "llm-compressor", theirs, s_theirs))
+        imported = None if "error" in theirs or a.no_speed else import_theirs(
+            work / "llmc" / recipe, windows, a.repeats)
+        if imported is not None:
+            q_imp = {**imported[0], "inmemory_ppl": theirs.get("inmemory_ppl")}
+            rows.append((recipe, IMPORTED, q_imp, imported[1]))
         ours_dir = _ours_dir(work, recipe)
         ours = quantize_ours(mdir, recipe, a.nsamples, a.calib_seqlen, windows, ours_dir)
         ours.setdefault("ckpt", str(ours_dir / "ckpt"))
@@ -475,12 +524,16 @@ def main() -> int:
                 continue
             theirs = tool == "llm-compressor"
             ck = (work / "llmc" / recipe / "ckpt") if theirs else Path(q["ckpt"])
+            if tool == IMPORTED:
+                entries.append((f"{tool}:{recipe}", ck, True))
+                continue
             name = f"{tool}:{recipe}" if theirs else f"{tool}:{ck.parent.name}"
             if all(e[0] != name for e in entries):
                 entries.append((name, ck, not theirs))
         speed = speed_rounds(entries, windows, work, a.speed_rounds, a.repeats)
         for d, name in [(base, "bf16")] + [
-                (sc, f"{t}:{r}" if t == "llm-compressor" else f"{t}:{Path(q['ckpt']).parent.name}")
+                (sc, f"{t}:{r}" if t in ("llm-compressor", IMPORTED)
+                 else f"{t}:{Path(q['ckpt']).parent.name}")
                 for r, t, q, sc in rows if sc and "error" not in sc and "error" not in q]:
             if name in speed:
                 d["tok_s_1"], d["tok_s_32"] = speed[name].get("1"), speed[name].get("32")

@@ -21,8 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from vllm_quarot.format import QuaRotFormat
 from vllm_quarot.kv_shift import read_kv_shift
+from vllm_quarot.models import LM_HEAD
 from vllm_quarot.offline.checkpoint import TensorSource
 from vllm_quarot.quant import dequantize_weight, unpack_weight
+from vllm_quarot.stored_transforms import read_transforms
 from vllm_quarot.transforms import (
     install_kv_attention,
     install_linear_inputs,
@@ -75,10 +77,14 @@ def load_simulated(
             perms[name.removesuffix(".smooth_perm")] = src.get(name).long()
         elif not name.endswith(".weight_scale"):
             state[name] = src.get(name).to(dtype)
+    if "lm_head.weight" not in state and LM_HEAD not in quantized and getattr(
+            cfg, "tie_word_embeddings", False):  # a tied head stored once (imports)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    install_linear_inputs(model, linear_input_specs(fmt, sorted(quantized), input_scales,
-                                                    act_bits_override, perms))
+    install_linear_inputs(model, linear_input_specs(
+        fmt, sorted(quantized), input_scales, act_bits_override, perms,
+        matrices=read_transforms(model_dir, fmt)))
     spec = kv_spec(fmt, read_kv_shift(model_dir, cfg) if fmt.kv_cache and fmt.kv_cache.shift
                    else None)
     if spec is not None:

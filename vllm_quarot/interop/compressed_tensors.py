@@ -260,7 +260,8 @@ def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,
     """A compressed-tensors checkpoint in PyTorch with its online transforms: the model
     as transformers loads it (compressed-tensors decompresses the weights; transformers
     ignores ``transform_config``), then compressed-tensors' own
-    ``apply_transform_config`` attaches the transforms and every transform module gets
+    ``apply_transform_config`` attaches the online transforms (the offline ones are
+    fused into the stored weights already) and every transform module gets
     the matrix stored in the checkpoint (``<module>.<scheme>_<location>.weight``; a
     matrix stored once is shared by every module of its scheme and size, as
     llm-compressor saves them)."""
@@ -274,7 +275,11 @@ def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,
     tc = qc.get("transform_config")
     if not tc:
         return model
-    apply_transform_config(model, TransformConfig.model_validate(tc))
+    # offline entries (weight_input / weight_output) are in the stored weights already
+    online = {k: {**g, "apply": [a for a in g.get("apply") or []
+                                 if a.get("location") not in ("weight_input", "weight_output")]}
+              for k, g in tc["config_groups"].items()}
+    apply_transform_config(model, TransformConfig.model_validate({"config_groups": online}))
     src = TensorSource(ct_dir)
     stored: dict[tuple[str, int], torch.Tensor] = {}  # (scheme, size) -> matrix
     for name in src.keys():

@@ -36,6 +36,9 @@ class QuaRotConfig(QuantizationConfig):
         # kv_cache.shift: layer -> (k, v) shift [kv_heads, head_dim], read from the
         # checkpoint in maybe_update_config (main process) and pickled to the workers
         self.kv_shift: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # rotation.input_transforms: name -> (normalised matrix, its Hadamard factors),
+        # read likewise
+        self.input_transforms: dict[str, tuple[torch.Tensor, Any]] = {}
 
     def __repr__(self) -> str:
         return f"QuaRotConfig(scheme={self.fmt.scheme!r})"
@@ -84,6 +87,11 @@ class QuaRotConfig(QuantizationConfig):
                 from vllm_quarot.kv_shift import read_kv_shift
 
                 self.kv_shift = read_kv_shift(_local_dir(model_name, revision), hf_config)
+            if self.fmt.rotation.input_transforms:
+                from vllm_quarot.stored_transforms import factor_hadamard, read_transforms
+
+                mats = read_transforms(_local_dir(model_name, revision), self.fmt)
+                self.input_transforms = {k: (m, factor_hadamard(m)) for k, m in mats.items()}
 
     def check_cache_dtype(self, cache_dtype: str) -> None:
         """A checkpoint with a kv_cache section runs with the 4-bit cache it was
@@ -106,7 +114,9 @@ class QuaRotConfig(QuantizationConfig):
         """What needs the whole engine configuration (run in the calling process by the
         quarot-config-check patch, so that LLM(...) / vllm serve refuse with one line):
         the tensor-parallel size and the KV cache dtype."""
-        self.fmt.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        self.fmt.check_tensor_parallel(tp)
+        self.fmt.check_transforms_tp(tp, vllm_config.model_config.hf_config)
         if vllm_config.cache_config is not None:
             self.check_cache_dtype(vllm_config.cache_config.cache_dtype)
 
@@ -144,8 +154,29 @@ class QuaRotConfig(QuantizationConfig):
 
         r4 = self.fmt.rotation.r4
         down = prefix.endswith(DOWN_PROJ)
-        return QuaRotLinearMethod(scheme_for(self.fmt, prefix),
-                                  HadamardTransform(r4) if down and r4 else None, prefix)
+        transform = HadamardTransform(r4) if down and r4 else self._stored_transform(prefix)
+        return QuaRotLinearMethod(scheme_for(self.fmt, prefix), transform, prefix)
+
+    def _stored_transform(self, prefix: str):
+        """The imported transform of a (vLLM-merged) linear: its parts share one."""
+        if not self.fmt.rotation.input_transforms:
+            return None
+        from vllm_quarot.models import canonical_parts
+        from vllm_quarot.runtime.transform import MatrixTransform
+
+        specs = {self.fmt.rotation.input_transform(p) for p in canonical_parts(prefix)}
+        if len(specs) != 1:
+            raise CheckpointFormatError(
+                f"{prefix}: its parts have different online transforms "
+                f"({sorted(str(t.name) if t else 'none' for t in specs)}); vLLM computes "
+                "them as one linear with one input")
+        spec = specs.pop()
+        if spec is None:
+            return None
+        if spec.name not in self.input_transforms:
+            raise CheckpointFormatError(f"transform {spec.name!r} was not read from the "
+                                        "checkpoint (maybe_update_config did not run)")
+        return MatrixTransform(spec.name, *self.input_transforms[spec.name])
 
 
 def _check_smoothing_platform(fmt: QuaRotFormat) -> None:

@@ -24,7 +24,7 @@ from vllm_quarot.format import CheckpointFormatError
 from vllm_quarot.quant import unpack_weight
 from vllm_quarot.runtime.kernels import QuaRotLinearKernel, choose_kernel
 from vllm_quarot.runtime.schemes import QuaRotScheme
-from vllm_quarot.runtime.transform import HadamardTransform
+from vllm_quarot.runtime.transform import HadamardTransform, MatrixTransform
 
 _LOADED = ("weight_packed", "weight_scale")
 
@@ -46,13 +46,15 @@ def _counting(loader: Callable, shards: int) -> Callable:
 @register_weight_loader_v2_supported_method
 class QuaRotLinearMethod(LinearMethodBase):
     """One instance per linear layer; ``transform`` is set for down_proj when the
-    checkpoint has the online R4."""
+    checkpoint has the online R4, and for the linears of an imported checkpoint's
+    stored transforms."""
 
-    def __init__(self, scheme: QuaRotScheme, transform: HadamardTransform | None,
-                 prefix: str):
+    def __init__(self, scheme: QuaRotScheme,
+                 transform: HadamardTransform | MatrixTransform | None, prefix: str):
         self.scheme = scheme
         self.transform = transform
         self.prefix = prefix
+        self.fused = False  # set at load: the kernel applies R4 in its quantizer
         # (module holding the part's tensors, its kernel): one part, the layer itself,
         # unless a tensor-parallel checkpoint's row-parallel layer runs by blocks
         self.parts: list[tuple[torch.nn.Module, QuaRotLinearKernel]] = []
@@ -78,6 +80,10 @@ class QuaRotLinearMethod(LinearMethodBase):
             raise CheckpointFormatError(
                 f"{self.prefix}: input size {k} does not split into "
                 f"{layer.quarot_parts} blocks")
+        if isinstance(self.transform, MatrixTransform) and k % self.transform.matrix.shape[0]:
+            raise CheckpointFormatError(
+                f"{self.prefix}: the online transform {self.transform.name!r} of order "
+                f"{self.transform.matrix.shape[0]} does not divide this rank's input ({k})")
         self.scheme.create_weights(layer, self.prefix, k, output_partition_sizes,
                                    _counting(extra_weight_attrs["weight_loader"],
                                              len(output_partition_sizes)))
@@ -107,7 +113,7 @@ class QuaRotLinearMethod(LinearMethodBase):
         device = codes.device
         config = self.scheme.linear_config(
             k, n, layer.quarot_params_dtype,
-            self.transform.spec.block_size if self.transform else 0, device.type)
+            self.transform.fusable_size if self.transform else 0, device.type)
         kernel_cls = choose_kernel(config)
         del layer.weight_packed, layer.weight_scale
         if parts == 1:
@@ -121,6 +127,8 @@ class QuaRotLinearMethod(LinearMethodBase):
                 f"{parts} blocks")
         g = scale.shape[1] // parts  # scale groups per part (0: per channel, shared)
         self.parts = []
+        # the kernel applies R4 itself (in its quantizer) only where it fuses one
+        self.fused = bool(config.online_hadamard)
         for i, module in enumerate(modules):
             kernel = kernel_cls(config)
             if self.transform is not None:
@@ -134,7 +142,7 @@ class QuaRotLinearMethod(LinearMethodBase):
 
     def _apply_part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         module, kernel = self.parts[i]
-        if self.transform is not None and not kernel.fuses_hadamard:
+        if self.transform is not None and not (self.fused and kernel.fuses_hadamard):
             x = self.transform.apply(module, x)
         return kernel.apply_weights(module, x, bias)
 

@@ -1,0 +1,220 @@
+"""``vllm-quarot import``: llm-compressor-style compressed-tensors checkpoints with
+online transforms (QuIP's ``v`` on every linear) become vllm-quarot checkpoints whose
+simulation is compressed-tensors' own in-PyTorch model, and which the plugin serves
+through real vLLM at TP = 1 and, with transform blocks inside the shards, TP = 2; our
+own exports come back unchanged; what cannot be served is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from ct_checkpoints import make_ct_quip
+
+from vllm_quarot.cli import main as cli_main
+from vllm_quarot.eval.simulate import load_simulated
+from vllm_quarot.eval.zoo import make_random_model
+from vllm_quarot.format import TRANSFORMS_FILE, CheckpointFormatError, QuaRotFormat
+from vllm_quarot.interop.compressed_tensors import export_checkpoint, load_with_transforms
+from vllm_quarot.interop.ct_import import ImportError_, import_checkpoint
+from vllm_quarot.offline.quantize import QuantizeOptions, quantize
+
+IDS = torch.tensor([[1, 5, 9, 100, 200, 300, 7, 42, 11]])
+
+
+@pytest.fixture(scope="module")
+def tp_llama(tmp_path_factory, shared_data) -> Path:
+    """Heads and sizes that divide by 2 (as test_parallel's)."""
+    return make_random_model(tmp_path_factory.mktemp("imp") / "llama", hidden=256,
+                             intermediate=512, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def quip(tmp_path_factory, tp_llama) -> dict[str, Path]:
+    """QuIP checkpoints (full transforms; blocks of 64) and their imports."""
+    root = tmp_path_factory.mktemp("quip")
+    out = {}
+    for name, head_dim in (("full", None), ("block64", 64)):
+        ct = make_ct_quip(tp_llama, root / f"ct-{name}", head_dim=head_dim)
+        import_checkpoint(ct, root / name)
+        out[f"ct-{name}"], out[name] = ct, root / name
+    return out
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.double()
+
+
+@pytest.mark.parametrize("name", ["full", "block64"])
+def test_import_simulates_compressed_tensors(quip, name):
+    """Our simulation of the import = compressed-tensors' model in PyTorch (transformers
+    decompresses the weights, compressed-tensors applies the stored transforms)."""
+    ref = _logits(load_with_transforms(quip[f"ct-{name}"]))
+    ours = _logits(load_simulated(quip[name]))
+    assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()
+    fmt = QuaRotFormat.from_dict(json.loads((quip[name] / "config.json").read_text())[
+        "quantization_config"])
+    sizes = sorted((t.size, t.linears) for t in fmt.rotation.input_transforms)
+    if name == "full":  # one per input size: 256 (q/k/v, o, gate/up), 512 (down)
+        assert [s for s, _ in sizes] == [256, 512]
+        assert "mlp.down_proj" in sizes[1][1] and "self_attn.o_proj" in sizes[0][1]
+    else:
+        assert [s for s, _ in sizes] == [64] and len(sizes[0][1]) == 7
+
+
+@pytest.mark.parametrize("n", [64, 192, 320, 576])
+@pytest.mark.parametrize("native", [True, False])
+def test_runtime_transform_fast_path(n, native, monkeypatch):
+    """compressed-tensors' random Hadamards factor as signs · (A ⊗ H_P) and run on the
+    online Hadamard op (native kernel, or the reference op where it is absent): equal
+    to the dense x @ M / √n, block-diagonally too; a non-±1 matrix stays dense."""
+    import math
+
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    from vllm_quarot.runtime.ops import cpu as cpu_ops
+    from vllm_quarot.runtime.transform import MatrixTransform
+    from vllm_quarot.stored_transforms import apply_matrix, factor_hadamard
+
+    if native and not cpu_ops.AVAILABLE:
+        pytest.skip("native CPU ops not built")
+    monkeypatch.setattr(cpu_ops, "AVAILABLE", native)
+    m = random_hadamard_matrix(n, torch.float64, gen=torch.Generator().manual_seed(n))
+    m = (m / math.sqrt(n)).float()
+    factors = factor_hadamard(m)
+    assert factors is not None  # (192: compressed-tensors takes Sloane's 192×192 whole)
+    assert factors[1].shape[0] < n or n == 192
+    x = torch.randn(7, 2 * n, dtype=torch.bfloat16)
+    want = apply_matrix(x, m)
+    layer = torch.nn.Module()
+    t = MatrixTransform("v", m, factors)
+    t.process_weights_after_loading(layer, torch.device("cpu"))
+    got = t.apply(layer, x)
+    assert got.dtype == x.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert factor_hadamard(torch.randn(n, n)) is None
+
+
+def test_a_wrong_transform_is_refused(quip, tmp_path):
+    """The matrix the weights were made with, or a one-line refusal."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(quip["full"], bad)
+    t = load_file(bad / TRANSFORMS_FILE)
+    name = sorted(t)[0]
+    t[name] = t[name].flip(0).contiguous()
+    save_file(t, bad / TRANSFORMS_FILE)
+    with pytest.raises(CheckpointFormatError, match="is not the matrix the weights"):
+        load_simulated(bad)
+    (bad / TRANSFORMS_FILE).unlink()
+    with pytest.raises(CheckpointFormatError, match="is missing"):
+        load_simulated(bad)
+
+
+def test_our_export_comes_back(tmp_path, random_llama, shared_data):
+    """export → import: W4A16 with R4 (a transform_config on down_proj) simulates as the
+    original checkpoint; the same int32 words and scales. (16-bit lm_head: the export
+    writes a quantized one dequantized.)"""
+    from conftest import TINYSTORIES
+
+    from vllm_quarot.offline.checkpoint import TensorSource
+
+    ours = tmp_path / "ours"
+    quantize(random_llama, ours, QuantizeOptions(
+        scheme="w4a16", weight_method="rtn", group_size=64, calib=str(TINYSTORIES),
+        nsamples=2, seqlen=64, lm_head="none"))
+    export_checkpoint(ours, tmp_path / "ct")
+    back = tmp_path / "back"
+    summary = import_checkpoint(tmp_path / "ct", back)
+    assert "R4_input_192" not in summary.format() and "before mlp.down_proj" in summary.format()
+    a, b = _logits(load_simulated(ours)), _logits(load_simulated(back))
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    sa, sb = TensorSource(ours), TensorSource(back)
+    for name in sa.keys():
+        if name.endswith(("weight_packed", "weight_scale")):
+            assert torch.equal(sa.get(name), sb.get(name)), name
+
+
+def _edit(ct: Path, dst: Path, edit) -> Path:
+    shutil.copytree(ct, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _apply(qc, **kw):
+    qc["transform_config"]["config_groups"]["v"]["apply"][0].update(kw)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme is set"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False),
+     "static symmetric int weights"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"),
+     "g_idx"),
+    (lambda qc: qc["transform_config"]["config_groups"]["v"].update(randomize=True),
+     "randomize=true"),
+    (lambda qc: _apply(qc, location="output"), "location 'output' runs online"),
+    (lambda qc: _apply(qc, targets=["re:.*q_proj$"]), "differ across self_attn.q_proj"),
+    (lambda qc: qc.update(quant_method="gptq"), "not a compressed-tensors checkpoint"),
+    (lambda qc: qc["config_groups"]["group_0"].update(input_activations={
+        "num_bits": 4, "type": "int", "symmetric": True, "dynamic": True,
+        "strategy": "token"}), "the import reads W4A16"),
+], ids=["kv-cache", "asymmetric", "actorder-group", "randomize", "output-location",
+        "some-linears", "not-ct", "w4a4"])
+def test_refusals_are_one_line(quip, tmp_path, capsys, edit, match):
+    bad = _edit(quip["ct-full"], tmp_path / "bad", edit)
+    with pytest.raises(ImportError_, match=match):
+        import_checkpoint(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing that looks finished
+    assert cli_main(["import", str(bad), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vllm-quarot import: error:") and "\n" not in err
+
+
+def test_full_transform_refused_at_tp2(quip, tp_llama):
+    """A transform spanning o_proj's / down_proj's whole input cannot run per rank; one
+    of 64 inside each shard can (the engine test below serves it)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tp_llama)
+    for name, ok in (("full", False), ("block64", True)):
+        fmt = QuaRotFormat.from_dict(json.loads((quip[name] / "config.json").read_text())[
+            "quantization_config"])
+        fmt.check_transforms_tp(1, cfg)
+        if ok:
+            fmt.check_transforms_tp(2, cfg)
+        else:
+            with pytest.raises(CheckpointFormatError, match="--tensor-parallel-size 2 "
+                               "cannot serve this checkpoint: its online transform"):
+                fmt.check_transforms_tp(2, cfg)
+
+
+@pytest.mark.vllm
+def test_engine_refuses_a_full_transform_at_tp2(refusals):
+    """LLM(..., tensor_parallel_size=2) on it: one line, in the calling process."""
+    log = refusals["imported-full-transform-at-tp2"]
+    assert "LLM_RAISED CheckpointFormatError --tensor-parallel-size 2 cannot serve this " \
+           "checkpoint: its online transform" in log
+
+
+@pytest.mark.vllm
+def test_vllm_serves_imports_at_tp1_and_tp2(quip, engine):
+    """Through real vLLM: the full import at TP = 1 and the blocked one at TP = 1 and
+    TP = 2 (one core per rank) give the simulation's tokens and prompt log-probs; their
+    simulations are compressed-tensors' model (above)."""
+    from test_parallel import ONE_CORE_PER_RANK
+    from test_vllm_e2e import PROMPTS, simulate
+
+    for name in ("full", "block64"):
+        out = engine(quip[name]).run(PROMPTS)
+        assert out["quantization"] == "quarot"
+        simulate(quip[name], out["results"])
+    two = engine(quip["block64"], "--tp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
+    simulate(quip["block64"], two["results"])
