@@ -66,12 +66,14 @@ def test_import_simulates_compressed_tensors(quip, name):
         assert [s for s, _ in sizes] == [64] and len(sizes[0][1]) == 7
 
 
-@pytest.mark.parametrize("n", [64, 192, 320, 576])
+@pytest.mark.parametrize(("n", "mode"), [(64, "hadamard-op"), (192, "dense"),
+                                         (320, "dense"), (576, "dense"), (1536, "factored")])
 @pytest.mark.parametrize("native", [True, False])
-def test_runtime_transform_fast_path(n, native, monkeypatch):
-    """compressed-tensors' random Hadamards factor as signs · (A ⊗ H_P) and run on the
-    online Hadamard op (native kernel, or the reference op where it is absent): equal
-    to the dense x @ M / √n, block-diagonally too; a non-±1 matrix stays dense."""
+def test_runtime_transform_fast_path(n, mode, native, monkeypatch):
+    """compressed-tensors' random Hadamards factor as signs · (A ⊗ H_P); each way the
+    runtime applies one (the online Hadamard op — native kernel, or the reference op
+    where it is absent —, the factored PyTorch GEMM, the dense matmul) equals the dense
+    x @ M / √n, block-diagonally too; a non-±1 matrix has no factors."""
     import math
 
     from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
@@ -92,6 +94,7 @@ def test_runtime_transform_fast_path(n, native, monkeypatch):
     want = apply_matrix(x, m)
     layer = torch.nn.Module()
     t = MatrixTransform("v", m, factors)
+    assert t.mode == mode
     t.process_weights_after_loading(layer, torch.device("cpu"))
     got = t.apply(layer, x)
     assert got.dtype == x.dtype

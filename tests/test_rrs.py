@@ -15,6 +15,7 @@ import torch
 
 import vllm_quarot.runtime.ops.reference as ops
 from vllm_quarot.format import (
+    FORMAT_VERSION,
     ActivationSpec,
     CheckpointFormatError,
     OnlineHadamard,
@@ -275,7 +276,7 @@ def _fmt(smooth: SmoothSpec | None = G32, **kw) -> QuaRotFormat:
 def test_format_round_trip():
     fmt = _fmt()
     d = fmt.to_dict()
-    assert d["format_version"] == 7
+    assert d["format_version"] == FORMAT_VERSION
     assert d["activation"]["smooth"] == {"method": "runtime", "group_size": 32,
                                          "maxima": "token", "reorder": True}
     back = QuaRotFormat.from_dict(json.loads(json.dumps(d)))

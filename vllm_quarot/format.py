@@ -24,11 +24,14 @@ from pydantic import (
 from vllm_quarot.errors import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 from vllm_quarot.models import (
+    LINEARS,
+    ROW_PARALLEL,
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
     canonical_parts,
     family_of,
     head_dim,
+    linear_sizes,
 )
 
 __all__ = [
@@ -359,8 +362,6 @@ class InputTransform(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> InputTransform:
-        from vllm_quarot.models import LINEARS
-
         bad = [n for n in self.linears if n not in LINEARS]
         if bad or not self.linears or self.size < 1:
             raise CheckpointFormatError(
@@ -653,8 +654,6 @@ class QuaRotFormat(_Section):
                     "config.json do not match")
         n, attn = self.tp_blocks, hf_config.num_attention_heads * head_dim(hf_config)
         if r.input_transforms:
-            from vllm_quarot.models import linear_sizes
-
             sizes = linear_sizes(hf_config)
             for t in r.input_transforms:
                 for lin in t.linears:
@@ -699,8 +698,6 @@ class QuaRotFormat(_Section):
     def check_transforms_tp(self, tp_size: int, hf_config: Any) -> None:
         """A stored transform on a row-parallel input (o_proj, down_proj), whose shards
         live on different ranks, runs per rank only if its blocks lie within a shard."""
-        from vllm_quarot.models import ROW_PARALLEL, linear_sizes
-
         if tp_size == 1 or not self.rotation.input_transforms:
             return
         sizes = linear_sizes(hf_config)

@@ -103,9 +103,18 @@ def size_mib(d: Path) -> float:
 
 
 def last_error(logfile: Path) -> str:
-    """The last exception line of a log (the one-line reason a step failed)."""
+    """The one-line reason a step failed: the root cause a vLLM worker logged when the
+    engine died of it (the last line only says "see stack trace above"), else the last
+    exception line of the log."""
+    import re
+
     lines = [ln.strip() for ln in logfile.read_text(errors="replace").splitlines()
              if ln.strip()]
+    if any("EngineDeadError" in ln for ln in lines):
+        root = [m.group(1) for ln in lines
+                if (m := re.search(r"\] (\w+(?:Error|Exception): .*)$", ln))]
+        if root:
+            return root[0][:300]
     for ln in reversed(lines):
         if ("Error" in ln or "Exception" in ln) and not ln.startswith(("File ", "^")):
             return ln[:300]
@@ -174,6 +183,12 @@ def import_theirs(d: Path, windows: Path, repeats: int) -> tuple[dict[str, Any],
             out = {"error": str(e)}
         facts.write_text(json.dumps(out, indent=1))
     out = json.loads(facts.read_text())
+    if "error" not in out and "sim_ppl" not in out:  # our float32 simulation of it
+        from vllm_quarot.eval.perplexity import hf_perplexity, load_reference
+
+        out["sim_ppl"] = hf_perplexity(load_reference(imp),
+                                       json.loads(windows.read_text())["eval"])
+        facts.write_text(json.dumps(out, indent=1))
     return out, ({} if "error" in out else score(imp, windows, d, True, repeats))
 
 
@@ -318,8 +333,9 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         f"Calibration: {args.nsamples}×{args.calib_seqlen} TinyStories tokens (the same "
         f"windows for both); evaluation: WikiText-2 test, {args.max_windows}×{args.seqlen} "
         "tokens. vLLM ppl: bf16 prompt log-probs (stock vLLM for llm-compressor's "
-        "checkpoints, the plugin for ours); float32 ppl: llm-compressor's in-memory model "
-        "after oneshot / our simulation. Checkpoint MiB: llm-compressor ties the "
+        "checkpoints, the plugin for ours and for theirs imported with `vllm-quarot "
+        "import`); float32 ppl: llm-compressor's in-memory model after oneshot / our "
+        "simulation (of ours, and of theirs imported). Checkpoint MiB: llm-compressor ties the "
         "embedding and lm_head (one bf16 copy), ours stores both (--lm-head none: 16-bit). "
         "Quantization: wall time and peak RSS of the "
         "whole process (model load and save included), one OpenMP thread each. "
@@ -353,10 +369,12 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         f32 = q.get("inmemory_ppl", q.get("sim_ppl"))
         wall = q.get("wall_s")
         when = ("–" if wall is None else f"{wall / 60:.1f} min" if wall >= 60 else
-                f"{wall:.0f} s") + (" (import)" if tool == IMPORTED else "")
+                f"{wall:.0f} s") + (" (import)" if tool == IMPORTED else
+                                    q.get("time_note", ""))
+        rss = q.get("peak_rss_gib")
         lines.append(
             f"| {recipe} | {tool} | {served} | {fmt(ppl)} | {rel} | {fmt(f32)} | "
-            f"{when} | {fmt(q.get('peak_rss_gib'))} GiB | {q['mib']:.1f} | "
+            f"{when} | {'–' if rss is None else f'{rss:.2f} GiB'} | {q['mib']:.1f} | "
             f"{fmt(s.get('tok_s_1'), '.1f')} | {fmt(s.get('tok_s_32'), '.1f')} |")
     if notes:
         lines += ["", *[f"({i}) {n}" for i, n in enumerate(notes, 1)]]
@@ -416,12 +434,11 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
             if tool != "vllm-quarot" and q is None and (d / "worker.json").is_file():
                 # the worker finished, its parent did not record the process figures
                 q = {**read(d / "worker.json"), "mib": size_mib(d / "ckpt")}
-                q["wall_s"] = q.get("oneshot_s")
+                q["wall_s"], q["time_note"] = q.get("oneshot_s"), " (oneshot)"
             if tool == IMPORTED:
-                imp = read(d / "import.json")
-                if imp is None or q is None:
+                q = read(d / "import.json")
+                if q is None:
                     continue
-                q = {**imp, "inmemory_ppl": q.get("inmemory_ppl")}
             if q is None and tool == "vllm-quarot" and recipe.endswith("w4a16-g64") \
                     and not recipe.startswith("none"):
                 # the same quantizer options as ablate_w4a16.py's "base" variant (run
@@ -433,7 +450,7 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
                          "peak_rss_gib": b["peak_rss_gib"], "mib": size_mib(ck),
                          "ckpt": str(ck)}
                     recipe_note = f"{recipe} (ablate_w4a16 base)"
-                    rows.append((recipe_note, tool, q, {}))
+                    rows.append((recipe_note, tool, q, read(d / "score.json") or {}))
                 continue
             if q is None:
                 continue
@@ -508,8 +525,7 @@ def main() -> int:
         imported = None if "error" in theirs or a.no_speed else import_theirs(
             work / "llmc" / recipe, windows, a.repeats)
         if imported is not None:
-            q_imp = {**imported[0], "inmemory_ppl": theirs.get("inmemory_ppl")}
-            rows.append((recipe, IMPORTED, q_imp, imported[1]))
+            rows.append((recipe, IMPORTED, imported[0], imported[1]))
         ours_dir = _ours_dir(work, recipe)
         ours = quantize_ours(mdir, recipe, a.nsamples, a.calib_seqlen, windows, ours_dir)
         ours.setdefault("ckpt", str(ours_dir / "ckpt"))

@@ -26,20 +26,28 @@ struct H16 {
 };
 static constexpr H16 kH16{};
 
-// Unnormalised Walsh–Hadamard transform of v[0, p), p a power of two. The first four
-// butterfly stages (strides 1..8, which do not vectorize) are one 16×16 product per
-// 16 elements: 16 broadcast FMAs of one vector each.
+// The first four butterfly stages (strides 1..8, which do not vectorize) of every 16
+// elements of v[0, p) (p a multiple of 16) as one 16×16 product each: y = Σ_r v[r]·H16[r]
+// in r order, one FMA per term. h16_blocks (quarot_cpu.cpp) runs it with 16-lane
+// AVX-512 or two 8-lane AVX2 FMAs per term on the CPU at hand — the same FMAs lane by
+// lane as this scalar loop, which compilers leave scalar once it is inlined.
+static QUAROT_INLINE void h16_blocks_scalar(float* v, int64_t p) {
+  for (int64_t i = 0; i < p; i += 16) {
+    float y[16] = {};
+    for (int r = 0; r < 16; ++r) {
+      const float x = v[i + r];
+      for (int j = 0; j < 16; ++j) y[j] = std::fma(x, kH16.m[r][j], y[j]);
+    }
+    std::memcpy(v + i, y, sizeof(y));
+  }
+}
+void h16_blocks(float* v, int64_t p);
+
+// Unnormalised Walsh–Hadamard transform of v[0, p), p a power of two.
 static QUAROT_INLINE void fwht(float* v, int64_t p) {
   int64_t h = 1;
   if (p >= 16) {
-    for (int64_t i = 0; i < p; i += 16) {
-      float y[16] = {};
-      for (int r = 0; r < 16; ++r) {
-        const float x = v[i + r];
-        for (int j = 0; j < 16; ++j) y[j] = std::fma(x, kH16.m[r][j], y[j]);
-      }
-      std::memcpy(v + i, y, sizeof(y));
-    }
+    h16_blocks(v, p);
     h = 16;
   }
   for (; h < p; h *= 2)

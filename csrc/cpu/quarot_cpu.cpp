@@ -144,6 +144,35 @@ int64_t check_had(const c10::optional<Tensor>& had_k, int64_t n) {
   return kh;
 }
 
+__attribute__((target("avx512f"))) static void h16_blocks_avx512(float* v, int64_t p) {
+  for (int64_t i = 0; i < p; i += 16) {
+    __m512 y = _mm512_setzero_ps();
+    for (int r = 0; r < 16; ++r)
+      y = _mm512_fmadd_ps(_mm512_set1_ps(v[i + r]), _mm512_loadu_ps(kH16.m[r]), y);
+    _mm512_storeu_ps(v + i, y);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void h16_blocks_avx2(float* v, int64_t p) {
+  for (int64_t i = 0; i < p; i += 16) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int r = 0; r < 16; ++r) {
+      const __m256 x = _mm256_set1_ps(v[i + r]);
+      lo = _mm256_fmadd_ps(x, _mm256_loadu_ps(kH16.m[r]), lo);
+      hi = _mm256_fmadd_ps(x, _mm256_loadu_ps(kH16.m[r] + 8), hi);
+    }
+    _mm256_storeu_ps(v + i, lo);
+    _mm256_storeu_ps(v + i + 8, hi);
+  }
+}
+
+void h16_blocks(float* v, int64_t p) {
+  const int isa = current_isa();
+  if (isa == kAvx512Vnni) h16_blocks_avx512(v, p);
+  else if (isa == kAvx2) h16_blocks_avx2(v, p);
+  else h16_blocks_scalar(v, p);
+}
+
 std::vector<float> transposed(const float* had, int64_t kh) {
   std::vector<float> t(kh * kh);
   for (int64_t a = 0; a < kh; ++a)

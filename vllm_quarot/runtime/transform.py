@@ -7,11 +7,13 @@ imported compressed-tensors checkpoint (``MatrixTransform``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import vllm_quarot.runtime.ops.reference  # noqa: F401  (torch.ops.quarot.hadamard)
 from vllm_quarot.format import OnlineHadamard
-from vllm_quarot.hadamard import hadamard_factor
+from vllm_quarot.hadamard import fwht, hadamard_factor
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 from vllm_quarot.stored_transforms import apply_matrix
 
@@ -45,10 +47,12 @@ class HadamardTransform:
 class MatrixTransform:
     """A stored online transform (``rotation.input_transforms``: an imported
     compressed-tensors checkpoint): x @ M / √n, block-diagonally over the input when M
-    (n × n) is smaller than it. A random Hadamard (signs · A ⊗ H_P, as compressed-tensors
-    builds them; ``stored_transforms.factor_hadamard``) runs as signs then the online
-    Hadamard op with the K×K factor A; any other matrix as a float32 matmul. No kernel
-    fuses it (``fusable_size`` 0)."""
+    (n × n) is smaller than it, computed in float32. A random Hadamard of compressed-
+    tensors (signs · A ⊗ H_P, ``stored_transforms.factor_hadamard``) runs as signs, a
+    Walsh–Hadamard of P and one GEMM with the K×K factor A over all rows — on the
+    online Hadamard op when P ≥ 32 (its vectorized case), in PyTorch when P ≥ 8 — and
+    any other matrix as one float32 matmul (cheaper there: measured, benchmarks/results/
+    README.md#beside-llm-compressor). No kernel fuses it (``fusable_size`` 0)."""
 
     fusable_size = 0
 
@@ -56,7 +60,10 @@ class MatrixTransform:
                  factors: tuple[torch.Tensor, torch.Tensor] | None):
         self.name = name
         self.matrix = matrix  # normalised float32 [n, n]
-        self.factors = factors  # (signs d [n], K×K factor A) or None
+        n = matrix.shape[0]
+        p = n // factors[1].shape[0] if factors is not None else 1
+        self.mode = "hadamard-op" if p >= 32 else "factored" if p >= 8 else "dense"
+        self.factors = factors if self.mode != "dense" else None
 
     def process_weights_after_loading(self, layer: torch.nn.Module,
                                       device: torch.device) -> None:
@@ -71,11 +78,17 @@ class MatrixTransform:
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.factors is None:
             return apply_matrix(x, layer.quarot_transform)
-        n = layer.quarot_signs.shape[0]
-        shape = x.shape
-        xs = (x.reshape(-1, n) * layer.quarot_signs.to(x.dtype)).contiguous()
-        if xs.device.type == "cpu" and cpu_ops.AVAILABLE:
-            y = torch.ops.quarot_cpu.hadamard(xs, layer.quarot_had_k)
-        else:
-            y = torch.ops.quarot.hadamard(xs, layer.quarot_had_k)
-        return y.reshape(shape)
+        d, a = layer.quarot_signs, layer.quarot_had_k
+        n, k = d.shape[0], a.shape[0]
+        rows = x.numel() // n
+        if self.mode == "hadamard-op":
+            xs = (x.reshape(rows, n) * d.to(x.dtype)).contiguous()
+            if xs.device.type == "cpu" and cpu_ops.AVAILABLE:
+                y = torch.ops.quarot_cpu.hadamard(xs, a)
+            else:
+                y = torch.ops.quarot.hadamard(xs, a)
+            return y.reshape(x.shape)
+        p = n // k  # "factored": the K part of every row in one (K × K) @ (K × rows·P)
+        y = fwht((x.reshape(rows, n).float() * d).reshape(rows, k, p))
+        y = (a.t() @ y.transpose(0, 1).reshape(k, rows * p)).reshape(k, rows, p)
+        return (y.transpose(0, 1).reshape(x.shape) * (1.0 / math.sqrt(n))).to(x.dtype)
