@@ -33,12 +33,14 @@ def tp_llama(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quip(tmp_path_factory, tp_llama) -> dict[str, Path]:
-    """QuIP checkpoints (full transforms; blocks of 64) and their imports."""
+def quip(tmp_path_factory, random_llama, tp_llama) -> dict[str, Path]:
+    """QuIP checkpoints and their imports: full transforms on the random Llama (192 and
+    320: compressed-tensors' 192×192 and 160·2 Hadamards, applied as dense matmuls) and
+    blocks of 64 on the TP-able one (the online Hadamard op)."""
     root = tmp_path_factory.mktemp("quip")
     out = {}
-    for name, head_dim in (("full", None), ("block64", 64)):
-        ct = make_ct_quip(tp_llama, root / f"ct-{name}", head_dim=head_dim)
+    for name, src, head_dim in (("full", random_llama, None), ("block64", tp_llama, 64)):
+        ct = make_ct_quip(src, root / f"ct-{name}", head_dim=head_dim)
         import_checkpoint(ct, root / name)
         out[f"ct-{name}"], out[name] = ct, root / name
     return out
@@ -59,8 +61,8 @@ def test_import_simulates_compressed_tensors(quip, name):
     fmt = QuaRotFormat.from_dict(json.loads((quip[name] / "config.json").read_text())[
         "quantization_config"])
     sizes = sorted((t.size, t.linears) for t in fmt.rotation.input_transforms)
-    if name == "full":  # one per input size: 256 (q/k/v, o, gate/up), 512 (down)
-        assert [s for s, _ in sizes] == [256, 512]
+    if name == "full":  # one per input size: 192 (q/k/v, o, gate/up), 320 (down)
+        assert [s for s, _ in sizes] == [192, 320]
         assert "mlp.down_proj" in sizes[1][1] and "self_attn.o_proj" in sizes[0][1]
     else:
         assert [s for s, _ in sizes] == [64] and len(sizes[0][1]) == 7
@@ -181,14 +183,15 @@ def test_refusals_are_one_line(quip, tmp_path, capsys, edit, match):
     assert err.startswith("vllm-quarot import: error:") and "\n" not in err
 
 
-def test_full_transform_refused_at_tp2(quip, tp_llama):
+def test_full_transform_refused_at_tp2(quip, tp_llama, tmp_path):
     """A transform spanning o_proj's / down_proj's whole input cannot run per rank; one
     of 64 inside each shard can (the engine test below serves it)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(tp_llama)
-    for name, ok in (("full", False), ("block64", True)):
-        fmt = QuaRotFormat.from_dict(json.loads((quip[name] / "config.json").read_text())[
+    full = import_checkpoint(make_ct_quip(tp_llama, tmp_path / "ct"), tmp_path / "q").out_dir
+    for ckpt, ok in ((full, False), (quip["block64"], True)):
+        fmt = QuaRotFormat.from_dict(json.loads((ckpt / "config.json").read_text())[
             "quantization_config"])
         fmt.check_transforms_tp(1, cfg)
         if ok:
@@ -209,9 +212,9 @@ def test_engine_refuses_a_full_transform_at_tp2(refusals):
 
 @pytest.mark.vllm
 def test_vllm_serves_imports_at_tp1_and_tp2(quip, engine):
-    """Through real vLLM: the full import at TP = 1 and the blocked one at TP = 1 and
-    TP = 2 (one core per rank) give the simulation's tokens and prompt log-probs; their
-    simulations are compressed-tensors' model (above)."""
+    """Through real vLLM: the full import (dense transforms) at TP = 1 and the blocked
+    one (the Hadamard op) at TP = 1 and TP = 2 (one core per rank) give the simulation's
+    tokens and prompt log-probs; their simulations are compressed-tensors' model."""
     from test_parallel import ONE_CORE_PER_RANK
     from test_vllm_e2e import PROMPTS, simulate
 
