@@ -121,17 +121,19 @@ def test_a_wrong_transform_is_refused(quip, tmp_path):
         load_simulated(bad)
 
 
-def test_our_export_comes_back(tmp_path, random_llama, shared_data):
-    """export → import: W4A16 with R4 (a transform_config on down_proj) simulates as the
-    original checkpoint; the same int32 words and scales. (16-bit lm_head: the export
-    writes a quantized one dequantized.)"""
+@pytest.mark.parametrize(("scheme", "group"), [("w4a16", 64), ("w8a8", -1)])
+def test_our_export_comes_back(tmp_path, random_llama, shared_data, scheme, group):
+    """export → import: W4A16 (pack-quantized) and W8A8 (int-quantized, dynamic 8-bit
+    inputs), each with R4 (a transform_config on down_proj), simulate as the original
+    checkpoint, with the same int32 words and scales. (16-bit lm_head: the export writes
+    a quantized one dequantized.)"""
     from conftest import TINYSTORIES
 
     from vllm_quarot.offline.checkpoint import TensorSource
 
     ours = tmp_path / "ours"
     quantize(random_llama, ours, QuantizeOptions(
-        scheme="w4a16", weight_method="rtn", group_size=64, calib=str(TINYSTORIES),
+        scheme=scheme, weight_method="rtn", group_size=group, calib=str(TINYSTORIES),
         nsamples=2, seqlen=64, lm_head="none"))
     export_checkpoint(ours, tmp_path / "ct")
     back = tmp_path / "back"

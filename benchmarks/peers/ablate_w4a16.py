@@ -153,6 +153,8 @@ def main() -> int:
         rows.append(json.loads(res_file.read_text()))
     # the peer's figure on the same windows, when the benchmark has it
     theirs = a.work / "llmc" / "quip+w4a16-g64" / "result.json"
+    if not theirs.is_file():  # the worker's own record (its parent did not finish)
+        theirs = theirs.with_name("worker.json")
     lines = [
         "# W4A16 g64 on SmolLM2: ablations of vllm-quarot's quantizer",
         "",
