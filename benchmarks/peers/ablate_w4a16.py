@@ -16,7 +16,9 @@ Variants (every one with --lm-head none, as llm-compressor's ignore=["lm_head"])
   size heads·head_dim on o_proj's input (its inverse fused into o_proj's columns), as
   QuIP's input rotation of o_proj mixes all heads where our R2 mixes within a head.
   The quantizer's calibration passes and the simulation apply it through hooks.
-* ``rotate-none``: plain GPTQ (no rotation).
+* ``rotate-none``: plain GPTQ (no rotation);
+* ``base-sN`` / ``no-act-order-sN``: base and no-act-order with ``--seed N`` (other R1
+  signs and calibration windows), to pair the act-order comparison over seeds.
 
 Prints a Markdown table (and writes benchmarks/results/peers_ablation_w4a16_smollm2.md).
 """
@@ -50,6 +52,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "damp-0.1": ({"damp": 0.1}, False),
     "oproj-online": ({}, True),
     "rotate-none": ({"rotate": "none"}, False),
+    # the act-order question on other R1 signs and calibration draws (--seed), paired
+    "base-s1": ({"seed": 1}, False),
+    "no-act-order-s1": ({"act_order": False, "seed": 1}, False),
+    "base-s2": ({"seed": 2}, False),
+    "no-act-order-s2": ({"act_order": False, "seed": 2}, False),
 }
 
 
