@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RANDOM_MODEL_KV_CLIP
 
 import vllm_quarot.runtime.ops.reference as ops
 from vllm_quarot.format import (
@@ -536,7 +537,7 @@ def test_a_bad_channel_order_is_refused(single_process_group, monkeypatch):
 
 
 # --kv-clip: see conftest.RANDOM_MODEL_KV_CLIP (as conftest's quarot_w4a4kv4)
-RRS_OPTIONS = dict(scheme="w4a4kv4", nsamples=8, seqlen=128, kv_clip=0.95)
+RRS_OPTIONS = dict(scheme="w4a4kv4", nsamples=8, seqlen=128, kv_clip=RANDOM_MODEL_KV_CLIP)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,14 @@ from pydantic import (
 from vllm_quarot.errors import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 from vllm_quarot.models import (
+    GATE_PROJ,
+    K_PROJ,
     LINEARS,
+    Q_PROJ,
     ROW_PARALLEL,
     SUPPORTED_ARCHITECTURES,
+    UP_PROJ,
+    V_PROJ,
     UnsupportedModelError,
     canonical_parts,
     family_of,
@@ -66,6 +71,8 @@ KV_SHIFT_FILE = "quarot/kv_shift.safetensors"
 TRANSFORMS_FILE = "quarot/transforms.safetensors"
 ACTIVATION_MODES = ("per-token", "static-per-tensor")
 R1_KINDS = ("randomized-hadamard", "cayley-learned", "none")
+# the canonical linears vLLM merges into one (one input: one online transform)
+MERGED_LINEARS = ((Q_PROJ, K_PROJ, V_PROJ), (GATE_PROJ, UP_PROJ))
 
 
 class _Section(BaseModel):
@@ -528,6 +535,13 @@ class QuaRotFormat(_Section):
         if len(listed) != len(set(listed)):
             raise CheckpointFormatError(
                 "rotation.input_transforms lists a linear twice: one transform per input")
+        for group in MERGED_LINEARS:  # vLLM computes each group as one linear
+            names = [str(t.name) if (t := r.input_transform(lin)) else "none"
+                     for lin in group]
+            if len(set(names)) > 1:
+                raise CheckpointFormatError(
+                    f"rotation.input_transforms differ across {', '.join(group)} "
+                    f"({', '.join(names)}), which vLLM computes as one linear with one input")
         if r.input_transforms and (r.r4 is not None or self.tp_blocks != 1):
             raise CheckpointFormatError(
                 "rotation.input_transforms (imported transforms) cannot be combined with "

@@ -430,15 +430,13 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
         for tool, d, plugin in (("llm-compressor", work / "llmc" / recipe, False),
                                 (IMPORTED, work / "llmc" / recipe, True),
                                 ("vllm-quarot", _ours_dir(work, recipe), True)):
-            q = read(d / "result.json")
-            if tool != "vllm-quarot" and q is None and (d / "worker.json").is_file():
+            q = read(d / ("import.json" if tool == IMPORTED else "result.json"))
+            if tool == IMPORTED and q is None:
+                continue
+            if tool == "llm-compressor" and q is None and (d / "worker.json").is_file():
                 # the worker finished, its parent did not record the process figures
                 q = {**read(d / "worker.json"), "mib": size_mib(d / "ckpt")}
                 q["wall_s"], q["time_note"] = q.get("oneshot_s"), " (oneshot)"
-            if tool == IMPORTED:
-                q = read(d / "import.json")
-                if q is None:
-                    continue
             if q is None and tool == "vllm-quarot" and recipe.endswith("w4a16-g64") \
                     and not recipe.startswith("none"):
                 # the same quantizer options as ablate_w4a16.py's "base" variant (run

@@ -16,7 +16,8 @@ What is read, and how it maps (anything else is refused with one line, ``ImportE
   scheme and size, as llm-compressor saves them, transposed when ``inverse``) written to
   TRANSFORMS_FILE; ``head_dim`` makes the matrix one block of a block-diagonal
   transform. Online ``output``, ``q_attn`` / ``k_cache`` (R3) locations, ``randomize``
-  (a permutation per module), and transforms on ignored (16-bit) linears are refused.
+  (a permutation per module), and transforms that differ across the parts of a
+  vLLM-merged linear (the format's rule) are refused.
 
 The targets are resolved by compressed-tensors' own matcher on the model skeleton (meta
 tensors), so ``Linear``, ``re:`` patterns and module names mean what they mean there.
@@ -24,6 +25,7 @@ tensors), so ``Linear``, ``re:`` patterns and module names mean what they mean t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -35,6 +37,7 @@ import torch
 from vllm_quarot.errors import QuaRotError
 from vllm_quarot.format import (
     ActivationSpec,
+    CheckpointFormatError,
     InputTransform,
     QuaRotFormat,
     R1Spec,
@@ -42,23 +45,12 @@ from vllm_quarot.format import (
     WeightSpec,
 )
 from vllm_quarot.interop.compressed_tensors import COPY_FILES
-from vllm_quarot.models import (
-    GATE_PROJ,
-    K_PROJ,
-    LINEARS,
-    LM_HEAD,
-    Q_PROJ,
-    UP_PROJ,
-    V_PROJ,
-    layer_index,
-    layer_prefix,
-)
+from vllm_quarot.models import LINEARS, LM_HEAD, layer_index, layer_prefix
 from vllm_quarot.offline.checkpoint import ShardedWriter, TensorSource, staged_dir
 from vllm_quarot.quant import pack_weight
 from vllm_quarot.stored_transforms import matrix_sha256, write_transforms
 
 ONLINE, FUSED = ("input",), ("weight_input", "weight_output")
-MERGED = ((Q_PROJ, K_PROJ, V_PROJ), (GATE_PROJ, UP_PROJ))
 
 
 class ImportError_(QuaRotError):  # noqa: N801 (ImportError is a builtin)
@@ -127,10 +119,11 @@ def _scheme(qc: dict[str, Any]) -> tuple[str, WeightSpec, ActivationSpec | None]
                        "(int-quantized, dynamic per-token inputs)")
 
 
-def _skeleton(ct_dir: Path) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _skeleton(hf_cfg: Any) -> torch.nn.Module:
+    """The model on meta tensors (compressed-tensors' matcher walks its modules)."""
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(ct_dir)
+    cfg = copy.deepcopy(hf_cfg)  # built unquantized: only the module tree is wanted
     cfg.quantization_config = None
     del cfg.quantization_config
     with torch.device("meta"):
@@ -138,8 +131,7 @@ def _skeleton(ct_dir: Path) -> torch.nn.Module:
 
 
 def _transforms(tc: dict[str, Any], model: torch.nn.Module, src: TensorSource,
-                hf_cfg: Any, ignored: set[str],
-                ) -> tuple[list[InputTransform], dict[str, torch.Tensor], list[str]]:
+                hf_cfg: Any) -> tuple[list[InputTransform], dict[str, torch.Tensor], list[str]]:
     """The online input transforms (records + matrices) and the names of the fused ones."""
     from compressed_tensors.utils import match_named_modules
 
@@ -172,9 +164,6 @@ def _transforms(tc: dict[str, Any], model: torch.nn.Module, src: TensorSource,
                 if i is None or lin not in LINEARS:
                     raise ImportError_(f"transform {scheme!r} targets {n}: the plugin "
                                        "applies online transforms to decoder linears only")
-                if lin in ignored:
-                    raise ImportError_(f"transform {scheme!r} targets {n}, which is not "
-                                       "quantized (ignore): not imported")
                 per_layer.setdefault(i, set()).add(lin)
             kinds = {frozenset(v) for v in per_layer.values()}
             if len(kinds) != 1 or len(per_layer) != n_layers:
@@ -192,12 +181,6 @@ def _transforms(tc: dict[str, Any], model: torch.nn.Module, src: TensorSource,
                 records.append(InputTransform(name=key, size=size, linears=tuple(lins),
                                               sha256=matrix_sha256(matrices[key])))
             by_size.clear()
-    for group in MERGED:  # vLLM computes these as one linear with one input
-        got = {next((r.name for r in records if lin in r.linears), None) for lin in group}
-        if len(got) > 1:
-            raise ImportError_(
-                f"online transforms {sorted(map(str, got))} differ across "
-                f"{', '.join(group)}, which vLLM computes as one linear: not imported")
     return records, matrices, fused
 
 
@@ -236,21 +219,23 @@ def import_checkpoint(ct_dir: str | Path, out_dir: str | Path,
 
     hf_cfg = AutoConfig.from_pretrained(ct_dir)
     src = TensorSource(ct_dir)
-    model = _skeleton(ct_dir)
     tc = qc.get("transform_config") or {}
-    records, matrices, fused = _transforms(tc, model, src, hf_cfg, set())
+    records, matrices, fused = _transforms(tc, _skeleton(hf_cfg), src, hf_cfg)
     transform_names = {f".{s}_{loc}.{leaf}" for s in (tc.get("config_groups") or {})
                        for loc in ("input", "output", "weight_input", "weight_output")
                        for leaf in ("weight", "perm")}
-    fmt = QuaRotFormat(
-        scheme=scheme, weight=weight, activation=act,
-        rotation=RotationSpec(r1=R1Spec(kind="none"), input_transforms=tuple(records)),
-        ignore=(LM_HEAD,),
-        quantizer={"source": str(ct_dir), "rotate": "imported",
-                   "imported_from": "compressed-tensors " + str(qc.get("version")),
-                   "scheme": scheme, "transform_config": tc or None})
-    fmt = QuaRotFormat.from_dict(fmt.to_dict())
-    fmt.check_model(hf_cfg)
+    try:  # the format's own rules (e.g. one transform per vLLM-merged linear)
+        fmt = QuaRotFormat(
+            scheme=scheme, weight=weight, activation=act,
+            rotation=RotationSpec(r1=R1Spec(kind="none"), input_transforms=tuple(records)),
+            ignore=(LM_HEAD,),
+            quantizer={"source": str(ct_dir), "rotate": "imported",
+                       "imported_from": "compressed-tensors " + str(qc.get("version")),
+                       "scheme": scheme, "transform_config": tc or None})
+        fmt = QuaRotFormat.from_dict(fmt.to_dict())
+        fmt.check_model(hf_cfg)
+    except CheckpointFormatError as e:
+        raise ImportError_(f"not imported: {e}") from None
     with staged_dir(out_dir, overwrite) as stage:
         writer = ShardedWriter(stage)
         for name in sorted(src.keys()):

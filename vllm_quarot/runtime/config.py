@@ -158,19 +158,14 @@ class QuaRotConfig(QuantizationConfig):
         return QuaRotLinearMethod(scheme_for(self.fmt, prefix), transform, prefix)
 
     def _stored_transform(self, prefix: str):
-        """The imported transform of a (vLLM-merged) linear: its parts share one."""
+        """The imported transform of a (vLLM-merged) linear: its parts share one (the
+        format refuses anything else)."""
         if not self.fmt.rotation.input_transforms:
             return None
         from vllm_quarot.models import canonical_parts
         from vllm_quarot.runtime.transform import MatrixTransform
 
-        specs = {self.fmt.rotation.input_transform(p) for p in canonical_parts(prefix)}
-        if len(specs) != 1:
-            raise CheckpointFormatError(
-                f"{prefix}: its parts have different online transforms "
-                f"({sorted(str(t.name) if t else 'none' for t in specs)}); vLLM computes "
-                "them as one linear with one input")
-        spec = specs.pop()
+        spec = self.fmt.rotation.input_transform(canonical_parts(prefix)[0])
         if spec is None:
             return None
         if spec.name not in self.input_transforms:

@@ -39,9 +39,14 @@ class HadamardTransform:
         layer.register_buffer("quarot_had_k", had, persistent=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and cpu_ops.AVAILABLE:
-            return torch.ops.quarot_cpu.hadamard(x.contiguous(), layer.quarot_had_k)
-        return torch.ops.quarot.hadamard(x, layer.quarot_had_k)
+        return _hadamard_op(x, layer.quarot_had_k)
+
+
+def _hadamard_op(x: torch.Tensor, had_k: torch.Tensor) -> torch.Tensor:
+    """x @ (had_k ⊗ H_2^k)/√n: the native CPU op where it is built, else the reference."""
+    if x.device.type == "cpu" and cpu_ops.AVAILABLE:
+        return torch.ops.quarot_cpu.hadamard(x.contiguous(), had_k)
+    return torch.ops.quarot.hadamard(x, had_k)
 
 
 class MatrixTransform:
@@ -82,12 +87,7 @@ class MatrixTransform:
         n, k = d.shape[0], a.shape[0]
         rows = x.numel() // n
         if self.mode == "hadamard-op":
-            xs = (x.reshape(rows, n) * d.to(x.dtype)).contiguous()
-            if xs.device.type == "cpu" and cpu_ops.AVAILABLE:
-                y = torch.ops.quarot_cpu.hadamard(xs, a)
-            else:
-                y = torch.ops.quarot.hadamard(xs, a)
-            return y.reshape(x.shape)
+            return _hadamard_op(x.reshape(rows, n) * d.to(x.dtype), a).reshape(x.shape)
         p = n // k  # "factored": the K part of every row in one (K × K) @ (K × rows·P)
         y = fwht((x.reshape(rows, n).float() * d).reshape(rows, k, p))
         y = (a.t() @ y.transpose(0, 1).reshape(k, rows * p)).reshape(k, rows, p)
