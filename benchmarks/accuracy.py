@@ -116,12 +116,30 @@ def _strip_smooth(src: Path, dst: Path) -> Path:
 # checkpoint with activation.smooth and the channel orders removed (a view): GPTQ's
 # Hessians and the KV calibration see 16-bit activations, so --smooth changes no weight
 # (tests/test_rrs.py checks it), and each pair differs in the activation quantization only.
-RRS = dict(smooth="runtime", smooth_group=64, smooth_reorder=True)
+def _levels_view(levels: int) -> tuple[str, Callable[[Path, Path], Path]]:
+    """The RRS checkpoint with integer smoothing factors 1..levels (format v9; what
+    --smooth-levels writes: the weights do not depend on the smoothing)."""
+    def make(ckpt: Path, out: Path) -> Path:
+        from vllm_quarot.format import FORMAT_VERSION
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        qc = cfg["quantization_config"]
+        qc["activation"]["smooth"]["factor_levels"] = levels
+        qc["format_version"] = FORMAT_VERSION
+        return _config_view(ckpt, out, cfg)
+    return f"levels-{levels}", make
+
+
+# Rows 20-23 keep float smoothing factors (--smooth-levels 0, 0.10's RRS); rows 27-28 are
+# the same checkpoints with integer factors 1..16 (v9, the 0.12 default), also a view.
+RRS = dict(smooth="runtime", smooth_group=64, smooth_reorder=True, smooth_levels=0)
 ROWS += [
-    Row("W4A4KV4 QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4kv4", **RRS), True),
+    Row("W4A4KV4 QuaRot-GPTQ + RRS, float factors (--smooth-levels 0)",
+        dict(scheme="w4a4kv4", **RRS), True),
     Row("W4A4KV4 QuaRot-GPTQ (row 20 without RRS)", dict(scheme="w4a4kv4", **RRS), True,
         view=("no-smooth", _strip_smooth)),
-    Row("W4A4 (KV16) QuaRot-GPTQ + RRS (--smooth runtime)", dict(scheme="w4a4", **RRS), True),
+    Row("W4A4 (KV16) QuaRot-GPTQ + RRS, float factors (--smooth-levels 0)",
+        dict(scheme="w4a4", **RRS), True),
     Row("W4A4 (KV16) QuaRot-GPTQ (row 22 without RRS)", dict(scheme="w4a4", **RRS), True,
         view=("no-smooth", _strip_smooth)),
 ]
@@ -135,6 +153,12 @@ ROWS += [
         sim={"kv_keys": "int8"}),
     Row("KV4 only, KV calibrated, keys per channel per 16-token page (KIVI; simulation "
         "only)", _KV4, False, sim={"kv_keys": "channel"}),
+]
+ROWS += [
+    Row("W4A4KV4 QuaRot-GPTQ + RRS, integer factors 1..16 (--smooth runtime; row 20's "
+        "checkpoints)", dict(scheme="w4a4kv4", **RRS), True, view=_levels_view(16)),
+    Row("W4A4 (KV16) QuaRot-GPTQ + RRS, integer factors 1..16 (row 22's checkpoints)",
+        dict(scheme="w4a4", **RRS), True, view=_levels_view(16)),
 ]
 
 
@@ -253,8 +277,10 @@ def _key(opts: object) -> str:
         q = QuantizeOptions(**o)
         d = dataclasses.asdict(q)
         if d.get("smooth") is None:  # rows without --smooth keep their pre-RRS keys
-            for f in ("smooth", "smooth_group", "smooth_reorder"):
+            for f in ("smooth", "smooth_group", "smooth_reorder", "smooth_levels"):
                 d.pop(f, None)
+        elif d.get("smooth_levels") == 0:  # float factors: the 0.10 checkpoints (v7)
+            d.pop("smooth_levels")
         if q.calibrates_kv and q.pivots is None:
             # 0.10: the pivots are found before the first layer's KV choice (0.9 grew
             # them layer by layer, and the layers before the first sink were calibrated

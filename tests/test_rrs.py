@@ -1,4 +1,5 @@
-"""Rotated Runtime Smooth (``--smooth runtime``, format v7 ``activation.smooth``): the
+"""Rotated Runtime Smooth (``--smooth runtime``, format v7 ``activation.smooth``, v9
+integer factors): the
 reference math against a float64 definition, the native CPU kernel bit for bit against
 the reference ops on every dispatch path, the format's and the quantizer's checks, and
 end to end through real vLLM engines: equal to the simulation, and independent of
@@ -91,6 +92,45 @@ def test_smooth_quantize_matches_float64_definition(bits, clip, gs, reorder):
     assert (codes[~nonzero] == 0).all()
 
 
+@pytest.mark.parametrize("levels,gs", [(16, 8), (16, 64), (4, 32)])
+def test_integer_factors_follow_their_definition(levels, gs):
+    """Integer factors: every group's codes are multiples of its factor f in [1, L], the
+    token's largest group has f = L, codes × f stay int8, and each element dequantizes
+    within half a step of its group's scale (base · f) unless clipped; at 8 bits (L' = 1)
+    it is plain per-token quantization."""
+    from vllm_quarot.quant import quantize_per_token, smooth_factor_levels
+
+    m, k = 9, 192
+    x = _x(m, k, seed=levels + gs)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(4)).int()
+    q, base = smooth_quantize(x, 4, 0.9, gs, perm, levels)
+    assert q.dtype == torch.int8 and base.shape == (m, 1)
+    xg = x[:, perm.long()].double().reshape(m, -1, gs)
+    t = xg.abs().amax(-1) * 0.9 / 7  # each group's own scale
+    f = torch.clamp(torch.round(t / (t.amax(-1, keepdim=True) / levels)), 1, levels)
+    qg = q.double().reshape(m, -1, gs)
+    live = t > 1e-9
+    assert ((qg % f.unsqueeze(-1)) == 0).all()  # multiples of the factor
+    assert (f.amax(-1) == levels)[live.any(-1)].all()
+    assert (qg / f.unsqueeze(-1)).abs().max() <= 8
+    step = base.double().unsqueeze(-1) * f.unsqueeze(-1)
+    err = (qg * base.double().unsqueeze(-1) - xg).abs()
+    unclipped = (qg / f.unsqueeze(-1)).abs() < 7
+    assert (err[unclipped] <= 0.5 * step.expand_as(err)[unclipped] * (1 + 1e-5)).all()
+    assert smooth_factor_levels(16, 4) == 16 and smooth_factor_levels(16, 8) == 1
+    assert smooth_factor_levels(0, 4) == 0
+    q8, s8 = smooth_quantize(x, 8, 1.0, gs, None, 1)
+    p8, ps8 = quantize_per_token(x, 8, 1.0)
+    assert torch.equal(q8, p8) and torch.equal(s8, ps8)
+    # the fake quantization dequantizes them in channel order; finer than per token
+    from vllm_quarot.quant import fake_quantize_per_token
+
+    out = fake_smooth_quantize(x, 4, 0.9, gs, perm, levels)
+    deq = (q.float() * base).reshape(m, k)
+    assert torch.equal(out[:, perm.long()], deq)
+    assert (out - x).pow(2).sum() < (fake_quantize_per_token(x, 4, 0.9) - x).pow(2).sum()
+
+
 def test_fake_smooth_quantize_is_the_dequantized_codes_in_channel_order():
     k, gs = 128, 32
     x = _x(5, k, seed=3)
@@ -131,8 +171,9 @@ def test_reference_ops_pass_opcheck():
     k, gs = 64, 16
     x = torch.randn(3, k)
     perm = torch.randperm(k).int()
-    torch.library.opcheck(ops.smooth_quantize, (x, 4, 0.9, gs, perm))
-    q, s = ops.smooth_quantize(x, 4, 0.9, gs, None)
+    torch.library.opcheck(ops.smooth_quantize, (x, 4, 0.9, gs, perm, 0))
+    torch.library.opcheck(ops.smooth_quantize, (x, 4, 0.9, gs, perm, 16))
+    q, s = ops.smooth_quantize(x, 4, 0.9, gs, None, 0)
     wq = torch.randint(-8, 8, (24, k), dtype=torch.int8)
     torch.library.opcheck(ops.smooth_int_linear,
                           (q, s, wq, torch.rand(24, 1), torch.randn(24), torch.float32))
@@ -157,10 +198,16 @@ def test_native_quantize_equals_reference(isa, m, k, n, gs, reorder, dtype):
         else None
     for bits, clip in ((4, 0.9), (8, 1.0)):
         codes, scales, asums = Q.rrs_quantize(x, None, perm, bits, clip, gs)
-        ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm)
+        ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm, 0)
         assert torch.equal(codes, ref_codes)
         assert torch.equal(scales, ref_scales)
         assert torch.equal(asums, ref_codes.int().reshape(m, -1, gs).sum(-1))
+        # integer factors: codes × factor, one scale and one code sum per row
+        for levels in ((16, 3) if bits == 4 else (1,)):
+            codes, scales, asums = Q.rrs_quantize(x, None, perm, bits, clip, gs, levels)
+            ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm, levels)
+            assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+            assert torch.equal(asums, ref_codes.int().sum(-1, keepdim=True))
 
 
 def _weights(n: int, k: int, seed: int):
@@ -198,9 +245,26 @@ def test_native_linear_equals_reference_ops(isa, reorder):
     out = Q.rrs_linear(x, None, perm, Q.rrs_repack_weight(w, perm), ws.reshape(-1), bias, n,
                        4, 0.9, gs)
     w_ordered = w if perm is None else w[:, perm.long()]
-    ref = ops.smooth_int_linear(*ops.smooth_quantize(x, 4, 0.9, gs, perm), w_ordered, ws,
+    ref = ops.smooth_int_linear(*ops.smooth_quantize(x, 4, 0.9, gs, perm, 0), w_ordered, ws,
                                 bias, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("m,k,n,gs", KERNEL_SHAPES)
+def test_native_linear_with_integer_factors_is_the_plain_gemm(isa, m, k, n, gs):
+    """Integer factors: rrs_linear = smooth_quantize (codes × factor, the row's base) →
+    quarot::int_linear (the plain per-token GEMM) bit for bit, on AMX shapes too (M ≥ 16,
+    K a multiple of 64), with weights in the smoothing order and repack_scale's layout."""
+    x = _x(m, k, seed=3 * m + k, dtype=torch.bfloat16)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(m)).int()
+    w, ws, bias = _weights(n, k, seed=k)
+    packed = Q.rrs_repack_weight(w, perm)
+    for levels, b in ((16, bias), (7, None)):
+        out = Q.rrs_linear(x, None, perm, packed, Q.repack_scale(ws), b, n, 4, 0.9, gs,
+                           levels)
+        ref = ops.int_linear(*ops.smooth_quantize(x, 4, 0.9, gs, perm, levels),
+                             w[:, perm.long()], ws, b, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
 
 
 def test_native_fused_hadamard_matches_reference(isa):
@@ -211,13 +275,14 @@ def test_native_fused_hadamard_matches_reference(isa):
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(8)).int()
     codes, scales, _ = Q.rrs_quantize(x, had, perm, 4, 0.9, gs)
     ref_codes, ref_scales = ops.smooth_quantize(hadamard_transform(x.double(), had.double()),
-                                                4, 0.9, gs, perm)
+                                                4, 0.9, gs, perm, 0)
     assert torch.allclose(scales, ref_scales, rtol=1e-5)
     diff = (codes.int() - ref_codes.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 1e-3
 
 
-def test_native_rows_do_not_depend_on_the_batch(isa):
+@pytest.mark.parametrize("levels", [0, 16])
+def test_native_rows_do_not_depend_on_the_batch(isa, levels):
     """Per-token maxima: a token's output is the same bits alone or in any batch."""
     k, n, gs = 576, 96, 64
     x = _x(37, k, seed=9, dtype=torch.bfloat16)
@@ -225,10 +290,11 @@ def test_native_rows_do_not_depend_on_the_batch(isa):
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(11)).int()
     had = hadamard_factor(k, torch.float32)
     packed = Q.rrs_repack_weight(w, perm)
+    scale = Q.repack_scale(ws) if levels else ws.reshape(-1)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
-        return Q.rrs_linear(rows.contiguous(), had, perm, packed, ws.reshape(-1), bias, n, 4,
-                            0.9, gs)
+        return Q.rrs_linear(rows.contiguous(), had, perm, packed, scale, bias, n, 4, 0.9, gs,
+                            levels)
 
     batch = run(x)
     for i in (0, 5, 36):
@@ -246,6 +312,10 @@ def test_native_ops_refuse_bad_arguments():
         Q.rrs_quantize(x, None, torch.zeros(64, dtype=torch.int32), 4, 1.0, 16)
     with pytest.raises(RuntimeError, match="4-bit"):
         Q.rrs_repack_weight(torch.full((16, 64), 9, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match="must stay int8"):
+        Q.rrs_quantize(x, None, None, 4, 1.0, 16, 17)
+    with pytest.raises(RuntimeError, match="must stay int8"):
+        Q.rrs_quantize(x, None, None, 8, 1.0, 16, 2)
 
 
 @native
@@ -257,6 +327,9 @@ def test_native_fake_impls_pass_opcheck():
             Q.rrs_repack_weight(w, perm), ws.reshape(-1), bias, n, 4, 0.9, gs)
     torch.library.opcheck(Q.rrs_linear.default, args)
     torch.library.opcheck(Q.rrs_quantize.default, (torch.randn(3, k), None, perm, 4, 1.0, gs))
+    torch.library.opcheck(Q.rrs_quantize.default,
+                          (torch.randn(3, k), None, perm, 4, 1.0, gs, 16))
+    torch.library.opcheck(Q.rrs_linear.default, (*args[:4], Q.repack_scale(ws), *args[5:], 16))
 
 
 # ----------------------------------------------------------------------------
@@ -279,9 +352,15 @@ def test_format_round_trip():
     d = fmt.to_dict()
     assert d["format_version"] == FORMAT_VERSION
     assert d["activation"]["smooth"] == {"method": "runtime", "group_size": 32,
-                                         "maxima": "token", "reorder": True}
+                                         "maxima": "token", "reorder": True,
+                                         "factor_levels": 0}
     back = QuaRotFormat.from_dict(json.loads(json.dumps(d)))
     assert back.activation.smooth == fmt.activation.smooth
+    d["activation"]["smooth"]["factor_levels"] = 16  # v9: integer factors
+    assert QuaRotFormat.from_dict(d).activation.smooth.factor_levels == 16
+    d["activation"]["smooth"].pop("factor_levels")  # v7-8 sections: float factors
+    d["format_version"] = 7
+    assert QuaRotFormat.from_dict(d).activation.smooth.factor_levels == 0
     d["activation"].pop("smooth")  # v1-6 sections: no smoothing
     d["format_version"] = 5
     assert QuaRotFormat.from_dict(d).activation.smooth is None
@@ -291,6 +370,8 @@ def test_format_round_trip():
     (dict(maxima="step"), {}, "maxima 'step' is not served"),
     (dict(method="static"), {}, "method must be one of runtime"),
     (dict(group_size=12), {}, "positive multiple of 8"),
+    (dict(factor_levels=1), {}, r"factor_levels must be 0 \(float factors\) or in \[2, 16\]"),
+    (dict(factor_levels=32), {}, "factor_levels must be 0"),
     ({}, dict(weight=WeightSpec(bits=4, group_size=64)), "per-output-channel"),
     ({}, dict(tp_blocks=2), "tensor_parallel_blocks 1"),
 ])
@@ -334,6 +415,8 @@ def test_format_checks_the_group_against_the_model():
     (dict(tp=2), "--tp 1"),
     (dict(smooth_group=12), "multiple of 8"),
     (dict(smooth="static"), "--smooth must be one of"),
+    (dict(smooth_levels=17), "--smooth-levels must be 0 or in"),
+    (dict(scheme="w4a8", smooth_levels=16), "needs 4-bit activations"),
     (dict(weight_method="rtn", calib=None), "need calibration text"),
 ])
 def test_quantizer_options_are_checked(opts, match, shared_data):
@@ -343,6 +426,15 @@ def test_quantizer_options_are_checked(opts, match, shared_data):
     base.update(opts)
     with pytest.raises(QuantizeError, match=match):
         check_options(QuantizeOptions(**base))
+
+
+def test_quantizer_default_levels():
+    """--smooth runtime writes integer factors 1..16 at 4-bit activations (the plain
+    GEMM) and float factors at 8-bit, where integer ones would be plain per-token."""
+    assert QuantizeOptions(scheme="w4a4", smooth="runtime").smooth_factor_levels == 16
+    assert QuantizeOptions(scheme="w4a8", smooth="runtime").smooth_factor_levels == 0
+    assert QuantizeOptions(scheme="w4a4", smooth="runtime",
+                           smooth_levels=0).smooth_factor_levels == 0
 
 
 def test_platforms_without_a_kernel_are_refused_in_the_calling_process(monkeypatch):
@@ -387,9 +479,10 @@ def test_triton_smooth_quantize_equals_reference(m, k, gs, reorder):
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(gs)).int() if reorder \
         else None
     for bits, clip in ((4, 0.9), (8, 1.0)):
-        codes, scales = t.smooth_quantize_impl(x, bits, clip, gs, perm)
-        ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm)
-        assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+        for levels in ((0, 16, 5) if bits == 4 else (0, 1)):
+            codes, scales = t.smooth_quantize_impl(x, bits, clip, gs, perm, levels)
+            ref_codes, ref_scales = ops.smooth_quantize(x, bits, clip, gs, perm, levels)
+            assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
 
 
 @pytest.mark.parametrize("m,k,n,gs", [(1, 64, 48, 32), (20, 192, 70, 64), (33, 256, 40, 128)])
@@ -397,7 +490,7 @@ def test_triton_smooth_gemm_equals_reference(m, k, n, gs):
     t = _triton()
     x = _x(m, k, seed=n)
     w, ws, bias = _weights(n, k, seed=m)
-    codes, scales = ops.smooth_quantize(x, 4, 0.9, gs, None)
+    codes, scales = ops.smooth_quantize(x, 4, 0.9, gs, None, 0)
     packed = t.repack_weight(w, 4)
     for out_dtype in (torch.float32, torch.bfloat16):
         for b in (bias, None):
@@ -464,8 +557,9 @@ def _layer(fmt: QuaRotFormat, kernel: type | None, monkeypatch, perm: torch.Tens
 @pytest.mark.parametrize("kernel", ["native", "triton"])
 @pytest.mark.parametrize("reorder", [False, True])
 @pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("levels", [0, 16])
 def test_linear_method_kernels_equal_reference(single_process_group, monkeypatch, kernel,
-                                               reorder, online):
+                                               reorder, online, levels):
     from vllm_quarot.runtime.kernels import (
         NativeCPURRSKernel,
         ReferenceRRSKernel,
@@ -477,10 +571,11 @@ def test_linear_method_kernels_equal_reference(single_process_group, monkeypatch
     if kernel == "triton":
         _triton()
     cls = NativeCPURRSKernel if kernel == "native" else TritonRRSKernel
-    fmt = _fmt(SmoothSpec(group_size=32, reorder=reorder))
+    fmt = _fmt(SmoothSpec(group_size=32, reorder=reorder, factor_levels=levels))
     perm = torch.randperm(320, generator=torch.Generator().manual_seed(3)).int() if reorder \
         else None
     ref_m, ref_l = _layer(fmt, ReferenceRRSKernel, monkeypatch, perm, online)
+    assert ref_m.kernel.config.smooth_levels == levels
     out_m, out_l = _layer(fmt, None if kernel == "native" else cls, monkeypatch, perm, online)
     assert type(out_m.kernel) is cls
     x = torch.randn(6, 320, generator=torch.Generator().manual_seed(4))
@@ -505,6 +600,7 @@ def test_kernel_choice_for_smoothed_layers(single_process_group, monkeypatch, ca
     c = LinearConfig(4, -1, 4, 0.9, False, 320, 40, torch.bfloat16, 0, "cpu", 32, True)
     plain = dataclasses.replace(c, smooth_group=0, smooth_reorder=False)
     assert "RRS g32 reordered" in c.describe()
+    assert "int factors 1..16" in dataclasses.replace(c, smooth_levels=16).describe()
     if cpu_ops.AVAILABLE:
         assert choose_kernel(c) is NativeCPURRSKernel
     # a plain layer never gets an RRS kernel, a smoothed one never a plain kernel
@@ -581,7 +677,7 @@ def test_quantizer_writes_the_channel_orders(rrs_ckpt):
     cfg = json.loads((rrs_ckpt / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(cfg["quantization_config"])
     assert fmt.activation.smooth == SmoothSpec(method="runtime", group_size=32, maxima="token",
-                                             reorder=True)
+                                             reorder=True, factor_levels=16)
     src = TensorSource(rrs_ckpt)
     p = "model.layers.1."
     perms = {n: src.get(f"{p}{n}.smooth_perm") for n in (
@@ -637,7 +733,7 @@ def test_simulation_applies_the_smoothing(rrs_ckpt):
     with torch.no_grad():
         sim(torch.tensor([[1, 20, 30, 40, 50]]))
     perm = TensorSource(rrs_ckpt).get("model.layers.0.self_attn.o_proj.smooth_perm")
-    want = fake_smooth_quantize(raw["x"], 4, 0.9, 32, perm.long())
+    want = fake_smooth_quantize(raw["x"], 4, 0.9, 32, perm.long(), 16)
     assert torch.equal(seen["in"], want)
 
 
@@ -675,7 +771,7 @@ def test_fused_family_stores_one_order_per_input(tmp_path, shared_data):
     with torch.no_grad():
         sim(torch.tensor([[1, 20, 30, 40, 50]]))
     perm = t.get("model.layers.0.self_attn.qkv_proj.smooth_perm").long()
-    assert torch.equal(seen["in"], fake_smooth_quantize(raw["x"], 4, 0.9, 32, perm))
+    assert torch.equal(seen["in"], fake_smooth_quantize(raw["x"], 4, 0.9, 32, perm, 16))
 
 
 @pytest.mark.vllm
@@ -721,11 +817,12 @@ for m in (1, 2048):
             print(json.dumps({"case": f"gemm-m{m}-g{gs}", "cc": cc, "mma": len(mma), **r}))
 types = {"x_ptr": "*bf16", "perm_ptr": "*i32", "codes_ptr": "*i8", "scale_ptr": "*fp32",
          "K": "i32", "stride_x": "i32", "stride_c": "i32", "stride_s": "i32", "mult": "fp32"}
-meta = {"qmax": 7, "GS": 64, "PERM": True, "num_warps": 4}
-for cc in tc.CCS:
-    r = tc.compile_for(tk._smooth_quantize_kernel, types, meta, cc)
-    r.pop("ptx")
-    print(json.dumps({"case": "quantize-g64", "cc": cc, "mma": 0, **r}))
+for levels in (0, 16):
+    meta = {"qmax": 7, "GS": 64, "PERM": True, "LEVELS": levels, "num_warps": 4}
+    for cc in tc.CCS:
+        r = tc.compile_for(tk._smooth_quantize_kernel, types, meta, cc)
+        r.pop("ptx")
+        print(json.dumps({"case": f"quantize-g64-l{levels}", "cc": cc, "mma": 0, **r}))
 """
 
 
@@ -745,7 +842,7 @@ def test_triton_kernels_compile_for_gpus():
     from triton_compile import SMEM_LIMIT
 
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 15
+    assert len(rows) == 18
     for r in rows:
         assert r["local"] == 0 and r["stack"] == 0, r  # no spills
         assert r["shared"] <= SMEM_LIMIT[r["cc"]], r

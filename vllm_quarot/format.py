@@ -59,8 +59,10 @@ QUANT_METHOD = "quarot"
 #    read as no smoothing
 # 8: rotation.input_transforms (stored online matrices, TRANSFORMS_FILE: imported
 #    compressed-tensors checkpoints); 1-7 read as none
-FORMAT_VERSION = 8
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+# 9: activation.smooth.factor_levels (integer smoothing factors, the plain per-token GEMM);
+#    7-8 read as 0 (float factors, a per-group epilogue)
+FORMAT_VERSION = 9
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 # kv_cache.pivots: at most this many leading tokens per sequence (they live in the tail of
 # the sequence's first cache block, which holds at least 32 tokens on CPU)
 MAX_KV_PIVOTS = 8
@@ -119,12 +121,18 @@ class SmoothSpec(_Section):
     (channels sorted by their calibration maxima), else in natural order — divides each
     group by its largest |x| over the token (``maxima``), quantizes the token at the
     activation bits and clip ratio, and the integer GEMM scales each group's partial sum
-    by (token scale × smoothing factor). Weights are per output channel, never rescaled."""
+    by (token scale × smoothing factor). Weights are per output channel, never rescaled.
+
+    ``factor_levels`` L (v9): 0 keeps the smoothing factors in float32 (the GEMM scales
+    each group's partial sum); L > 0 rounds each group's scale to an integer multiple
+    f in [1, L] of the token's largest group scale / L, so that codes × f stay int8 and
+    the GEMM is the plain per-token one (vllm_quarot.quant.smooth_quantize)."""
 
     method: str = "runtime"
     group_size: int = 64
     maxima: str = "token"
     reorder: bool = True
+    factor_levels: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> SmoothSpec:
@@ -140,6 +148,10 @@ class SmoothSpec(_Section):
             raise CheckpointFormatError(
                 f"activation.smooth.group_size must be a positive multiple of 8, got "
                 f"{self.group_size!r}")
+        if self.factor_levels != 0 and not 2 <= self.factor_levels <= 16:
+            raise CheckpointFormatError(
+                "activation.smooth.factor_levels must be 0 (float factors) or in [2, 16] "
+                f"(integer factors of 4-bit codes that stay int8), got {self.factor_levels!r}")
         return self
 
 

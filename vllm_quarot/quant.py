@@ -20,6 +20,7 @@ __all__ = [
     "quantize_static",
     "quantize_weight_rtn",
     "slot_bytes",
+    "smooth_factor_levels",
     "smooth_order",
     "smooth_quantize",
     "unpack_kv",
@@ -81,14 +82,30 @@ def fake_quantize_per_token_blocks(
 # divided by its runtime smoothing factor, the group's largest |x| over the token, the
 # smoothed row is quantized per token, and the integer GEMM multiplies each group's
 # partial sum by (token scale × smoothing factor). No weight is rescaled.
+#
+# Integer factors (activation.smooth.factor_levels L > 0, format v9, the quantizer's
+# default L = 16): each group's scale is f_g · base with f_g an integer in [1, L] and
+# base = (the token's largest group scale) / L. Codes times their group's factor are
+# still int8 (|code| ≤ 2^(bits-1), so L · 2^(bits-1) ≤ 128), and Σ_g f_g · Σ_k code·w =
+# Σ_k (f_g·code)·w exactly in int32: the GEMM is the plain per-token one, with no
+# per-group epilogue.
+
+
+def smooth_factor_levels(levels: int, bits: int) -> int:
+    """The integer smoothing factors a layer at ``bits`` activations uses for the
+    checkpoint's factor_levels (0: float factors): at most 128 / 2^(bits-1), so that a
+    code times its factor fits int8 (16 at 4 bits; 1 at 8 bits: plain per-token)."""
+    return min(levels, 128 >> (bits - 1)) if levels else 0
 
 
 def smooth_quantize(
     x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
-    perm: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None, levels: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runtime-smoothed per-token quantization of x [..., K]: (int8 codes [..., K] in the
-    order ``perm`` (the channel order; None: natural), float32 scales [..., K/G]).
+    order ``perm`` (the channel order; None: natural), float32 scales [..., K/G]; with
+    integer factors (levels > 0, see smooth_factor_levels): codes times their group's
+    factor and the per-token base [..., 1], i.e. per-token codes and scale).
 
     With m_g = max_{j in g} |x_j| (over the token): the smoothing factor s_g = max(m_g,
     eps), the per-token scale of the smoothed row a = max(max_g(m_g / s_g) · clip/qmax,
@@ -104,6 +121,14 @@ def smooth_quantize(
         raise ValueError(f"smoothing group size {group_size} does not divide {k}")
     g = xf.reshape(*xf.shape[:-1], k // group_size, group_size)
     m = g.abs().amax(dim=-1, keepdim=True)
+    if levels:
+        # t_g the group's own scale, base = max_g t_g / L, f_g = round(t_g / base) in
+        # [1, L]; code = round(x / (base·f_g)) · f_g (float32, in this order)
+        t = m.mul(clip_ratio / qmax(bits))
+        base = (t.amax(dim=-2, keepdim=True) / levels).clamp_(min=_EPS)
+        f = torch.round(t / base).clamp_(1, levels)
+        q = torch.round(g / (base * f)).clamp_(-qmax(bits) - 1, qmax(bits)).mul_(f)
+        return q.to(torch.int8).reshape(xf.shape), base.reshape(*xf.shape[:-1], 1)
     s = m.clamp(min=_EPS)
     a = (m / s).amax(dim=-2, keepdim=True).mul_(clip_ratio / qmax(bits)).clamp_(min=_EPS)
     scale = a * s
@@ -113,12 +138,13 @@ def smooth_quantize(
 
 def fake_smooth_quantize(
     x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
-    perm: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None, levels: int = 0,
 ) -> torch.Tensor:
     """smooth_quantize followed by dequantization, in x's channel order and dtype."""
-    q, scale = smooth_quantize(x, bits, clip_ratio, group_size, perm)
+    q, scale = smooth_quantize(x, bits, clip_ratio, group_size, perm, levels)
     k = x.shape[-1]
-    deq = (q.float().reshape(*q.shape[:-1], k // group_size, group_size)
+    groups = scale.shape[-1]
+    deq = (q.float().reshape(*q.shape[:-1], groups, k // groups)
            * scale.unsqueeze(-1)).reshape(q.shape)
     if perm is not None:
         deq = deq.index_select(-1, torch.argsort(perm))

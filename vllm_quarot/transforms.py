@@ -38,6 +38,7 @@ from vllm_quarot.quant import (
     fake_quantize_per_token_blocks,
     fake_smooth_quantize,
     quantize_static,
+    smooth_factor_levels,
 )
 from vllm_quarot.stored_transforms import apply_matrix
 
@@ -62,6 +63,7 @@ class LinearInputSpec:
     # and the channel order (smooth_perm; None: natural order)
     smooth_group: int = 0
     smooth_perm: torch.Tensor | None = None
+    smooth_levels: int = 0  # integer smoothing factors 1..L (quant.smooth_factor_levels)
     # an imported checkpoint's stored online transform (normalised; block-diagonal)
     matrix: torch.Tensor | None = None
 
@@ -86,7 +88,7 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
     rrs = act.smooth if act is not None and smooth else None
     specs = {}
     for name in names:
-        group, perm = 0, None
+        group, perm, levels = 0, None, 0
         if name == LM_HEAD:
             assert fmt.lm_head is not None
             bits, clip, blocks, scale = fmt.lm_head.activation_bits, 1.0, 1, None
@@ -104,6 +106,7 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
                         f"{name}.input_scale is missing from the checkpoint")
             if rrs is not None:
                 group = rrs.group_size
+                levels = smooth_factor_levels(rrs.factor_levels, bits)
                 perm = (smooth_perms or {}).get(name) if rrs.reorder else None
                 if rrs.reorder and perm is None:
                     from vllm_quarot.errors import CheckpointFormatError
@@ -117,7 +120,7 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
         specs[name] = LinearInputSpec(
             r4=r4 if name.endswith(DOWN_PROJ) else None, bits=bits, clip=clip, blocks=blocks,
             static_scale=scale, smooth_group=group,
-            smooth_perm=None if perm is None else perm.long(),
+            smooth_perm=None if perm is None else perm.long(), smooth_levels=levels,
             matrix=None if stored is None else (matrices or {})[stored.name])
     return specs
 
@@ -144,7 +147,7 @@ def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor 
         elif spec.smooth_group:
             perm = None if spec.smooth_perm is None else spec.smooth_perm.to(x.device)
             xq = fake_smooth_quantize(x.detach(), spec.bits, spec.clip, spec.smooth_group,
-                                      perm)
+                                      perm, spec.smooth_levels)
         else:
             xq = fake_quantize_per_token_blocks(x.detach(), spec.bits, spec.clip, spec.blocks)
     return _ste(x, xq) if ste else xq

@@ -35,3 +35,16 @@ template <typename T>
 void rrs_gemm_amx(RRS_AMX_ARGS(T));
 
 }  // namespace quarot_cpu
+
+#include <ATen/ATen.h>
+
+namespace quarot_cpu {
+
+// The plain per-token GEMM (quarot_cpu.cpp): RRS with integer smoothing factors
+// (rrs.cpp) quantizes into per-token codes and runs it.
+at::Tensor gemm(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& asums,
+                const at::Tensor& w_packed, const at::Tensor& w_scale_t,
+                const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits,
+                at::ScalarType out_dtype);
+
+}  // namespace quarot_cpu

@@ -12,6 +12,11 @@
 // in float32, in this order, without FMA contraction (built with -ffp-contract=off; the
 // vector kernels use separate multiply and add instructions).
 //
+// Integer factors (levels L > 0, activation.smooth.factor_levels):
+//   t_g = m_g · clip/qmax, base = max(max_g t_g / L, 1e-12), f_g = clamp(rne(t_g / base), 1, L)
+//   code_j = clamp(rne(v_j / (base · f_g)), -qmax-1, qmax) · f_g   (int8: |code| ≤ 128)
+// one scale (base) and one code sum per row; the plain GEMM of quarot_cpu.cpp runs them.
+//
 // Next to quarot_cpu.cpp: its own vector GEMM, sharing the online Hadamard (hadamard.h),
 // the run-time ISA choice (isa.h) and, for M >= 16 with groups of multiples of 64 on AMX
 // machines, quarot_cpu.cpp's AMX driver with an RRS epilogue (amx.h). Weights are 4-bit
@@ -86,6 +91,41 @@ static QUAROT_INLINE void groups_scalar(const float* v, int64_t groups, int64_t 
   }
 }
 
+// Integer factors (levels > 0): one row's codes × factors, its base scale and code sum.
+static QUAROT_INLINE void groups_int_scalar(const float* v, int64_t groups, int64_t gs,
+                                            float ratio, int bits, int levels, float* gbuf,
+                                            int8_t* q, float* scale, int32_t* asum) {
+  float tmax = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* vg = v + g * gs;
+    float mg = 0.f;
+    for (int64_t i = 0; i < gs; ++i) mg = std::max(mg, std::fabs(vg[i]));
+    gbuf[g] = mg * ratio;
+    tmax = std::max(tmax, gbuf[g]);
+  }
+  const float base = std::max(tmax / static_cast<float>(levels), kEps);
+  const int qmax = (1 << (bits - 1)) - 1;
+  const float lo = static_cast<float>(-qmax - 1), hi = static_cast<float>(qmax);
+  const float flv = static_cast<float>(levels);
+  int32_t sum = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float f = std::min(std::max(std::nearbyint(gbuf[g] / base), 1.f), flv);
+    const float sc = base * f;
+    const int32_t fi = static_cast<int32_t>(f);
+    const float* vg = v + g * gs;
+    int8_t* qg = q + g * gs;
+    for (int64_t i = 0; i < gs; ++i) {
+      float c = std::nearbyint(vg[i] / sc);
+      c = std::min(std::max(c, lo), hi);
+      const int32_t ci = static_cast<int32_t>(c) * fi;
+      qg[i] = static_cast<int8_t>(ci);
+      sum += ci;
+    }
+  }
+  *scale = base;
+  *asum = sum;
+}
+
 // gs a multiple of 16: IEEE division, round half to even (vrndscaleps = nearbyint),
 // clamp; maxima are order-independent, so every result is the scalar code's.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_avx512(
@@ -121,35 +161,87 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_avx512(
   }
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_int_avx512(
+    const float* v, int64_t groups, int64_t gs, float ratio, int bits, int levels, float* gbuf,
+    int8_t* q, float* scale, int32_t* asum) {
+  float tmax = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + g * gs + i)));
+    gbuf[g] = _mm512_reduce_max_ps(mx) * ratio;
+    tmax = std::max(tmax, gbuf[g]);
+  }
+  const float base = std::max(tmax / static_cast<float>(levels), kEps);
+  const int qmax = (1 << (bits - 1)) - 1;
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(-qmax - 1));
+  const __m512 hi = _mm512_set1_ps(static_cast<float>(qmax));
+  const float flv = static_cast<float>(levels);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const float f = std::min(std::max(std::nearbyint(gbuf[g] / base), 1.f), flv);
+    const __m512 scv = _mm512_set1_ps(base * f);
+    const __m512 fv = _mm512_set1_ps(f);
+    for (int64_t i = 0; i < gs; i += 16) {
+      __m512 c = _mm512_div_ps(_mm512_loadu_ps(v + g * gs + i), scv);
+      c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      c = _mm512_min_ps(_mm512_max_ps(c, lo), hi);
+      const __m512i ci = _mm512_cvtps_epi32(_mm512_mul_ps(c, fv));  // exact: |c·f| <= 128
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * gs + i), _mm512_cvtepi32_epi8(ci));
+      sum = _mm512_add_epi32(sum, ci);
+    }
+  }
+  *scale = base;
+  *asum = _mm512_reduce_add_epi32(sum);
+}
+
+// dst[i] = src[perm[i]]: 16 lanes per vgatherdps (4x the scalar loop at K = 576).
+__attribute__((target("avx512f"))) static void gather_avx512(const float* src, const int32_t* perm,
+                                                           float* dst, int64_t k) {
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(_mm512_loadu_si512(perm + i), src, 4));
+  for (; i < k; ++i) dst[i] = src[perm[i]];
+}
+
 template <typename T, bool AVX512>
 static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, int64_t kh,
                                    const int32_t* perm, float* buf, float* tmp, float* gbuf,
-                                   int bits, float ratio, int64_t gs, int8_t* q, float* scale,
-                                   int32_t* asum) {
+                                   int bits, float ratio, int64_t gs, int levels, int8_t* q,
+                                   float* scale, int32_t* asum) {
   float* v = buf;
-  if (perm && !had_t) {  // gathered straight from the row, in the smoothing order
+  if (perm && !had_t && !AVX512) {  // gathered straight from the row, in the smoothing order
     for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[perm[i]]);
   } else {
     for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
   }
   if (had_t) hadamard_row(buf, tmp, k, had_t, kh);
-  if (perm && had_t) {
-    float* __restrict t = tmp;
-    const float* __restrict b = buf;
-    for (int64_t i = 0; i < k; ++i) t[i] = b[perm[i]];
+  if (perm && (had_t || AVX512)) {  // float row -> the smoothing order
+    if (AVX512) {
+      gather_avx512(buf, perm, tmp, k);
+    } else {
+      float* __restrict t = tmp;
+      const float* __restrict b = buf;
+      for (int64_t i = 0; i < k; ++i) t[i] = b[perm[i]];
+    }
     v = tmp;
   }
-  if (AVX512 && gs % 16 == 0)
+  if (levels > 0) {
+    if (AVX512 && gs % 16 == 0)
+      groups_int_avx512(v, k / gs, gs, ratio, bits, levels, gbuf, q, scale, asum);
+    else
+      groups_int_scalar(v, k / gs, gs, ratio, bits, levels, gbuf, q, scale, asum);
+  } else if (AVX512 && gs % 16 == 0) {
     groups_avx512(v, k / gs, gs, ratio, bits, gbuf, q, scale, asum);
-  else
+  } else {
     groups_scalar(v, k / gs, gs, ratio, bits, gbuf, q, scale, asum);
+  }
 }
 
 #define RRS_ROW_ARGS                                                                    \
   const T *x, int64_t k, const float *had_t, int64_t kh, const int32_t *perm, float *buf, \
-      float *tmp, float *gbuf, int bits, float ratio, int64_t gs, int8_t *q, float *scale, \
-      int32_t *asum
-#define RRS_ROW_CALL x, k, had_t, kh, perm, buf, tmp, gbuf, bits, ratio, gs, q, scale, asum
+      float *tmp, float *gbuf, int bits, float ratio, int64_t gs, int levels, int8_t *q,   \
+      float *scale, int32_t *asum
+#define RRS_ROW_CALL x, k, had_t, kh, perm, buf, tmp, gbuf, bits, ratio, gs, levels, q, scale, asum
 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void row_avx512(RRS_ROW_ARGS) {
@@ -180,20 +272,25 @@ static const int32_t* check_perm(const c10::optional<Tensor>& perm, int64_t k) {
 
 std::tuple<Tensor, Tensor, Tensor> quantize(const Tensor& x, const c10::optional<Tensor>& had_k,
                                             const c10::optional<Tensor>& perm, int64_t bits,
-                                            double clip_ratio, int64_t group_size) {
+                                            double clip_ratio, int64_t group_size,
+                                            int64_t levels) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quarot_cpu.rrs_quantize: x must be contiguous 2-D");
   TORCH_CHECK(bits >= 2 && bits <= 8, "quarot_cpu.rrs_quantize: bits must be in [2, 8]");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(group_size >= 1 && k % group_size == 0, "quarot_cpu.rrs_quantize: group size ",
               group_size, " must divide K=", k);
   const int64_t groups = k / group_size;
+  TORCH_CHECK(levels >= 0 && levels * (1 << (bits - 1)) <= 128,
+              "quarot_cpu.rrs_quantize: levels ", levels, " at ", bits,
+              " bits: codes times the factor must stay int8");
+  const int64_t ogroups = levels ? 1 : groups;  // scales and code sums per row
   const int64_t kh = check_had(had_k, k);
   const std::vector<float> had_t = transposed(kh ? had_k->data_ptr<float>() : nullptr, kh);
   const float* had = kh ? had_t.data() : nullptr;
   const int32_t* pm = check_perm(perm, k);
   Tensor codes = at::empty({m, k}, x.options().dtype(at::kChar));
-  Tensor scales = at::empty({m, groups}, x.options().dtype(at::kFloat));
-  Tensor asums = at::empty({m, groups}, x.options().dtype(at::kInt));
+  Tensor scales = at::empty({m, ogroups}, x.options().dtype(at::kFloat));
+  Tensor asums = at::empty({m, ogroups}, x.options().dtype(at::kInt));
   const float ratio = static_cast<float>(clip_ratio / ((1 << (bits - 1)) - 1));
   const int isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rrs_quantize", [&] {
@@ -208,8 +305,8 @@ std::tuple<Tensor, Tensor, Tensor> quantize(const Tensor& x, const c10::optional
       std::vector<float> buf(k), tmp(k), gbuf(groups);
       for (int64_t r = r0; r < r1; ++r)
         fn(xp + r * k, k, had, kh, pm, buf.data(), tmp.data(), gbuf.data(),
-           static_cast<int>(bits), ratio, group_size, cp + r * k, sp + r * groups,
-           ap + r * groups);
+           static_cast<int>(bits), ratio, group_size, static_cast<int>(levels), cp + r * k,
+           sp + r * ogroups, ap + r * ogroups);
     });
   });
   return {codes, scales, asums};
@@ -504,9 +601,11 @@ Tensor gemm(const Tensor& codes, const Tensor& scales, const Tensor& asums, cons
 Tensor linear(const Tensor& x, const c10::optional<Tensor>& had_k,
               const c10::optional<Tensor>& perm, const Tensor& w_packed, const Tensor& w_scale,
               const c10::optional<Tensor>& bias, int64_t n, int64_t a_bits, double clip_ratio,
-              int64_t group_size) {
+              int64_t group_size, int64_t levels) {
   auto [codes, scales, asums] = quantize(x.contiguous(), had_k, perm, a_bits, clip_ratio,
-                                         group_size);
+                                         group_size, levels);
+  if (levels)  // integer factors: per-token codes, the plain GEMM (w_scale from repack_scale)
+    return quarot_cpu::gemm(codes, scales, asums, w_packed, w_scale, bias, n, 4, x.scalar_type());
   return gemm(codes, scales, asums, w_packed, w_scale, bias, n, x.scalar_type());
 }
 
@@ -516,7 +615,7 @@ Tensor linear(const Tensor& x, const c10::optional<Tensor>& had_k,
 TORCH_LIBRARY_FRAGMENT(quarot_cpu, m) {
   m.def(
       "rrs_quantize(Tensor x, Tensor? had_k, Tensor? perm, int bits, float clip_ratio, "
-      "int group_size) -> (Tensor, Tensor, Tensor)");
+      "int group_size, int levels=0) -> (Tensor, Tensor, Tensor)");
   m.def("rrs_repack_weight(Tensor codes, Tensor? perm) -> Tensor",
         &quarot_cpu::rrs::repack_weight);
   m.def(
@@ -524,7 +623,8 @@ TORCH_LIBRARY_FRAGMENT(quarot_cpu, m) {
       "Tensor? bias, int n, ScalarType out_dtype) -> Tensor");
   m.def(
       "rrs_linear(Tensor x, Tensor? had_k, Tensor? perm, Tensor w_packed, Tensor w_scale, "
-      "Tensor? bias, int n, int a_bits, float clip_ratio, int group_size) -> Tensor");
+      "Tensor? bias, int n, int a_bits, float clip_ratio, int group_size, int levels=0) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quarot_cpu, CPU, m) {

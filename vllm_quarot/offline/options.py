@@ -188,9 +188,9 @@ class QuantizeOptions:
         choices=LM_HEAD_CHOICES)
     smooth: str | None = option(
         None, "Rotated Runtime Smooth: after the rotations, each decoder-layer linear's "
-        "input channels are smoothed in groups by their run-time maxima over the token "
-        "and the integer GEMM scales each group's partial sum (format v7 "
-        "activation.smooth; 4-bit per-channel weights, per-token activations, --tp 1)",
+        "input channels are smoothed in groups by their run-time maxima over the token, "
+        "each group quantized at its own scale (format v7 activation.smooth; 4-bit "
+        "per-channel weights, per-token activations, --tp 1)",
         choices=SMOOTH_METHODS)
     smooth_group: int = option(
         64, "--smooth: input channels per smoothing group (a multiple of 8)", metavar="G",
@@ -199,6 +199,13 @@ class QuantizeOptions:
     smooth_reorder: bool = option(
         True, "--smooth: group channels by their calibration maxima (needs calibration "
         "text)")
+    smooth_levels: int | None = option(
+        None, "--smooth: round each group's smoothing factor to an integer multiple 1..L of "
+        "the token's base, so that the GEMM is the plain per-token one (format v9 "
+        "activation.smooth.factor_levels); 0: float factors, a per-group epilogue "
+        "(slower at prefill); default 16 with 4-bit activations, 0 with 8-bit",
+        metavar="L", check=lambda v: None if v is None or v == 0 or 2 <= v <= 16 else
+        f"--smooth-levels must be 0 or in [2, 16], got {v}")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> QuantizeOptions:
@@ -247,6 +254,14 @@ class QuantizeOptions:
         activations are computed."""
         return (self.uses_gptq or self.static or self.a8_layers is not None
                 or self.rotate == "spinquant" or self.smooth_reorders)
+
+    @property
+    def smooth_factor_levels(self) -> int:
+        """activation.smooth.factor_levels to write: --smooth-levels, by default 16 at 4-bit
+        activations (integer factors, the plain GEMM) and 0 (float factors) at 8-bit."""
+        if self.smooth_levels is not None:
+            return self.smooth_levels
+        return 16 if self.bits[1] == 4 else 0
 
     @property
     def smooth_reorders(self) -> bool:
@@ -432,6 +447,10 @@ def _check_smooth(o: QuantizeOptions) -> None:
                             f"(--group-size -1), got --group-size {o.group_size}")
     if o.tp != 1:
         raise QuantizeError(f"--smooth runtime is served with --tp 1, got --tp {o.tp}")
+    if o.smooth_levels and a_bits != 4:
+        raise QuantizeError(f"--smooth-levels {o.smooth_levels} needs 4-bit activations (codes "
+                            f"times the factor must stay int8); scheme {o.scheme} has "
+                            f"{a_bits}-bit: use --smooth-levels 0")
 
 
 def _calibration_user(o: QuantizeOptions) -> str:

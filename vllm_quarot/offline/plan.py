@@ -94,7 +94,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             dynamic="static-per-tensor" if o.static else "per-token",
             smooth=None if o.smooth is None else SmoothSpec(
                 method=o.smooth, group_size=o.smooth_group, maxima="token",
-                reorder=o.smooth_reorder)),
+                reorder=o.smooth_reorder, factor_levels=o.smooth_factor_levels)),
         kv_cache=None if kv_bits is None else KVCacheSpec(bits=kv_bits, clip_ratio=o.kv_clip),
         rotation=RotationSpec(
             r1=R1Spec(kind=("cayley-learned" if o.rotate == "spinquant"

@@ -33,6 +33,9 @@ class LinearConfig:
     # smooth_reorder; 0: per-token activations
     smooth_group: int = 0
     smooth_reorder: bool = False
+    # integer smoothing factors 1..L (quant.smooth_factor_levels; 0: float factors): the
+    # codes carry them, the GEMM is the plain per-token one
+    smooth_levels: int = 0
 
     def describe(self) -> str:
         """E.g. 'W4A4 per-channel + R4' (the engine log names layers by it)."""
@@ -42,7 +45,8 @@ class LinearConfig:
         r4 = " + R4" if self.online_hadamard else ""
         rrs = ""
         if self.smooth_group:
-            rrs = f" + RRS g{self.smooth_group}" + (" reordered" if self.smooth_reorder else "")
+            rrs = (f" + RRS g{self.smooth_group}" + (" reordered" if self.smooth_reorder else "")
+                   + (f" int factors 1..{self.smooth_levels}" if self.smooth_levels else ""))
         return f"W{self.w_bits}A{act}{mode} {group}{r4}{rrs}"
 
 

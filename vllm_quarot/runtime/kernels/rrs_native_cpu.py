@@ -4,7 +4,8 @@ Smooth; csrc/cpu/rrs.cpp: AVX512-VNNI, AVX2 or scalar, chosen at run time).
 One call per layer: (online R4 Hadamard +) gather into the smoothing order + smoothing
 + per-token quantization, then the integer GEMM whose epilogue scales each K group's
 partial sum by its (token, group) scale — bit-exact to ``quarot::smooth_quantize`` +
-``quarot::smooth_int_linear`` on the same input.
+``quarot::smooth_int_linear`` on the same input; with integer factors the codes carry
+them and the plain per-token GEMM runs (= ``quarot::int_linear``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ class NativeCPURRSKernel(QuaRotLinearKernel):
     def process_weights_after_loading(self, layer, codes, scale) -> None:
         perm = layer.smooth_perm.data if self.config.smooth_reorder else None
         register(layer, "weight_repacked", torch.ops.quarot_cpu.rrs_repack_weight(codes, perm))
-        register(layer, "weight_scale_rrs", scale.reshape(-1).contiguous())
+        # integer factors run the plain GEMM, which takes its scales as repack_scale lays
+        # them out; float factors the RRS GEMM's per-channel vector
+        register(layer, "weight_scale_rrs",
+                 torch.ops.quarot_cpu.repack_scale(scale) if self.config.smooth_levels
+                 else scale.reshape(-1).contiguous())
 
     def apply_weights(self, layer, x, bias):
         c = self.config
@@ -47,4 +52,4 @@ class NativeCPURRSKernel(QuaRotLinearKernel):
             x, layer.quarot_had_k if c.online_hadamard else None,
             layer.smooth_perm if c.smooth_reorder else None, layer.weight_repacked,
             layer.weight_scale_rrs, bias, c.out_features, c.a_bits, c.clip_ratio,
-            c.smooth_group)
+            c.smooth_group, c.smooth_levels)

@@ -36,6 +36,9 @@ class ReferenceRRSKernel(QuaRotLinearKernel):
         c = self.config
         perm = layer.smooth_perm if c.smooth_reorder else None
         x_q, x_s = torch.ops.quarot.smooth_quantize(x, c.a_bits, c.clip_ratio, c.smooth_group,
-                                                    perm)
+                                                    perm, c.smooth_levels)
+        if c.smooth_levels:  # integer factors are in the codes: the per-token GEMM
+            return torch.ops.quarot.int_linear(x_q, x_s, layer.weight_q, layer.weight_scale,
+                                               bias, x.dtype)
         return torch.ops.quarot.smooth_int_linear(x_q, x_s, layer.weight_q, layer.weight_scale,
                                                   bias, x.dtype)

@@ -41,12 +41,18 @@ class TritonRRSKernel(QuaRotLinearKernel):
         perm = layer.smooth_perm.data.long() if self.config.smooth_reorder else None
         ordered = codes if perm is None else codes[:, perm]
         register(layer, "weight_repacked", triton_ops.repack_weight(ordered, 4))
-        register(layer, "weight_scale_rrs", scale.reshape(-1).float().contiguous())
+        # integer factors: the plain GEMM and its [G, N] scale layout
+        register(layer, "weight_scale_rrs",
+                 triton_ops.repack_scale(scale) if self.config.smooth_levels
+                 else scale.reshape(-1).float().contiguous())
 
     def apply_weights(self, layer, x, bias):
         c = self.config
         x_q, x_s = torch.ops.quarot_triton.smooth_quantize(
             x, c.a_bits, c.clip_ratio, c.smooth_group,
-            layer.smooth_perm if c.smooth_reorder else None)
+            layer.smooth_perm if c.smooth_reorder else None, c.smooth_levels)
+        if c.smooth_levels:  # the factors are in the codes: the per-token GEMM
+            return torch.ops.quarot_triton.gemm(x_q, x_s, layer.weight_repacked,
+                                                layer.weight_scale_rrs, bias, 4, x.dtype)
         return torch.ops.quarot_triton.smooth_gemm(x_q, x_s, layer.weight_repacked,
                                                    layer.weight_scale_rrs, bias, x.dtype)

@@ -65,8 +65,8 @@ if AVAILABLE:
         return None
 
     @torch.library.register_fake("quarot_cpu::rrs_quantize")
-    def _(x, had_k, perm, bits, clip_ratio, group_size):
-        m, groups = x.shape[0], x.shape[1] // group_size
+    def _(x, had_k, perm, bits, clip_ratio, group_size, levels=0):
+        m, groups = x.shape[0], 1 if levels else x.shape[1] // group_size
         return (
             x.new_empty(x.shape, dtype=torch.int8),
             x.new_empty((m, groups), dtype=torch.float32),
@@ -78,7 +78,7 @@ if AVAILABLE:
         return codes.new_empty((codes.shape[0], n), dtype=out_dtype)
 
     @torch.library.register_fake("quarot_cpu::rrs_linear")
-    def _(x, had_k, perm, w_packed, w_scale, bias, n, a_bits, clip_ratio, group_size):
+    def _(x, had_k, perm, w_packed, w_scale, bias, n, a_bits, clip_ratio, group_size, levels=0):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("quarot_cpu::linear")

@@ -118,19 +118,22 @@ def _(x, w_q, w_scale, bias):
 
 @torch.library.custom_op("quarot::smooth_quantize", mutates_args=())
 def smooth_quantize(
-    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int, perm: torch.Tensor | None
+    x: torch.Tensor, bits: int, clip_ratio: float, group_size: int, perm: torch.Tensor | None,
+    levels: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runtime-smoothed per-token codes (int8 [M, K], channels in the order perm) and
-    float32 scales [M, K/group_size] (token scale × the group's smoothing factor)."""
-    return _smooth_quantize(x, bits, clip_ratio, group_size, perm)
+    float32 scales [M, K/group_size] (token scale × the group's smoothing factor); with
+    integer factors (levels > 0) codes × factor and the token's base [M, 1], for
+    ``quarot::int_linear``."""
+    return _smooth_quantize(x, bits, clip_ratio, group_size, perm, levels)
 
 
 @smooth_quantize.register_fake
-def _(x, bits, clip_ratio, group_size, perm):
+def _(x, bits, clip_ratio, group_size, perm, levels):
     return (
         torch.empty(x.shape, dtype=torch.int8, device=x.device),
-        torch.empty((*x.shape[:-1], x.shape[-1] // group_size), dtype=torch.float32,
-                    device=x.device),
+        torch.empty((*x.shape[:-1], 1 if levels else x.shape[-1] // group_size),
+                    dtype=torch.float32, device=x.device),
     )
 
 

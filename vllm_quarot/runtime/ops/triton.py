@@ -476,32 +476,54 @@ if AVAILABLE:
     @triton.jit
     def _smooth_quantize_kernel(
         x_ptr, perm_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, stride_s, mult,
-        qmax: tl.constexpr, GS: tl.constexpr, PERM: tl.constexpr,
+        qmax: tl.constexpr, GS: tl.constexpr, PERM: tl.constexpr, LEVELS: tl.constexpr,
     ):
         """One program per row: the groups' maxima (channels gathered in the order perm),
-        the smoothed row's per-token scale, then each group's codes."""
+        the smoothed row's per-token scale, then each group's codes. LEVELS > 0: integer
+        factors, codes × factor and one scale (the row's base) per row."""
         row = tl.program_id(0).to(tl.int64)
         groups = K // GS
         offs = tl.arange(0, GS)
-        ymax = 0.0
-        for g in range(0, groups):
-            idx = g * GS + offs
-            if PERM:
-                idx = tl.load(perm_ptr + idx)
-            v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
-            mg = tl.max(tl.abs(v), axis=0)
-            s = tl.maximum(mg, 1e-12)
-            tl.store(scale_ptr + row * stride_s + g, s)
-            ymax = tl.maximum(ymax, tl.math.div_rn(mg, s))
-        a = tl.maximum(ymax * mult, 1e-12)
-        for g in range(0, groups):
-            idx = g * GS + offs
-            if PERM:
-                idx = tl.load(perm_ptr + idx)
-            v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
-            sc = a * tl.load(scale_ptr + row * stride_s + g)
-            tl.store(scale_ptr + row * stride_s + g, sc)
-            tl.store(codes_ptr + row * stride_c + g * GS + offs, _round_quant(v, sc, qmax))
+        if LEVELS > 0:
+            tmax = 0.0
+            for g in range(0, groups):
+                idx = g * GS + offs
+                if PERM:
+                    idx = tl.load(perm_ptr + idx)
+                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                tmax = tl.maximum(tmax, tl.max(tl.abs(v), axis=0) * mult)
+            base = tl.maximum(tl.math.div_rn(tmax, LEVELS * 1.0), 1e-12)
+            for g in range(0, groups):
+                idx = g * GS + offs
+                if PERM:
+                    idx = tl.load(perm_ptr + idx)
+                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                f = tl.math.div_rn(tl.max(tl.abs(v), axis=0) * mult, base)
+                f = (f + 12582912.0) - 12582912.0
+                f = tl.minimum(tl.maximum(f, 1.0), LEVELS * 1.0)
+                q = _round_quant(v, base * f, qmax).to(tl.float32) * f
+                tl.store(codes_ptr + row * stride_c + g * GS + offs, q.to(tl.int8))
+            tl.store(scale_ptr + row * stride_s, base)
+        else:
+            ymax = 0.0
+            for g in range(0, groups):
+                idx = g * GS + offs
+                if PERM:
+                    idx = tl.load(perm_ptr + idx)
+                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                mg = tl.max(tl.abs(v), axis=0)
+                s = tl.maximum(mg, 1e-12)
+                tl.store(scale_ptr + row * stride_s + g, s)
+                ymax = tl.maximum(ymax, tl.math.div_rn(mg, s))
+            a = tl.maximum(ymax * mult, 1e-12)
+            for g in range(0, groups):
+                idx = g * GS + offs
+                if PERM:
+                    idx = tl.load(perm_ptr + idx)
+                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                sc = a * tl.load(scale_ptr + row * stride_s + g)
+                tl.store(scale_ptr + row * stride_s + g, sc)
+                tl.store(codes_ptr + row * stride_c + g * GS + offs, _round_quant(v, sc, qmax))
 
     @triton.jit
     def _smooth_gemm_kernel(
@@ -544,22 +566,25 @@ if AVAILABLE:
 
 def smooth_quantize_impl(
     x: torch.Tensor, bits: int, clip_ratio: float, group_size: int, perm: torch.Tensor | None,
+    levels: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 codes [M, K] in the order perm, float32 scales [M, K/group])."""
+    """x [M, K] -> (int8 codes [M, K] in the order perm, float32 scales [M, K/group]);
+    levels > 0 (integer factors): codes × factor and scales [M, 1], for ``gemm``."""
     m, k = x.shape
     if group_size not in SMOOTH_GROUP_SIZES or k % group_size:
         raise ValueError(f"smoothing group {group_size} of K={k}: a power of two from 16 "
                          "to 256 dividing K")
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scales = torch.empty((m, k // group_size), dtype=torch.float32, device=x.device)
+    scales = torch.empty((m, 1 if levels else k // group_size), dtype=torch.float32,
+                         device=x.device)
     if m == 0:
         return codes, scales
     perm_arg = perm.to(torch.int32).contiguous() if perm is not None else codes
     _smooth_quantize_kernel[(m,)](
         x, perm_arg, codes, scales, k, x.stride(0), codes.stride(0), scales.stride(0),
         _mult(bits, clip_ratio), qmax=_qmax(bits), GS=group_size, PERM=perm is not None,
-        num_warps=4, **_no_fma(),
+        LEVELS=levels, num_warps=4, **_no_fma(),
     )
     return codes, scales
 
@@ -607,14 +632,15 @@ if AVAILABLE:
     @torch.library.custom_op("quarot_triton::smooth_quantize", mutates_args=())
     def smooth_quantize(
         x: torch.Tensor, bits: int, clip_ratio: float, group_size: int,
-        perm: torch.Tensor | None,
+        perm: torch.Tensor | None, levels: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return smooth_quantize_impl(x, bits, clip_ratio, group_size, perm)
+        return smooth_quantize_impl(x, bits, clip_ratio, group_size, perm, levels)
 
     @smooth_quantize.register_fake
-    def _(x, bits, clip_ratio, group_size, perm):
+    def _(x, bits, clip_ratio, group_size, perm, levels):
         return (x.new_empty(x.shape, dtype=torch.int8),
-                x.new_empty((x.shape[0], x.shape[1] // group_size), dtype=torch.float32))
+                x.new_empty((x.shape[0], 1 if levels else x.shape[1] // group_size),
+                            dtype=torch.float32))
 
     @torch.library.custom_op("quarot_triton::smooth_gemm", mutates_args=())
     def smooth_gemm(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from vllm_quarot.format import CheckpointFormatError, QuaRotFormat
+from vllm_quarot.quant import smooth_factor_levels
 from vllm_quarot.runtime.kernels.base import LinearConfig
 from vllm_quarot.runtime.schemes.wnan_dynamic import QuaRotWnAnDynamic
 
@@ -78,5 +79,6 @@ class QuaRotRRS(QuaRotWnAnDynamic):
                       online_hadamard: int, device_type: str) -> LinearConfig:
         c = super().linear_config(in_features, out_features, params_dtype, online_hadamard,
                                   device_type)
-        return dataclasses.replace(c, smooth_group=self.smooth.group_size,
-                                   smooth_reorder=self.smooth.reorder)
+        return dataclasses.replace(
+            c, smooth_group=self.smooth.group_size, smooth_reorder=self.smooth.reorder,
+            smooth_levels=smooth_factor_levels(self.smooth.factor_levels, c.a_bits))
