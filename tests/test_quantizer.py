@@ -84,6 +84,39 @@ def test_gptq_beats_rtn_on_real_activations(shared_data):
     assert err["gptq"] < 0.8 * err["rtn"], err
 
 
+def test_gptq_dynamic_groups():
+    """--dynamic-groups: with a diagonal Hessian nothing propagates, so each group's
+    scale is the static one and so are the codes; with a correlated one the later
+    groups' scales follow the updated weights and the output error is no worse; with
+    act order it is refused."""
+    g = torch.Generator().manual_seed(0)
+    k, n, gs = 256, 48, 64
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    diag = torch.diag(torch.rand(k, generator=g, dtype=torch.float64) + 0.5)
+    for clip in (False, True):
+        qs, ss = gptq_quantize(w, diag, 4, gs, clip)
+        qd, sd = gptq_quantize(w, diag, 4, gs, clip, dynamic_groups=True)
+        assert torch.equal(qs, qd) and torch.equal(ss, sd)
+    x = torch.randn(2048, k, generator=g, dtype=torch.float64) @ torch.randn(
+        k, k, generator=g, dtype=torch.float64) * 0.1
+    h = 2 * x.t() @ x / x.shape[0]
+    err, scales = {}, {}
+    for dyn in (False, True):
+        q, scales[dyn] = gptq_quantize(w, h, 4, gs, True, dynamic_groups=dyn)
+        err[dyn] = (x @ (w - dequantize_weight(q, scales[dyn], gs, torch.float64)).t()
+                    ).norm().item()
+    assert torch.equal(scales[True][:, 0], scales[False][:, 0])  # the first group: as is
+    assert not torch.equal(scales[True][:, 1:], scales[False][:, 1:])  # the later ones moved
+    assert err[True] <= err[False], err
+    with pytest.raises(ValueError, match="natural column order"):
+        gptq_quantize(w, h, 4, gs, True, act_order=True, dynamic_groups=True)
+    with pytest.raises(QuantizeError, match="add --no-act-order"):
+        from vllm_quarot.offline.options import check_options
+
+        check_options(QuantizeOptions(scheme="w4a16", group_size=64, dynamic_groups=True,
+                                      calib=str(TINYSTORIES)))
+
+
 def _digest(d) -> str:
     h = hashlib.sha256()
     for f in sorted(f for f in d.rglob("*") if f.is_file()):  # incl. quarot/kv_shift

@@ -18,7 +18,9 @@ Variants (every one with --lm-head none, as llm-compressor's ignore=["lm_head"])
   The quantizer's calibration passes and the simulation apply it through hooks.
 * ``rotate-none``: plain GPTQ (no rotation);
 * ``base-sN`` / ``no-act-order-sN``: base and no-act-order with ``--seed N`` (other R1
-  signs and calibration windows), to pair the act-order comparison over seeds.
+  signs and calibration windows), to pair the act-order comparison over seeds;
+* ``dyn-groups[-sN]``: ``--no-act-order --dynamic-groups`` (GPTQ's original group
+  scales, from the updated weights).
 
 Prints a Markdown table (and writes benchmarks/results/peers_ablation_w4a16_smollm2.md).
 """
@@ -57,6 +59,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "no-act-order-s1": ({"act_order": False, "seed": 1}, False),
     "base-s2": ({"seed": 2}, False),
     "no-act-order-s2": ({"act_order": False, "seed": 2}, False),
+    # GPTQ's original group scales: from the weights as updated when the loop reaches
+    # the group (natural column order)
+    "dyn-groups": ({"act_order": False, "dynamic_groups": True}, False),
+    "dyn-groups-s1": ({"act_order": False, "dynamic_groups": True, "seed": 1}, False),
+    "dyn-groups-s2": ({"act_order": False, "dynamic_groups": True, "seed": 2}, False),
 }
 
 

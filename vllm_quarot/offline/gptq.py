@@ -44,15 +44,23 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    dynamic_groups: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (int8 codes [N, K], float32 scales [N, G]) minimising ‖(W - Ŵ)X‖, on
-    h's device (w is moved there)."""
+    h's device (w is moved there). Group scales come from the original weights (static
+    groups), or, with dynamic_groups (GPTQ's original recipe; natural column order only),
+    from each group's weights as the error propagation has updated them when the loop
+    reaches its first column."""
     w = w.to(h.device, torch.float64, copy=True)
     h = h.double().clone()
     n_out, k = w.shape
     _, scale = quantize_weight_rtn(w, bits, group_size, clip_search)
     scale = scale.double()
     gs = k if group_size == -1 else group_size
+    dynamic = dynamic_groups and group_size != -1
+    if dynamic and (act_order or block_size % gs):
+        raise ValueError("dynamic groups need the natural column order and groups that "
+                         f"divide the block size {block_size}")
     col_scale = scale.repeat_interleave(gs, dim=1)  # [N, K]: each column's scale
 
     dead = torch.diag(h) == 0
@@ -73,6 +81,10 @@ def gptq_quantize(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            if dynamic and (i1 + i) % gs == 0:  # this group's scale from its updated weights
+                _, sg = quantize_weight_rtn(w1[:, i:i + gs], bits, -1, clip_search)
+                scale[:, (i1 + i) // gs] = sg[:, 0].double()
+                col_scale[:, i1 + i:i1 + i + gs] = sg.double()
             col = w1[:, i]
             s = col_scale[:, i1 + i]
             qi = torch.clamp(torch.round(col / s), lo, hi)

@@ -132,6 +132,10 @@ class QuantizeOptions:
         "quarot", "quarot: randomized Hadamard R1/R2; spinquant: R1/R2 learned by Cayley "
         "SGD from it; ablations: r1r2 = offline rotations only, none", choices=ROTATIONS)
     act_order: bool = option(True, "GPTQ in activation order")
+    dynamic_groups: bool = option(
+        False, "GPTQ with --group-size: each group's scale from its weights as updated by "
+        "the error propagation when GPTQ reaches it (needs --no-act-order), instead of "
+        "from the original weights")
     damp: float = option(0.01, "GPTQ dampening", check=_positive("--damp"))
     verify: bool = option(
         False, "check, layer by layer in float64, that the rotated model gives the "
@@ -405,6 +409,9 @@ def check_options(o: QuantizeOptions) -> None:
             f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
             "has no 4-bit per-token activations")
     _check_smooth(o)
+    if o.dynamic_groups and o.act_order:
+        raise QuantizeError("--dynamic-groups computes each group's scale as GPTQ reaches "
+                            "it in column order: add --no-act-order")
     if o.calib is not None and o.calib_self is not None:
         raise QuantizeError("give either --calib FILE or --calib-self N, not both")
     if o.needs_calibration and o.calib is None and not o.calib_self:

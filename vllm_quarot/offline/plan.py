@@ -117,6 +117,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             "seqlen": seqlen,
             "w_clip": o.w_clip,
             "act_order": o.act_order,
+            "dynamic_groups": o.dynamic_groups,
             "rotate": o.rotate,
             "a8_layers": o.a8_layers,
             "precision": o.precision,

@@ -572,7 +572,7 @@ class QuantizeRun:
         if o.uses_gptq:
             assert hessian is not None
             q, s = gptq_quantize(w_dev, hessian.h, bits, group_size, o.w_clip, o.damp,
-                                 act_order=o.act_order)
+                                 act_order=o.act_order, dynamic_groups=o.dynamic_groups)
         else:
             q, s = quantize_weight_rtn(w_dev, bits, group_size, o.w_clip)
         deq = dequantize_weight(q, s, group_size, torch.float64)

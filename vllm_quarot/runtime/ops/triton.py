@@ -474,6 +474,14 @@ def can_run_smooth(w_bits: int, in_features: int, group_size: int, smooth_group:
 if AVAILABLE:
 
     @triton.jit
+    def _smooth_group(x_row, perm_ptr, idx, PERM: tl.constexpr):
+        """One smoothing group of a row in float32: channels idx of the smoothing order
+        (gathered through perm)."""
+        if PERM:
+            idx = tl.load(perm_ptr + idx)
+        return tl.load(x_row + idx).to(tl.float32)
+
+    @triton.jit
     def _smooth_quantize_kernel(
         x_ptr, perm_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, stride_s, mult,
         qmax: tl.constexpr, GS: tl.constexpr, PERM: tl.constexpr, LEVELS: tl.constexpr,
@@ -487,17 +495,11 @@ if AVAILABLE:
         if LEVELS > 0:
             tmax = 0.0
             for g in range(0, groups):
-                idx = g * GS + offs
-                if PERM:
-                    idx = tl.load(perm_ptr + idx)
-                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
                 tmax = tl.maximum(tmax, tl.max(tl.abs(v), axis=0) * mult)
             base = tl.maximum(tl.math.div_rn(tmax, LEVELS * 1.0), 1e-12)
             for g in range(0, groups):
-                idx = g * GS + offs
-                if PERM:
-                    idx = tl.load(perm_ptr + idx)
-                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
                 f = tl.math.div_rn(tl.max(tl.abs(v), axis=0) * mult, base)
                 f = (f + 12582912.0) - 12582912.0
                 f = tl.minimum(tl.maximum(f, 1.0), LEVELS * 1.0)
@@ -507,20 +509,14 @@ if AVAILABLE:
         else:
             ymax = 0.0
             for g in range(0, groups):
-                idx = g * GS + offs
-                if PERM:
-                    idx = tl.load(perm_ptr + idx)
-                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
                 mg = tl.max(tl.abs(v), axis=0)
                 s = tl.maximum(mg, 1e-12)
                 tl.store(scale_ptr + row * stride_s + g, s)
                 ymax = tl.maximum(ymax, tl.math.div_rn(mg, s))
             a = tl.maximum(ymax * mult, 1e-12)
             for g in range(0, groups):
-                idx = g * GS + offs
-                if PERM:
-                    idx = tl.load(perm_ptr + idx)
-                v = tl.load(x_ptr + row * stride_x + idx).to(tl.float32)
+                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
                 sc = a * tl.load(scale_ptr + row * stride_s + g)
                 tl.store(scale_ptr + row * stride_s + g, sc)
                 tl.store(codes_ptr + row * stride_c + g * GS + offs, _round_quant(v, sc, qmax))
