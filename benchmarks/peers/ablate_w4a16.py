@@ -54,17 +54,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "damp-0.1": ({"damp": 0.1}, False),
     "oproj-online": ({}, True),
     "rotate-none": ({"rotate": "none"}, False),
-    # the act-order question on other R1 signs and calibration draws (--seed), paired
-    "base-s1": ({"seed": 1}, False),
-    "no-act-order-s1": ({"act_order": False, "seed": 1}, False),
-    "base-s2": ({"seed": 2}, False),
-    "no-act-order-s2": ({"act_order": False, "seed": 2}, False),
     # GPTQ's original group scales: from the weights as updated when the loop reaches
     # the group (natural column order)
     "dyn-groups": ({"act_order": False, "dynamic_groups": True}, False),
-    "dyn-groups-s1": ({"act_order": False, "dynamic_groups": True, "seed": 1}, False),
-    "dyn-groups-s2": ({"act_order": False, "dynamic_groups": True, "seed": 2}, False),
 }
+# the act-order and group-scale questions on other R1 signs and calibration draws
+# (--seed N), paired with base
+for _s in range(1, 5):
+    for _name in ("base", "no-act-order", "dyn-groups"):
+        VARIANTS[f"{_name}-s{_s}"] = ({**VARIANTS[_name][0], "seed": _s}, False)
 
 
 def install_oproj_online() -> None:
