@@ -108,6 +108,10 @@ def test_gptq_dynamic_groups():
     assert torch.equal(scales[True][:, 0], scales[False][:, 0])  # the first group: as is
     assert not torch.equal(scales[True][:, 1:], scales[False][:, 1:])  # the later ones moved
     assert err[True] <= err[False], err
+    # a Hessian that carries autograd history (built through a module) is detached
+    h_grad = h.clone().requires_grad_(True) * 1.0
+    qd, sd = gptq_quantize(w, h_grad, 4, gs, True, dynamic_groups=True)
+    assert not sd.requires_grad and torch.equal(sd, scales[True])
     with pytest.raises(ValueError, match="natural column order"):
         gptq_quantize(w, h, 4, gs, True, act_order=True, dynamic_groups=True)
     with pytest.raises(QuantizeError, match="add --no-act-order"):

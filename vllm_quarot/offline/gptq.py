@@ -51,8 +51,10 @@ def gptq_quantize(
     groups), or, with dynamic_groups (GPTQ's original recipe; natural column order only),
     from each group's weights as the error propagation has updated them when the loop
     reaches its first column."""
-    w = w.to(h.device, torch.float64, copy=True)
-    h = h.double().clone()
+    # detached: a Hessian built through a module with parameters (the lm_head's RMSNorm)
+    # must not make the error propagation track gradients
+    w = w.detach().to(h.device, torch.float64, copy=True)
+    h = h.detach().double().clone()
     n_out, k = w.shape
     _, scale = quantize_weight_rtn(w, bits, group_size, clip_search)
     scale = scale.double()

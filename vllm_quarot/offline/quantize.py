@@ -605,8 +605,9 @@ class QuantizeRun:
                 hessian = HessianAccumulator(head_rot.shape[1], self.device)
                 norm = RMSNorm64(head_rot.shape[1], self.cfg.rms_norm_eps).to(
                     self.device, self.dtype)
-                for i in range(h_cal.shape[0]):
-                    hessian.add(norm(h_cal[i].to(self.device, self.dtype)))
+                with torch.no_grad():
+                    for i in range(h_cal.shape[0]):
+                        hessian.add(norm(h_cal[i].to(self.device, self.dtype)))
             self._quantize_weight(LM_HEAD, head_rot, spec.bits, spec.group_size, hessian)
         if self.verifier is not None:
             self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot)
