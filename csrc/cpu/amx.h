@@ -2,6 +2,8 @@
 // microbenchmark (peak.cpp); the RRS entry into the AMX GEMM (rrs.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 namespace quarot_cpu {
@@ -33,12 +35,6 @@ bool amx_gemm_applies(int64_t m, int64_t k, int64_t groups);
       T *out
 template <typename T>
 void rrs_gemm_amx(RRS_AMX_ARGS(T));
-
-}  // namespace quarot_cpu
-
-#include <ATen/ATen.h>
-
-namespace quarot_cpu {
 
 // The plain per-token GEMM (quarot_cpu.cpp): RRS with integer smoothing factors
 // (rrs.cpp) quantizes into per-token codes and runs it.

@@ -58,6 +58,19 @@ constexpr float kEps = 1e-12f;
 // ----------------------------------------------------------------------------
 // Quantization of one row.
 
+// max |v_i| over one group: scalar, and on 16 lanes (gs a multiple of 16; max is
+// order-independent, so both give the same float)
+static QUAROT_INLINE float absmax_scalar(const float* v, int64_t gs) {
+  float m = 0.f;
+  for (int64_t i = 0; i < gs; ++i) m = std::max(m, std::fabs(v[i]));
+  return m;
+}
+__attribute__((target("avx512f"))) static inline float absmax_avx512(const float* v, int64_t gs) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+  return _mm512_reduce_max_ps(mx);
+}
+
 // The smoothing factors, the row's scale and the codes of v (one row, in the smoothing
 // order): scalar code, and the same operations on 16 lanes below.
 static QUAROT_INLINE void groups_scalar(const float* v, int64_t groups, int64_t gs, float ratio,
@@ -65,9 +78,7 @@ static QUAROT_INLINE void groups_scalar(const float* v, int64_t groups, int64_t 
                                         int32_t* asum) {
   float ymax = 0.f;  // max over the groups of m_g / s_g: the smoothed row's max |y|
   for (int64_t g = 0; g < groups; ++g) {
-    const float* vg = v + g * gs;
-    float mg = 0.f;
-    for (int64_t i = 0; i < gs; ++i) mg = std::max(mg, std::fabs(vg[i]));
+    const float mg = absmax_scalar(v + g * gs, gs);
     const float s = std::max(mg, kEps);
     gbuf[g] = s;
     ymax = std::max(ymax, mg / s);
@@ -97,10 +108,7 @@ static QUAROT_INLINE void groups_int_scalar(const float* v, int64_t groups, int6
                                             int8_t* q, float* scale, int32_t* asum) {
   float tmax = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
-    const float* vg = v + g * gs;
-    float mg = 0.f;
-    for (int64_t i = 0; i < gs; ++i) mg = std::max(mg, std::fabs(vg[i]));
-    gbuf[g] = mg * ratio;
+    gbuf[g] = absmax_scalar(v + g * gs, gs) * ratio;
     tmax = std::max(tmax, gbuf[g]);
   }
   const float base = std::max(tmax / static_cast<float>(levels), kEps);
@@ -133,9 +141,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_avx512(
     float* scale, int32_t* asum) {
   float ymax = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + g * gs + i)));
-    const float mg = _mm512_reduce_max_ps(mx);
+    const float mg = absmax_avx512(v + g * gs, gs);
     const float s = std::max(mg, kEps);
     gbuf[g] = s;
     ymax = std::max(ymax, mg / s);
@@ -166,9 +172,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void groups_int_avx5
     int8_t* q, float* scale, int32_t* asum) {
   float tmax = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + g * gs + i)));
-    gbuf[g] = _mm512_reduce_max_ps(mx) * ratio;
+    gbuf[g] = absmax_avx512(v + g * gs, gs) * ratio;
     tmax = std::max(tmax, gbuf[g]);
   }
   const float base = std::max(tmax / static_cast<float>(levels), kEps);
@@ -209,13 +213,9 @@ static QUAROT_INLINE void row_body(const T* x, int64_t k, const float* had_t, in
                                    int bits, float ratio, int64_t gs, int levels, int8_t* q,
                                    float* scale, int32_t* asum) {
   float* v = buf;
-  if (perm && !had_t && !AVX512) {  // gathered straight from the row, in the smoothing order
-    for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[perm[i]]);
-  } else {
-    for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
-  }
+  for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[i]);
   if (had_t) hadamard_row(buf, tmp, k, had_t, kh);
-  if (perm && (had_t || AVX512)) {  // float row -> the smoothing order
+  if (perm) {  // the float row in the smoothing order
     if (AVX512) {
       gather_avx512(buf, perm, tmp, k);
     } else {

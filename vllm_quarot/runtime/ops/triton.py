@@ -490,16 +490,17 @@ if AVAILABLE:
         the smoothed row's per-token scale, then each group's codes. LEVELS > 0: integer
         factors, codes × factor and one scale (the row's base) per row."""
         row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
         groups = K // GS
         offs = tl.arange(0, GS)
         if LEVELS > 0:
             tmax = 0.0
             for g in range(0, groups):
-                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
+                v = _smooth_group(x_row, perm_ptr, g * GS + offs, PERM)
                 tmax = tl.maximum(tmax, tl.max(tl.abs(v), axis=0) * mult)
             base = tl.maximum(tl.math.div_rn(tmax, LEVELS * 1.0), 1e-12)
             for g in range(0, groups):
-                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
+                v = _smooth_group(x_row, perm_ptr, g * GS + offs, PERM)
                 f = tl.math.div_rn(tl.max(tl.abs(v), axis=0) * mult, base)
                 f = (f + 12582912.0) - 12582912.0
                 f = tl.minimum(tl.maximum(f, 1.0), LEVELS * 1.0)
@@ -509,14 +510,14 @@ if AVAILABLE:
         else:
             ymax = 0.0
             for g in range(0, groups):
-                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
+                v = _smooth_group(x_row, perm_ptr, g * GS + offs, PERM)
                 mg = tl.max(tl.abs(v), axis=0)
                 s = tl.maximum(mg, 1e-12)
                 tl.store(scale_ptr + row * stride_s + g, s)
                 ymax = tl.maximum(ymax, tl.math.div_rn(mg, s))
             a = tl.maximum(ymax * mult, 1e-12)
             for g in range(0, groups):
-                v = _smooth_group(x_ptr + row * stride_x, perm_ptr, g * GS + offs, PERM)
+                v = _smooth_group(x_row, perm_ptr, g * GS + offs, PERM)
                 sc = a * tl.load(scale_ptr + row * stride_s + g)
                 tl.store(scale_ptr + row * stride_s + g, sc)
                 tl.store(codes_ptr + row * stride_c + g * GS + offs, _round_quant(v, sc, qmax))
