@@ -19,7 +19,7 @@ from vllm_quarot.quant import pack_weight
 
 
 def make_ct_quip(src: Path, out: Path, group_size: int = 64,
-                 head_dim: int | None = None) -> Path:
+                 head_dim: int | None = None, input_bits: int | None = None) -> Path:
     from compressed_tensors.transform import (
         TransformArgs,
         TransformConfig,
@@ -65,7 +65,13 @@ def make_ct_quip(src: Path, out: Path, group_size: int = 64,
                "scale_dtype": None, "zp_dtype": None}
     cfg["quantization_config"] = {
         "config_groups": {"group_0": {"format": "pack-quantized", "targets": ["Linear"],
-                                      "weights": weights, "input_activations": None,
+                                      "weights": weights,
+                                      "input_activations": None if input_bits is None else {
+                                          "num_bits": input_bits, "type": "int",
+                                          "symmetric": True, "dynamic": True,
+                                          "strategy": "token", "group_size": None,
+                                          "block_structure": None, "actorder": None,
+                                          "observer": None, "observer_kwargs": {}},
                                       "output_activations": None}},
         "format": "pack-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
         "kv_cache_scheme": None, "quant_method": "compressed-tensors",

@@ -68,6 +68,54 @@ def test_import_simulates_compressed_tensors(quip, name):
         assert [s for s, _ in sizes] == [64] and len(sizes[0][1]) == 7
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_activations_import_as_compressed_tensors_quantizes(random_llama, tmp_path, bits):
+    """QuIP + W4A4 / W4A8 (pack-quantized 4-bit weights, dynamic per-token 4- or 8-bit
+    inputs) import as our w4a4 / w4a8 with the clip that reproduces compressed-tensors'
+    input quantization: every code equal to its own (``forward_quantize``) except, at
+    most, a token's largest |x|, which sits on the rounding boundary (7.5 steps) and
+    which float32 rounding of its scale sends either way there (we: always away from
+    zero, as exact arithmetic would); and the imported model simulates
+    compressed-tensors' PyTorch model with its input quantization to 2e-3 of the logits
+    (at 4 bits a tenth of what the input quantization itself moves them)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from vllm_quarot.interop.ct_import import ct_activation_clip
+    from vllm_quarot.quant import fake_quantize_per_token
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, dynamic=True,
+                            strategy="token")
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 192) * torch.rand(1, 256, 1) * 10
+    lin = torch.nn.Linear(192, 8)
+    lin.quantization_status = QuantizationStatus.FROZEN
+    theirs = forward_quantize(lin, x, "input", args)
+    ours = fake_quantize_per_token(x, bits, ct_activation_clip(bits))
+    step = x.abs().amax(-1, keepdim=True) / ((2 ** bits - 1) / 2)
+    code_diff = ((theirs - ours).abs() / step).round()
+    at_max = x.abs() == x.abs().amax(-1, keepdim=True)
+    assert code_diff[~at_max].max() == 0 and code_diff.max() <= 1
+    assert code_diff[at_max].sum() < 0.25 * at_max.sum()
+
+    ct = make_ct_quip(random_llama, tmp_path / "ct", input_bits=bits)
+    summary = import_checkpoint(ct, tmp_path / "imp")
+    assert summary.scheme == f"w4a{bits}"
+    fmt = QuaRotFormat.from_dict(json.loads((tmp_path / "imp" / "config.json").read_text())[
+        "quantization_config"])
+    assert fmt.activation.bits == bits
+    assert fmt.activation.clip_ratio == pytest.approx(ct_activation_clip(bits), abs=0)
+    ref = _logits(load_with_transforms(ct))
+    scale = ref.abs().max()
+    err = (_logits(load_simulated(tmp_path / "imp")) - ref).abs().max() / scale
+    plain = _logits(load_with_transforms(_edit(ct, tmp_path / "w4a16", lambda qc: qc[
+        "config_groups"]["group_0"].update(input_activations=None))))
+    effect = (plain - ref).abs().max() / scale  # of CT's input quantization itself
+    # 4-bit: the maxima's ties are a small part of the quantization; at 8 bits the
+    # whole quantization is ~1e-3 of the logits here, and a tie is a step of 1/127
+    assert err < 2e-3 and (bits == 8 or err < 0.1 * effect)
+
+
 @pytest.mark.parametrize(("n", "mode"), [(64, "hadamard-op"), (192, "dense"),
                                          (320, "dense"), (576, "dense"), (1536, "factored")])
 @pytest.mark.parametrize("native", [True, False])
@@ -172,9 +220,9 @@ def _apply(qc, **kw):
     (lambda qc: qc.update(quant_method="gptq"), "not a compressed-tensors checkpoint"),
     (lambda qc: qc["config_groups"]["group_0"].update(input_activations={
         "num_bits": 4, "type": "int", "symmetric": True, "dynamic": True,
-        "strategy": "token"}), "the import reads W4A16"),
+        "strategy": "group", "group_size": 16}), "the import reads W4A16"),
 ], ids=["kv-cache", "asymmetric", "actorder-group", "randomize", "output-location",
-        "some-linears", "not-ct", "w4a4"])
+        "some-linears", "not-ct", "a4-per-group"])
 def test_refusals_are_one_line(quip, tmp_path, capsys, edit, match):
     bad = _edit(quip["ct-full"], tmp_path / "bad", edit)
     with pytest.raises(ImportError_, match=match):

@@ -396,6 +396,18 @@ Tensor repack_scale(const Tensor& scale) {
 // the int32 dot products of one K range [k0, k1) into acc[MR][64] (plain memory).
 // w points at block 0's row for k = 0; blocks are wstride bytes apart.
 
+// The vector dot kernels stream NB blocks of weights, 64 bytes of each per k-step; a
+// software prefetch kPrefetchBytes ahead in each stream keeps a batch-1 decode step's
+// weights (every layer read once, from DRAM) arriving at ~90 % of the read bandwidth
+// instead of ~80 % (cpu_layers.py --decode; a prefetch past a buffer's end is harmless).
+static constexpr int64_t kPrefetchBytes = 4096;
+template <int NB>
+static QUAROT_INLINE void prefetch_blocks(const uint8_t* w, int64_t wstride, int64_t off) {
+  for (int jb = 0; jb < NB; ++jb)
+    _mm_prefetch(reinterpret_cast<const char*>(w + jb * wstride + off + kPrefetchBytes),
+                 _MM_HINT_T0);
+}
+
 template <int MR, int NB>
 static void dot_scalar(const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride,
                        int64_t k0, int64_t k1, int64_t bits, int32_t* acc) {
@@ -441,6 +453,7 @@ __attribute__((target("avx2,fma"))) static void dot_avx2(const int8_t* a, int64_
     for (int jb = 0; jb < NB; ++jb) r[m][jb][0] = r[m][jb][1] = _mm256_setzero_si256();
   const int64_t ks = kstep(bits);
   for (int64_t k = k0; k < k1; k += ks) {
+    prefetch_blocks<NB>(w, wstride, (k / ks) * 64);
     for (int jb = 0; jb < NB; ++jb) {
       const uint8_t* wk = w + jb * wstride + (k / ks) * 64;
       for (int h = 0; h < 2; ++h) {
@@ -483,6 +496,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dot_vnni(
     const __m512i mask = _mm512_set1_epi8(0x0F);
     for (int64_t k = k0; k < k1; k += 8) {
       __m512i lo[NB], hi[NB];
+      prefetch_blocks<NB>(w, wstride, k * 8);
       for (int jb = 0; jb < NB; ++jb) {
         const __m512i v = _mm512_loadu_si512(w + jb * wstride + k * 8);
         lo[jb] = _mm512_and_si512(v, mask);
@@ -500,6 +514,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dot_vnni(
   } else {
     for (int64_t k = k0; k < k1; k += 4) {
       __m512i v[NB];
+      prefetch_blocks<NB>(w, wstride, k * 16);
       for (int jb = 0; jb < NB; ++jb) v[jb] = _mm512_loadu_si512(w + jb * wstride + k * 16);
       for (int m = 0; m < MR; ++m) {
         const __m512i a0 = _mm512_set1_epi32(load_i32(a + m * lda + k));

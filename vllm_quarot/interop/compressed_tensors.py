@@ -271,6 +271,7 @@ def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,
 
     ct_dir = Path(ct_dir)
     model = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=dtype).eval()
+    _quantize_inputs(model)
     qc = json.loads((ct_dir / "config.json").read_text()).get("quantization_config") or {}
     tc = qc.get("transform_config")
     if not tc:
@@ -299,3 +300,17 @@ def load_with_transforms(ct_dir: str | Path, dtype: torch.dtype = torch.float32,
         with torch.no_grad():
             mod.weight.data = stored[key].to(mod.weight.dtype)
     return model
+
+
+def _quantize_inputs(model: torch.nn.Module) -> None:
+    """Input activation quantization (W4A4 / W4A8 / W8A8 schemes) as compressed-tensors
+    runs it in PyTorch: transformers decompresses the weights but leaves each Linear's
+    plain forward, so the modules whose scheme quantizes inputs get compressed-tensors'
+    own quantized forward (its dynamic per-token scales; the stored weights are used as
+    they are). It runs inside forward, after the transforms' pre-hooks."""
+    from compressed_tensors.quantization.lifecycle.forward import set_forward_quantized
+
+    for mod in model.modules():
+        scheme = getattr(mod, "quantization_scheme", None)
+        if isinstance(mod, torch.nn.Linear) and scheme is not None and scheme.input_activations:
+            set_forward_quantized(mod)
