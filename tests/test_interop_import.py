@@ -35,12 +35,14 @@ def tp_llama(tmp_path_factory, shared_data) -> Path:
 @pytest.fixture(scope="module")
 def quip(tmp_path_factory, random_llama, tp_llama) -> dict[str, Path]:
     """QuIP checkpoints and their imports: full transforms on the random Llama (192 and
-    320: compressed-tensors' 192×192 and 160·2 Hadamards, applied as dense matmuls) and
-    blocks of 64 on the TP-able one (the online Hadamard op)."""
+    320: compressed-tensors' 192×192 and 160·2 Hadamards, applied as dense matmuls; W4A16
+    and INT W4A4) and blocks of 64 on the TP-able one (the online Hadamard op)."""
     root = tmp_path_factory.mktemp("quip")
     out = {}
-    for name, src, head_dim in (("full", random_llama, None), ("block64", tp_llama, 64)):
-        ct = make_ct_quip(src, root / f"ct-{name}", head_dim=head_dim)
+    for name, src, head_dim, a_bits in (("full", random_llama, None, None),
+                                        ("block64", tp_llama, 64, None),
+                                        ("full-w4a4", random_llama, None, 4)):
+        ct = make_ct_quip(src, root / f"ct-{name}", head_dim=head_dim, input_bits=a_bits)
         import_checkpoint(ct, root / name)
         out[f"ct-{name}"], out[name] = ct, root / name
     return out
@@ -262,13 +264,14 @@ def test_engine_refuses_a_full_transform_at_tp2(refusals):
 
 @pytest.mark.vllm
 def test_vllm_serves_imports_at_tp1_and_tp2(quip, engine):
-    """Through real vLLM: the full import (dense transforms) at TP = 1 and the blocked
-    one (the Hadamard op) at TP = 1 and TP = 2 (one core per rank) give the simulation's
-    tokens and prompt log-probs; their simulations are compressed-tensors' model."""
+    """Through real vLLM: the full imports (dense transforms; W4A16 and INT W4A4 with
+    compressed-tensors' activation scale) at TP = 1 and the blocked one (the Hadamard op)
+    at TP = 1 and TP = 2 (one core per rank) give the simulation's tokens and prompt
+    log-probs; their simulations are compressed-tensors' model."""
     from test_parallel import ONE_CORE_PER_RANK
     from test_vllm_e2e import PROMPTS, simulate
 
-    for name in ("full", "block64"):
+    for name in ("full", "block64", "full-w4a4"):
         out = engine(quip[name]).run(PROMPTS)
         assert out["quantization"] == "quarot"
         simulate(quip[name], out["results"])

@@ -1,6 +1,6 @@
 """vllm-quarot: serve QuaRot-rotated low-bit checkpoints with vLLM."""
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 
 def register() -> None:
