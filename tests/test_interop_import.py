@@ -107,6 +107,9 @@ def test_int_activations_import_as_compressed_tensors_quantizes(random_llama, tm
         "quantization_config"])
     assert fmt.activation.bits == bits
     assert fmt.activation.clip_ratio == pytest.approx(ct_activation_clip(bits), abs=0)
+    with pytest.raises(CheckpointFormatError, match="--tensor-parallel-size 2 cannot serve "
+                       "this imported checkpoint: its inputs are quantized per token"):
+        fmt.check_tensor_parallel(2)  # one line, as LLM(...) raises it
     ref = _logits(load_with_transforms(ct))
     scale = ref.abs().max()
     err = (_logits(load_simulated(tmp_path / "imp")) - ref).abs().max() / scale

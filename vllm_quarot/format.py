@@ -710,6 +710,12 @@ class QuaRotFormat(_Section):
         dynamic = self.activation is not None and not self.activation.static
         if self.rotation.r4 is None and not dynamic:
             return
+        if self.quantizer.get("rotate") == "imported":
+            raise CheckpointFormatError(
+                f"--tensor-parallel-size {tp_size} cannot serve this imported checkpoint: "
+                "its inputs are quantized per token over the whole input of o_proj and "
+                "down_proj (compressed-tensors' dynamic per-token scheme), which no rank "
+                "holds at tensor parallelism; serve it at --tensor-parallel-size 1")
         what = ("its online R4 Hadamard spans the whole intermediate size"
                 if self.tp_blocks == 1 and self.rotation.r4 is not None else
                 f"it was quantized for tensor parallelism up to {self.tp_blocks} "
