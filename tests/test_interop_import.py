@@ -267,14 +267,15 @@ def test_engine_refuses_a_full_transform_at_tp2(refusals):
 
 @pytest.mark.vllm
 def test_vllm_serves_imports_at_tp1_and_tp2(quip, engine):
-    """Through real vLLM: the full imports (dense transforms; W4A16 and INT W4A4 with
-    compressed-tensors' activation scale) at TP = 1 and the blocked one (the Hadamard op)
-    at TP = 1 and TP = 2 (one core per rank) give the simulation's tokens and prompt
-    log-probs; their simulations are compressed-tensors' model."""
+    """Through real vLLM: a full import (dense transforms; INT W4A4 with
+    compressed-tensors' activation scale) at TP = 1 and the blocked W4A16 one (the
+    Hadamard op) at TP = 1 and TP = 2 (one core per rank) give the simulation's tokens
+    and prompt log-probs; their simulations are compressed-tensors' model (the full
+    W4A16 import's too, above: it runs the same dense transforms)."""
     from test_parallel import ONE_CORE_PER_RANK
     from test_vllm_e2e import PROMPTS, simulate
 
-    for name in ("full", "block64", "full-w4a4"):
+    for name in ("full-w4a4", "block64"):
         out = engine(quip[name]).run(PROMPTS)
         assert out["quantization"] == "quarot"
         simulate(quip[name], out["results"])
