@@ -1,8 +1,10 @@
 // Online Hadamard x @ (H_K ⊗ H_2^p) / sqrt(n) on one float32 row, shared by the linear
-// layers (R4, fused into quantization) and the KV4 cache (R3 on keys and queries).
+// layers (R4, fused into quantization) and the KV4 cache (R3 on keys and queries); and
+// the row maximum |x| both activation quantizers (per token, RRS per group) start from.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -104,5 +106,22 @@ int64_t check_had(const c10::optional<at::Tensor>& had_k, int64_t n);
 
 // H_Kᵀ as hadamard_row wants it (row c contiguous); empty for kh = 0.
 std::vector<float> transposed(const float* had, int64_t kh);
+
+// max |v_i| over n floats: the scalar loop, and the same on 16 lanes (max is
+// order-independent, so both give the same float).
+static QUAROT_INLINE float absmax_scalar(const float* v, int64_t n) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  return amax;
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline float absmax_avx512(
+    const float* v, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+  float amax = _mm512_reduce_max_ps(m);
+  for (; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  return amax;
+}
 
 }  // namespace quarot_cpu

@@ -184,22 +184,8 @@ std::vector<float> transposed(const float* had, int64_t kh) {
 // would (max of |x| is order-independent; x / s, round half to even and the clamp are
 // the same IEEE operations lane by lane). The generic versions are the scalar loops
 // (the AVX2 and scalar wrappers keep them); the AVX-512 wrapper gets intrinsics.
-static QUAROT_INLINE float absmax_scalar(const float* buf, int64_t k) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
-  return amax;
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static float absmax_avx512(const float* buf,
-                                                                              int64_t k) {
-  __m512 m = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(buf + i)));
-  float amax = _mm512_reduce_max_ps(m);
-  for (; i < k; ++i) amax = std::max(amax, std::fabs(buf[i]));
-  return amax;
-}
-
+// (absmax_scalar / absmax_avx512: hadamard.h, shared with the RRS quantizer.)
+//
 // Codes and per-group code sums of one row; false where this build has no vector path.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static bool quantize_avx512(
     const float* buf, int64_t k, float s, float lo, float hi, int64_t groups, int8_t* q,

@@ -58,19 +58,6 @@ constexpr float kEps = 1e-12f;
 // ----------------------------------------------------------------------------
 // Quantization of one row.
 
-// max |v_i| over one group: scalar, and on 16 lanes (gs a multiple of 16; max is
-// order-independent, so both give the same float)
-static QUAROT_INLINE float absmax_scalar(const float* v, int64_t gs) {
-  float m = 0.f;
-  for (int64_t i = 0; i < gs; ++i) m = std::max(m, std::fabs(v[i]));
-  return m;
-}
-__attribute__((target("avx512f"))) static inline float absmax_avx512(const float* v, int64_t gs) {
-  __m512 mx = _mm512_setzero_ps();
-  for (int64_t i = 0; i < gs; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
-  return _mm512_reduce_max_ps(mx);
-}
-
 // The smoothing factors, the row's scale and the codes of v (one row, in the smoothing
 // order): scalar code, and the same operations on 16 lanes below.
 static QUAROT_INLINE void groups_scalar(const float* v, int64_t groups, int64_t gs, float ratio,
