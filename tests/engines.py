@@ -6,6 +6,14 @@ time or batched): ``engine(model, *options, **env)`` returns the running one or 
 it. At most ``MAX_ALIVE`` stay up (the least recently used one is stopped first); all
 are stopped at the end of the session. ``run_vllm`` is the one-shot form for an engine
 used once.
+
+Both run vLLM's engine core inside the runner's process (``IN_PROCESS``): vLLM's default
+puts it in a process of its own and, on CPU, the model in a third, each importing vLLM
+again — ~20 s more per engine start on a 2-core machine, for nothing these tests check
+(the tensor- and pipeline-parallel engines still spawn one worker per rank). The default
+layout is what the `vllm serve` tests (test_server_robustness, test_zeroshot), the CLI
+tests and the refusal walk run; a test can ask for it with
+``VLLM_ENABLE_V1_MULTIPROCESSING="1"``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from servers import engine_env
 
 RUNNER = Path(__file__).parent / "run_vllm.py"
 MAX_ALIVE = 2
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 START_TIMEOUT = 900
 
 
@@ -38,7 +47,7 @@ class EngineProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(RUNNER), str(model), *args, "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=engine_env(**env))
+            text=True, env=engine_env(**(IN_PROCESS | env)))
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT
         while (not self._ready.wait(1.0) and self.proc.poll() is None
@@ -136,7 +145,8 @@ def run_vllm(model: Path, *args: str, prompts: list[str], **env_vars: str) -> di
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(model), *args, "--prompt-file",
          _prompt_file(prompts)],
-        capture_output=True, text=True, env=engine_env(**env_vars), timeout=900)
+        capture_output=True, text=True, env=engine_env(**(IN_PROCESS | env_vars)),
+        timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT_JSON "):
             out = json.loads(line.removeprefix("RESULT_JSON "))
