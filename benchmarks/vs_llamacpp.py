@@ -382,6 +382,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=N_DEC,
                     help="greedy tokens generated per sequence")
     ap.add_argument("--long-prompt", type=int, default=LONG, help="TTFT prompt length")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also run each vLLM engine with its engine core in the calling "
+                         "process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the QuaRot engines with this checkout's vllm_quarot")
     ap.add_argument("--from-raw", type=Path, default=None,
@@ -451,21 +454,28 @@ def main() -> None:
                     ["llama", str(g), str(vocab), "no-extra-bufts"], a.threads)
             res[f"llama.cpp {kind}"]["mib"] = g.stat().st_size / 2**20
             log(label, f"llama.cpp {kind}", res[f"llama.cpp {kind}"])
+        # vLLM's default process layout; with --in-process also the engine core in the
+        # LLM's own process (one process fewer polling these cores between steps)
+        layouts = [("", vllm_env)] + [(" (in-process engine core)",
+                                       dict(vllm_env, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+                                      ] * a.in_process
         for dtype in filter(None, a.base_dtypes.split(",")):
-            name = f"vLLM {'bf16' if dtype == 'auto' else dtype}"
-            res[name] = run_worker(["vllm", str(hf_dir), str(vocab), "none", dtype],
-                                   a.threads, vllm_env)
-            res[name]["mib"] = _mib(hf_dir)
-            log(label, name, res[name])
+            for suffix, env in layouts:
+                name = f"vLLM {'bf16' if dtype == 'auto' else dtype}{suffix}"
+                res[name] = run_worker(["vllm", str(hf_dir), str(vocab), "none", dtype],
+                                       a.threads, env)
+                res[name]["mib"] = _mib(hf_dir)
+                log(label, name, res[name])
         for scheme in filter(None, a.schemes.split(",")):
             ckpt = quarot_checkpoint(hf_dir, scheme, a.lm_head)
             name = f"vLLM QuaRot {scheme.upper()}"
             if a.quarot_dtype != "auto":
                 name += f" ({a.quarot_dtype})"
-            r = run_worker(["vllm", str(ckpt), str(vocab), "quarot", a.quarot_dtype],
-                           a.threads, vllm_env)
-            res[name] = dict(r, mib=_mib(ckpt))
-            log(label, name, res[name])
+            for suffix, env in layouts:
+                r = run_worker(["vllm", str(ckpt), str(vocab), "quarot", a.quarot_dtype],
+                               a.threads, env)
+                res[name + suffix] = dict(r, mib=_mib(ckpt))
+                log(label, name + suffix, res[name + suffix])
             if a.baseline_tree is not None:  # the same engine with another checkout's code
                 base = f"{name} ({a.baseline_tree.resolve().name}'s kernels)"
                 env = dict(vllm_env, PYTHONPATH=str(a.baseline_tree.resolve()))
