@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -538,7 +539,7 @@ def report(all_res: dict[str, dict[str, dict]], checks: dict[str, float],
     plot(all_res, conc, png)
     from vllm_quarot.runtime.ops import cpu as cpu_ops
 
-    cmd = " ".join(["benchmarks/vs_llamacpp.py", *sys.argv[1:]])
+    cmd = shlex.join(["benchmarks/vs_llamacpp.py", *sys.argv[1:]])  # keeps --gguf ""
     from cpu_peak import header
 
     (a.out / f"{a.name}.md").write_text(
