@@ -457,9 +457,10 @@ def main() -> None:
             log(label, f"llama.cpp {kind}", res[f"llama.cpp {kind}"])
         # vLLM's default process layout; with --in-process also the engine core in the
         # LLM's own process (one process fewer polling these cores between steps)
-        layouts = [("", vllm_env)] + [(" (in-process engine core)",
-                                       dict(vllm_env, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-                                      ] * a.in_process
+        layouts = [("", vllm_env)]
+        if a.in_process:
+            layouts.append((" (in-process engine core)",
+                            dict(vllm_env, VLLM_ENABLE_V1_MULTIPROCESSING="0")))
         for dtype in filter(None, a.base_dtypes.split(",")):
             for suffix, env in layouts:
                 name = f"vLLM {'bf16' if dtype == 'auto' else dtype}{suffix}"
