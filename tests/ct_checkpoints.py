@@ -3,7 +3,8 @@ without llm-compressor (it pins its own transformers): compressed-tensors' own
 ``apply_transform_config`` rotates the model (QuIP's ``v``: a random Hadamard at the
 input of every linear, its inverse fused into the weight), then the weights are
 quantized round-to-nearest and saved as llm-compressor saves them — ``pack-quantized``
-int32 words, bfloat16 scales, ``weight_shape``, each transform matrix once (on the first
+int32 words with ``weight_shape`` (or, as llm-compressor 0.14 writes W4A4 / W4A8,
+``int-quantized``: one int8 per weight), bfloat16 scales, each transform matrix once (on the first
 module it applies to, bfloat16) and the same ``transform_config`` (see the real one in
 benchmarks/results/README.md#beside-llm-compressor)."""
 
@@ -19,7 +20,8 @@ from vllm_quarot.quant import pack_weight
 
 
 def make_ct_quip(src: Path, out: Path, group_size: int = 64,
-                 head_dim: int | None = None, input_bits: int | None = None) -> Path:
+                 head_dim: int | None = None, input_bits: int | None = None,
+                 weight_format: str = "pack-quantized") -> Path:
     from compressed_tensors.transform import (
         TransformArgs,
         TransformConfig,
@@ -51,9 +53,13 @@ def make_ct_quip(src: Path, out: Path, group_size: int = 64,
             g = t.float().reshape(n, k // group_size, group_size)
             scale = (g.abs().amax(-1) / 7).clamp(min=1e-8).to(torch.bfloat16)
             codes = torch.clamp(torch.round(g / scale.float()[..., None]), -8, 7)
-            tensors[f"{base}.weight_packed"] = pack_weight(codes.reshape(n, k).to(torch.int8), 4)
+            codes = codes.reshape(n, k).to(torch.int8)
+            if weight_format == "int-quantized":  # one int8 per weight, no shape
+                tensors[f"{base}.weight"] = codes
+            else:
+                tensors[f"{base}.weight_packed"] = pack_weight(codes, 4)
+                tensors[f"{base}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
             tensors[f"{base}.weight_scale"] = scale
-            tensors[f"{base}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
             continue
         tensors[name] = t.to(torch.bfloat16)
     out.mkdir(parents=True)
@@ -64,7 +70,7 @@ def make_ct_quip(src: Path, out: Path, group_size: int = 64,
                "actorder": "static", "observer": "memoryless_minmax", "observer_kwargs": {},
                "scale_dtype": None, "zp_dtype": None}
     cfg["quantization_config"] = {
-        "config_groups": {"group_0": {"format": "pack-quantized", "targets": ["Linear"],
+        "config_groups": {"group_0": {"format": weight_format, "targets": ["Linear"],
                                       "weights": weights,
                                       "input_activations": None if input_bits is None else {
                                           "num_bits": input_bits, "type": "int",
@@ -73,7 +79,7 @@ def make_ct_quip(src: Path, out: Path, group_size: int = 64,
                                           "block_structure": None, "actorder": None,
                                           "observer": None, "observer_kwargs": {}},
                                       "output_activations": None}},
-        "format": "pack-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
+        "format": weight_format, "global_compression_ratio": None, "ignore": ["lm_head"],
         "kv_cache_scheme": None, "quant_method": "compressed-tensors",
         "quantization_status": "compressed", "sparsity_config": {},
         "transform_config": tc.model_dump(mode="json"), "version": "0.19.0"}

@@ -121,6 +121,44 @@ def test_int_activations_import_as_compressed_tensors_quantizes(random_llama, tm
     assert err < 2e-3 and (bits == 8 or err < 0.1 * effect)
 
 
+@pytest.mark.parametrize("input_bits", [None, 4])
+def test_int_quantized_4bit_weights_import_as_packed_ones(random_llama, tmp_path, input_bits):
+    """llm-compressor 0.14 writes W4A4 / W4A8 with the ``int-quantized`` format (one int8
+    per 4-bit weight) where W4A16 is ``pack-quantized``: the same weights in either
+    format import to the same tensors and config (the packed import is checked against
+    compressed-tensors' own model above), and int8 codes outside the declared 4-bit range
+    are refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_quarot.offline.checkpoint import TensorSource
+
+    imported = {}
+    for fmt in ("pack-quantized", "int-quantized"):
+        ct = make_ct_quip(random_llama, tmp_path / fmt, input_bits=input_bits,
+                          weight_format=fmt)
+        summary = import_checkpoint(ct, tmp_path / f"imp-{fmt}")
+        assert summary.scheme == ("w4a16" if input_bits is None else f"w4a{input_bits}")
+        src = TensorSource(tmp_path / f"imp-{fmt}")
+        imported[fmt] = {k: src.get(k) for k in src.keys()}
+        qc = json.loads((tmp_path / f"imp-{fmt}" / "config.json").read_text())[
+            "quantization_config"]
+        qc["quantizer"].pop("source")
+        imported[fmt + ".config"] = qc
+    packed, ints = imported["pack-quantized"], imported["int-quantized"]
+    assert sorted(packed) == sorted(ints)
+    for k in packed:
+        assert torch.equal(packed[k], ints[k]), k
+    assert imported["pack-quantized.config"] == imported["int-quantized.config"]
+    bad = tmp_path / "int-quantized"
+    shard = next(bad.glob("*.safetensors"))
+    t = load_file(shard)
+    name = next(k for k in sorted(t) if k.endswith("q_proj.weight") and t[k].dtype == torch.int8)
+    t[name][0, 0] = 9
+    save_file(t, shard, metadata={"format": "pt"})
+    with pytest.raises(ImportError_, match="int8 codes outside the 4-bit range"):
+        import_checkpoint(bad, tmp_path / "imp-bad")
+
+
 @pytest.mark.parametrize(("n", "mode"), [(64, "hadamard-op"), (192, "dense"),
                                          (320, "dense"), (576, "dense"), (1536, "factored")])
 @pytest.mark.parametrize("native", [True, False])
@@ -225,7 +263,7 @@ def _apply(qc, **kw):
     (lambda qc: qc.update(quant_method="gptq"), "not a compressed-tensors checkpoint"),
     (lambda qc: qc["config_groups"]["group_0"].update(input_activations={
         "num_bits": 4, "type": "int", "symmetric": True, "dynamic": True,
-        "strategy": "group", "group_size": 16}), "the import reads W4A16"),
+        "strategy": "group", "group_size": 16}), "the import reads 4-bit W4A16"),
 ], ids=["kv-cache", "asymmetric", "actorder-group", "randomize", "output-location",
         "some-linears", "not-ct", "a4-per-group"])
 def test_refusals_are_one_line(quip, tmp_path, capsys, edit, match):

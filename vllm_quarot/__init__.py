@@ -1,6 +1,6 @@
 """vllm-quarot: serve QuaRot-rotated low-bit checkpoints with vLLM."""
 
-__version__ = "0.13.1"
+__version__ = "0.13.2"
 
 
 def register() -> None:

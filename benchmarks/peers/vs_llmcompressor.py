@@ -104,13 +104,14 @@ def size_mib(d: Path) -> float:
 
 def last_error(logfile: Path) -> str:
     """The one-line reason a step failed: the root cause a vLLM worker logged when the
-    engine died of it (the last line only says "see stack trace above"), else the last
-    exception line of the log."""
+    engine died of it or failed to start (the last line only says "see stack trace
+    above" / "see root cause above"), else the last exception line of the log."""
     import re
 
     lines = [ln.strip() for ln in logfile.read_text(errors="replace").splitlines()
              if ln.strip()]
-    if any("EngineDeadError" in ln for ln in lines):
+    if any("EngineDeadError" in ln or "Engine core initialization failed" in ln
+           for ln in lines):
         root = [m.group(1) for ln in lines
                 if (m := re.search(r"\] (\w+(?:Error|Exception): .*)$", ln))]
         if root:

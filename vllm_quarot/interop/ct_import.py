@@ -6,12 +6,14 @@ parallelism.
 
 What is read, and how it maps (anything else is refused with one line, ``ImportError_``):
 
-* weights: one config group on ``Linear``, symmetric ``int`` weights — ``pack-quantized``
-  4-bit per channel or group (the int32 words are our layout already, scales become
-  float32) without input quantization (W4A16) or with dynamic per-token 4- or 8-bit
-  inputs (W4A4, W4A8: quantized as compressed-tensors quantizes them, absmax / 7.5 and
-  / 127.5, the model llm-compressor evaluates in memory; stock vLLM has no CPU kernel
-  for 4-bit inputs and applies no online transform on CPU), or ``int-quantized`` 8-bit
+* weights: one config group on ``Linear``, symmetric ``int`` weights — 4-bit per channel
+  or group, ``pack-quantized`` (the int32 words are our layout already, scales become
+  float32) or ``int-quantized`` (one int8 per weight, packed here; what llm-compressor
+  0.14 writes when the inputs are quantized too) without input quantization (W4A16) or
+  with dynamic per-token 4- or 8-bit inputs (W4A4, W4A8: quantized as
+  compressed-tensors quantizes them, absmax / 7.5 and / 127.5, the model llm-compressor
+  evaluates in memory; stock vLLM has no CPU kernel for 4-bit inputs and applies no
+  online transform on CPU), or ``int-quantized`` 8-bit
   per channel with dynamic per-token 8-bit inputs (W8A8, absmax / 127 as stock vLLM
   serves it); act-order ``static``/``weight`` (no ``g_idx``); ``lm_head`` ignored;
 * transforms (``transform_config``): ``weight_input`` / ``weight_output`` entries are
@@ -110,7 +112,10 @@ def _scheme(qc: dict[str, Any]) -> tuple[str, WeightSpec, ActivationSpec | None]
         raise ImportError_(f"weight strategy {strategy!r}: the import reads per-channel or "
                            "per-group scales")
     gs = int(w["group_size"]) if strategy == "group" else -1
-    if a is None and fmt_name == "pack-quantized" and bits == 4:
+    # 4-bit weights come pack-quantized (int32 words) or, as llm-compressor 0.14 writes
+    # them whenever the inputs are quantized too, int-quantized (one int8 per weight)
+    four = bits == 4 and fmt_name in ("pack-quantized", "int-quantized")
+    if a is None and four:
         return "w4a16", WeightSpec(bits=4, group_size=gs, method="imported"), None
     dynamic_token = (a is not None and a.get("type") == "int" and a.get("symmetric")
                      and a.get("dynamic") is True and a.get("strategy") == "token")
@@ -119,16 +124,15 @@ def _scheme(qc: dict[str, Any]) -> tuple[str, WeightSpec, ActivationSpec | None]
         # stock vLLM serves these (CPU included) with absmax / 127: clip 1.0, as ours
         return ("w8a8", WeightSpec(bits=8, group_size=-1, method="imported"),
                 ActivationSpec(bits=8, clip_ratio=1.0))
-    if dynamic_token and fmt_name == "pack-quantized" and bits == 4 \
-            and a.get("num_bits") in (4, 8):
+    if dynamic_token and four and a.get("num_bits") in (4, 8):
         ab = int(a["num_bits"])
         return (f"w4a{ab}", WeightSpec(bits=4, group_size=gs, method="imported"),
                 ActivationSpec(bits=ab, clip_ratio=ct_activation_clip(ab)))
     acts = "none" if a is None else (f"{a.get('num_bits')}-bit {a.get('strategy')} "
                                      f"dynamic={a.get('dynamic')}")
     raise ImportError_(f"format {fmt_name!r}, {bits}-bit {strategy} weights, activations "
-                       f"{acts}: the import reads W4A16 (pack-quantized), W4A4 / W4A8 "
-                       "(pack-quantized, dynamic per-token 4- or 8-bit inputs) and W8A8 "
+                       f"{acts}: the import reads 4-bit W4A16, W4A4 / W4A8 (pack- or "
+                       "int-quantized; dynamic per-token 4- or 8-bit inputs) and W8A8 "
                        "(int-quantized, dynamic per-token inputs)")
 
 
@@ -287,9 +291,12 @@ def import_checkpoint(ct_dir: str | Path, out_dir: str | Path,
                 writer.add(name, t.to(torch.float32).reshape(t.shape[0], -1))
             elif leaf == "weight_packed":
                 writer.add(name, t)
-            elif leaf == "weight" and scheme == "w8a8" and layer_index(base) is not None \
-                    and t.dtype == torch.int8:
-                writer.add(f"{base}.weight_packed", pack_weight(t, 8))
+            elif leaf == "weight" and layer_index(base) is not None and t.dtype == torch.int8:
+                if t.numel() and not (-(1 << (weight.bits - 1)) <= int(t.min())
+                                      and int(t.max()) < 1 << (weight.bits - 1)):
+                    raise ImportError_(f"{name}: int8 codes outside the {weight.bits}-bit "
+                                       "range the config declares")
+                writer.add(f"{base}.weight_packed", pack_weight(t, weight.bits))
             else:
                 writer.add(name, t)
         files = writer.close()
