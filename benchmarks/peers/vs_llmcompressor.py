@@ -328,7 +328,9 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         f"# vllm-quarot beside llm-compressor {args.llmc_version}: {model}",
         "",
         f"Command: `python benchmarks/peers/vs_llmcompressor.py --model {model} --recipes "
-        f"{args.recipes}`  ",
+        f"{args.recipes}"
+        + (f" --speed-rounds {args.speed_rounds}" if args.speed_rounds != 2 else "")
+        + (" --only-cached" if args.only_cached else "") + "`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"{platform.processor() or 'CPU'}; date {datetime.date.today()}.  ",
         f"Calibration: {args.nsamples}×{args.calib_seqlen} TinyStories tokens (the same "
