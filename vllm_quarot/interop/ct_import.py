@@ -54,7 +54,7 @@ from vllm_quarot.format import (
 from vllm_quarot.interop.compressed_tensors import COPY_FILES
 from vllm_quarot.models import LINEARS, LM_HEAD, layer_index, layer_prefix
 from vllm_quarot.offline.checkpoint import ShardedWriter, TensorSource, staged_dir
-from vllm_quarot.quant import pack_weight
+from vllm_quarot.quant import pack_weight, qmax
 from vllm_quarot.stored_transforms import matrix_sha256, write_transforms
 
 ONLINE, FUSED = ("input",), ("weight_input", "weight_output")
@@ -292,8 +292,8 @@ def import_checkpoint(ct_dir: str | Path, out_dir: str | Path,
             elif leaf == "weight_packed":
                 writer.add(name, t)
             elif leaf == "weight" and layer_index(base) is not None and t.dtype == torch.int8:
-                if t.numel() and not (-(1 << (weight.bits - 1)) <= int(t.min())
-                                      and int(t.max()) < 1 << (weight.bits - 1)):
+                top = qmax(weight.bits)
+                if t.numel() and not (-top - 1 <= int(t.min()) and int(t.max()) <= top):
                     raise ImportError_(f"{name}: int8 codes outside the {weight.bits}-bit "
                                        "range the config declares")
                 writer.add(f"{base}.weight_packed", pack_weight(t, weight.bits))
