@@ -63,9 +63,11 @@ def a8_table(cks: dict[str, Path], evals: list[list[int]]) -> None:
 
 
 def q4(a: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' dynamic per-token int4: absmax / 7.5, codes in [-8, 7]."""
-    s = a.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7.5
-    return torch.clamp(torch.round(a / s), -8, 7) * s
+    """compressed-tensors' dynamic per-token int4 (absmax / 7.5), as the import serves it."""
+    from vllm_quarot.interop.ct_import import ct_activation_clip
+    from vllm_quarot.quant import fake_quantize_per_token
+
+    return fake_quantize_per_token(a, 4, ct_activation_clip(4))
 
 
 @torch.no_grad()
