@@ -81,7 +81,7 @@ def test_refused_one_line(ckpts, rtn_w4a4, tmp_path):
     2 from the CLI), nothing written."""
     from vllm_quarot.cli import main
     from vllm_quarot.errors import QuaRotError
-    from vllm_quarot.format import QuaRotFormat
+    from vllm_quarot.format import InputTransform, QuaRotFormat
     from vllm_quarot.interop.compressed_tensors import check_exportable
 
     with pytest.raises(ExportError, match="4-bit activations") as e:
@@ -98,6 +98,9 @@ def test_refused_one_line(ckpts, rtn_w4a4, tmp_path):
     for fmt, reason in (
         (kv, "4-bit KV cache"),
         (w8a8.replace(tp_blocks=2), "tensor_parallel_blocks 2"),
+        (w8a8.replace(rotation=w8a8.rotation.model_copy(update={"input_transforms": (
+            InputTransform(name="r1_o_in", size=64, linears=("self_attn.o_proj",),
+                           sha256="0" * 64),)})), "--r1 online"),
         (w8a8.replace(activation=w8a8.activation.model_copy(update={"clip_ratio": 0.9})),
          "clip ratio"),
     ):

@@ -102,14 +102,15 @@ def test_partial_rotary_is_refused(tmp_path):
 
 def test_phi3_quantizes_through_the_map(phi3, tmp_path):
     """GPTQ W4A4KV4 with --verify (the rotated canonical layers = the original Phi-3
-    layers in float64), --a8-layers on a fused sub-block: the checkpoint stores Phi-3's
-    fused tensors and validates."""
+    layers in float64), --a8-layers on a fused sub-block (named: which sub-block a count
+    picks on a random model depends on the CPU's float rounding): the checkpoint stores
+    Phi-3's fused tensors and validates."""
     from vllm_quarot.validate import validate_checkpoint
 
     out = tmp_path / "q"
     s = quantize(phi3, out, QuantizeOptions(scheme="w4a4kv4", calib=str(TINYSTORIES),
                                             nsamples=4, seqlen=64, verify=True,
-                                            a8_layers="1"))
+                                            a8_layers="layers.0.mlp.up_proj"))
     assert s.verify_max_rel_err is not None and s.verify_max_rel_err < 1e-8
     assert set(s.layer_errors) >= {f"model.layers.0.{n}" for n in LINEARS}
     cfg = AutoConfig.from_pretrained(out)
@@ -122,6 +123,7 @@ def test_phi3_quantizes_through_the_map(phi3, tmp_path):
     assert "model.layers.0.self_attn.qkv_proj.weight_packed" in names
     assert not any(".q_proj." in n or ".gate_proj." in n for n in names)
     # layer_bits name canonical linears; a fused module reads them as one precision
-    assert len(fmt.activation.layer_bits) in (2, 3)
+    assert sorted(fmt.activation.layer_bits) == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     for name in fmt.activation.layer_bits:
         assert any(name.endswith(p) for p in LINEARS)

@@ -42,13 +42,16 @@ def test_stories260k_rotation_is_invariant(shared_data, tmp_path, rotate):
     assert s.verify_max_rel_err is not None and s.verify_max_rel_err < 1e-10
 
 
+@pytest.mark.parametrize("r1", ["fused", "online"])
 @pytest.mark.parametrize("arch,hidden,inter,heads,kv,tie", RANDOM_ARCHS)
 def test_random_architectures_rotation_is_invariant(tmp_path, shared_data, arch, hidden,
-                                                     inter, heads, kv, tie):
+                                                     inter, heads, kv, tie, r1):
+    """R1/R2/R4 (fused R1), or R2/R4 and --r1 online's signs folded into norms, v_proj
+    (biases included) and o_proj: the same model in fp64, on every family."""
     src = make_random_model(tmp_path / arch, arch, hidden, inter, heads, kv,
                             head_dim=hidden // heads, tie=tie)
     s = quantize(src, tmp_path / "q", QuantizeOptions(
-        scheme="w4a4", weight_method="rtn", verify=True))
+        scheme="w4a4", weight_method="rtn", verify=True, r1=r1))
     assert s.verify_max_rel_err < 1e-10
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     fmt = QuaRotFormat.from_dict(cfg["quantization_config"])
@@ -349,9 +352,12 @@ def test_output_modes_follow_the_umask(shared_data, tmp_path, mask):
         quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "q").iterdir()}
+    modes = {str(p.relative_to(tmp_path / "q")): stat.S_IMODE(p.stat().st_mode)
+             for p in (tmp_path / "q").rglob("*")}
     assert "model.safetensors" in modes and "config.json" in modes
-    assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes  # safetensors wrote 0600
+    assert "quarot/transforms.safetensors" in modes  # --r1 online's (w4a4's default)
+    want = {n: (0o777 if (tmp_path / "q" / n).is_dir() else 0o666) & ~mask for n in modes}
+    assert modes == want, modes  # safetensors wrote 0600
     assert stat.S_IMODE((tmp_path / "q").stat().st_mode) == 0o777 & ~mask
 
 
@@ -717,3 +723,99 @@ def test_spinquant_weights_in_the_loop(shared_data, tmp_path, monkeypatch, metho
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quantizer"]["spinquant"]["weights_in_loop"] == ("float" if w_bits == 16
                                                                 else "rtn")
+
+
+def test_online_r1_stores_its_hadamards_and_keeps_the_gains(shared_data, tmp_path):
+    """--r1 online: no R1 on the residual stream; the RMSNorm gains stay in the norms
+    (times the random signs that make each Hadamard a randomized one, an exact
+    invariance: --verify, GQA included); q/k/v, gate/up and o_proj hold W·H for this
+    version's Hadamards H, stored (sha256-bound) beside R2 and R4. The simulation applies
+    them and gives the original model's logits as closely as the fused R1 does (W8A8,
+    nearly lossless); without them it is far off."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.format import TRANSFORMS_FILE
+    from vllm_quarot.hadamard import hadamard_matrix
+    from vllm_quarot.stored_transforms import is_plain_hadamard
+
+    ids = torch.randint(0, 500, (2, 48), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(STORIES_HF, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+    errs = {}
+    for r1 in ("fused", "online"):
+        out = tmp_path / r1
+        s = quantize(STORIES_HF, out, QuantizeOptions(scheme="w8a8", weight_method="rtn",
+                                                      r1=r1, verify=True))
+        assert s.verify_max_rel_err < 1e-10  # stories260K: 8 heads over 4 KV heads
+        with torch.no_grad():
+            got = load_simulated(out)(ids).logits
+        errs[r1] = ((got - want).norm() / want.norm()).item()
+    fmt = QuaRotFormat.from_dict(json.loads((tmp_path / "online" / "config.json").read_text())[
+        "quantization_config"])
+    r = fmt.rotation
+    assert r.r1.kind == "none" and r.r2_size and r.r4 is not None
+    assert fmt.quantizer["r1"] == "online"
+    assert {t.name: t.linears for t in r.input_transforms} == {
+        "r1_hidden": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                      "mlp.gate_proj", "mlp.up_proj"), "r1_o_in": ("self_attn.o_proj",)}
+    mats = load_file(tmp_path / "online" / TRANSFORMS_FILE)
+    for t in r.input_transforms:  # this version's Hadamard, which the runtime fuses
+        assert torch.equal(mats[t.name], hadamard_matrix(t.size, torch.float32, False))
+        assert is_plain_hadamard(t.sha256, t.size)
+    assert not is_plain_hadamard(r.input_transforms[0].sha256, 32)
+    src = AutoModelForCausalLM.from_pretrained(STORIES_HF, dtype=torch.float32)
+    with safe_open(tmp_path / "online" / "model.safetensors", "pt") as f:
+        gain = f.get_tensor("model.layers.0.input_layernorm.weight").float()
+    want_gain = src.model.layers[0].input_layernorm.weight
+    assert torch.allclose(gain.abs(), want_gain.abs(), atol=1e-2)  # the gain, signed
+    assert (gain.sign() != want_gain.sign()).any()
+    assert errs["online"] < 2 * errs["fused"] and errs["online"] < 0.03, errs
+    # the same weights without the stored transforms: far from the model
+    broken = load_simulated(tmp_path / "online")
+    for mod in broken.modules():
+        mod._forward_pre_hooks.clear()
+    with torch.no_grad():
+        bad = broken(ids).logits
+    assert ((bad - want).norm() / want.norm()).item() > 10 * errs["online"]
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(rotate="spinquant"), "--rotate spinquant has no such R1"),
+    (dict(tp=2), "served with --tp 1, got --tp 2"),
+    (dict(smooth="runtime"), "does not combine with --smooth runtime"),
+    (dict(scheme="w8a8-static", calib=str(TINYSTORIES)), "static activation scales"),
+    (dict(a8_layers="auto", calib=str(TINYSTORIES)), "does not combine with --a8-layers"),
+])
+def test_online_r1_refusals(shared_data, tmp_path, kw, match):
+    o = {"scheme": "w4a4", "weight_method": "rtn", "r1": "online", **kw}
+    with pytest.raises(QuantizeError, match=match):
+        quantize(STORIES_HF, tmp_path / "x", QuantizeOptions(**o))
+    assert not (tmp_path / "x").exists()
+
+
+def test_online_r1_runs_as_r4_in_the_runtime(random_llama, tmp_path):
+    """The runtime recognises --r1 online's stored matrices as its own Hadamards and
+    runs them as R4 (``HadamardTransform``: the op, or fused into the 4-bit kernels'
+    quantizer) over a whole input; anything else stays a stored matrix."""
+    from types import SimpleNamespace
+
+    from vllm_quarot.runtime.config import QuaRotConfig
+    from vllm_quarot.runtime.transform import HadamardTransform, MatrixTransform
+
+    out = tmp_path / "q"
+    quantize(random_llama, out, QuantizeOptions(scheme="w4a4", weight_method="rtn", r1="online"))
+    hf = AutoConfig.from_pretrained(out)
+    cfg = QuaRotConfig.from_config(hf.quantization_config)
+    cfg.maybe_update_config(str(out), hf)
+    assert cfg.plain_hadamards == {"r1_hidden", "r1_o_in"}
+    for prefix in ("model.layers.0.self_attn.qkv_proj", "model.layers.3.mlp.gate_up_proj",
+                   "model.layers.1.self_attn.o_proj"):
+        n = hf.hidden_size  # = heads · head_dim here
+        t = cfg._stored_transform(SimpleNamespace(input_size=n), prefix)
+        assert isinstance(t, HadamardTransform) and t.fusable_size == n, prefix
+    blocked = cfg._stored_transform(SimpleNamespace(input_size=2 * hf.hidden_size),
+                                    "model.layers.0.mlp.gate_up_proj")
+    assert isinstance(blocked, MatrixTransform)

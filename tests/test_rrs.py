@@ -650,13 +650,19 @@ def rrs_ckpt(tmp_path_factory, random_llama) -> Path:
     return out
 
 
-def test_smoothing_changes_no_weight(rrs_ckpt, quarot_w4a4kv4):
+def test_smoothing_changes_no_weight(rrs_ckpt, random_llama, tmp_path):
     """GPTQ's Hessians, the clip search and the KV calibration see 16-bit activations:
     --smooth runtime adds the channel orders and the format field, nothing else (what
-    benchmarks/accuracy.py's rows without RRS rely on)."""
-    from vllm_quarot.offline.checkpoint import TensorSource
+    benchmarks/accuracy.py's rows without RRS rely on). --smooth runs with the fused R1
+    (--r1 auto picks it there), so the plain checkpoint is made with --r1 fused."""
+    from conftest import TINYSTORIES
 
-    plain = quarot_w4a4kv4  # conftest's: the same options without --smooth
+    from vllm_quarot.offline.checkpoint import TensorSource
+    from vllm_quarot.offline.quantize import quantize
+
+    plain = tmp_path / "plain"  # the same options without --smooth
+    quantize(random_llama, plain, QuantizeOptions(**RRS_OPTIONS, calib=str(TINYSTORIES),
+                                                  r1="fused"))
     a, b = TensorSource(rrs_ckpt), TensorSource(plain)
     names = set(a.keys())
     assert {n for n in names if not n.endswith(".smooth_perm")} == set(b.keys())

@@ -12,6 +12,7 @@ from conftest import RANDOM_MODEL_KV_CLIP, TINYSTORIES, view
 from engines import run_vllm
 
 from vllm_quarot.eval.simulate import load_simulated
+from vllm_quarot.format import QuaRotFormat
 from vllm_quarot.offline.quantize import QuantizeOptions, quantize
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
@@ -113,20 +114,29 @@ def phi3(tmp_path_factory, shared_data) -> Path:
     return make_random_model(tmp_path_factory.mktemp("phi3") / "src", "phi3")
 
 
-@pytest.mark.parametrize(("scheme", "arch"), [
-    ("w8a8", "llama"), ("w8a8-static", "llama"), ("w4a16", "llama"), ("kv4", "llama"),
-    ("w4a8kv4", "phi3"),
-], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w4a8kv4-phi3"])
-def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, scheme, arch):
+@pytest.mark.parametrize(("scheme", "arch", "r1"), [
+    ("w8a8", "llama", "fused"), ("w8a8-static", "llama", "fused"),
+    ("w4a16", "llama", "fused"), ("kv4", "llama", "fused"), ("w4a8kv4", "phi3", "fused"),
+    ("w4a4kv4", "llama", "online"),
+], ids=["w8a8", "w8a8-static", "w4a16", "kv4", "w4a8kv4-phi3", "w4a4kv4-r1-online"])
+def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, scheme, arch,
+                                        r1):
     """8-bit activations (dynamic, static; on 8- and 4-bit weights), weight-only and
     KV-only (16-bit rotated weights, 4-bit cache with R3): same as the simulation. The
     W4A8KV4 case is Phi-3 (fused qkv_proj / gate_up_proj on disk, loaded by vLLM's fused
-    path), quantized through the model map alone."""
+    path), quantized through the model map alone. --r1 online (group-wise W4A4KV4): the
+    stored Hadamards on q/k/v, gate/up and o_proj (run as R4 is, fused into the
+    kernel's quantizer) beside R2, R3, R4 and the kept, sign-randomized RMSNorm gains."""
     out_dir = tmp_path / scheme
     quantize(phi3 if arch == "phi3" else random_llama, out_dir, QuantizeOptions(
-        scheme=scheme, weight_method="rtn", w_clip=True, group_size=64,
+        scheme=scheme, weight_method="rtn", w_clip=True, group_size=64, r1=r1,
         calib=str(TINYSTORIES), nsamples=4, seqlen=64, kv_clip=RANDOM_MODEL_KV_CLIP))
     out = engine(out_dir).run(PROMPTS)
+    if r1 == "online":
+        fmt = QuaRotFormat.from_dict(json.loads((out_dir / "config.json").read_text())[
+            "quantization_config"])
+        assert [t.name for t in fmt.rotation.input_transforms] == [
+            "r1_hidden", "r1_o_in"] and fmt.rotation.r4 is not None
     assert out["quantization"] == "quarot"
     # 8-bit activations of clip 1.0 run on vLLM's int8 kernels, whose own per-token
     # quantizer (vectorised per ISA) may break a rounding tie the other way than the

@@ -24,6 +24,7 @@ from pydantic import (
 from vllm_quarot.errors import CheckpointFormatError
 from vllm_quarot.hadamard import HadamardSizeError, fingerprint
 from vllm_quarot.models import (
+    DOWN_PROJ,
     GATE_PROJ,
     K_PROJ,
     LINEARS,
@@ -554,10 +555,14 @@ class QuaRotFormat(_Section):
                 raise CheckpointFormatError(
                     f"rotation.input_transforms differ across {', '.join(group)} "
                     f"({', '.join(names)}), which vLLM computes as one linear with one input")
-        if r.input_transforms and (r.r4 is not None or self.tp_blocks != 1):
+        if r.input_transforms and r.r4 is not None and r.input_transform(DOWN_PROJ):
             raise CheckpointFormatError(
-                "rotation.input_transforms (imported transforms) cannot be combined with "
-                "rotation.r4 or tensor_parallel_blocks > 1")
+                "rotation.input_transforms names mlp.down_proj, which rotation.r4 rotates: "
+                "one transform per input")
+        if r.input_transforms and self.tp_blocks != 1:
+            raise CheckpointFormatError(
+                "rotation.input_transforms cannot be combined with "
+                "tensor_parallel_blocks > 1")
         if self.lm_head is not None and w.bits >= 16:
             raise CheckpointFormatError("a quantized lm_head needs a quantized scheme")
         if self.scheme == "custom":  # hand-written section: named after what it says

@@ -31,6 +31,9 @@ def write_kv_shift(out_dir: Path, shift: KVShift) -> None:
         tensors[f"layers.{i}.k_shift"] = k.float().clone()
         tensors[f"layers.{i}.v_shift"] = v.float().clone()
     save_file(tensors, path, metadata={"format": "pt"})
+    from vllm_quarot.offline.checkpoint import process_umask
+
+    path.chmod(0o666 & ~process_umask())  # safetensors wrote 0600, as the shards
 
 
 def read_kv_shift(model_dir: str | Path, hf_config: Any) -> KVShift:

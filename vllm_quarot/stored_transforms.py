@@ -20,11 +20,26 @@ def matrix_sha256(m: torch.Tensor) -> str:
                           ).hexdigest()
 
 
+def is_plain_hadamard(sha256: str, n: int) -> bool:
+    """The stored matrix (by its sha256) is exactly this version's ±1 Hadamard of order
+    n (``hadamard.hadamard_matrix``, what ``quantize --r1 online`` stores): the runtime
+    then applies it as it applies R4 (fused into the 4-bit kernels' quantizer)."""
+    from vllm_quarot.hadamard import hadamard_matrix
+
+    try:
+        return matrix_sha256(hadamard_matrix(n, torch.float32, normalized=False)) == sha256
+    except Exception:  # no Hadamard of this order in this version: not ours
+        return False
+
+
 def write_transforms(out_dir: Path, matrices: dict[str, torch.Tensor]) -> None:
     path = out_dir / TRANSFORMS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float32).contiguous() for k, v in matrices.items()}, path,
               metadata={"format": "pt"})
+    from vllm_quarot.offline.checkpoint import process_umask
+
+    path.chmod(0o666 & ~process_umask())  # safetensors wrote 0600, as the shards
 
 
 def read_transforms(model_dir: str | Path, fmt: QuaRotFormat) -> dict[str, torch.Tensor]:

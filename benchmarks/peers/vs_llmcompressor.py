@@ -98,6 +98,18 @@ def run_measured(cmd: list[str], logfile: Path, env: dict[str, str] | None = Non
     return proc.returncode, time.monotonic() - t0, ru.ru_maxrss / 2**20
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the SIMD it offers to the kernels (results differ by ISA)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+           if f in flags]
+    return f"{name}, {os.cpu_count()} CPUs, {'/'.join(isa) or 'no AVX2'}"
+
+
 def size_mib(d: Path) -> float:
     return sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20
 
@@ -194,7 +206,7 @@ def import_theirs(d: Path, windows: Path, repeats: int) -> tuple[dict[str, Any],
 
 
 def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, windows: Path,
-                  d: Path) -> dict[str, Any]:
+                  d: Path, seed: int = 0) -> dict[str, Any]:
     res = d / "result.json"
     if res.is_file():
         return json.loads(res.read_text())
@@ -202,7 +214,7 @@ def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, win
     ck = d / "ckpt"
     opts = [*RECIPES[recipe], "--lm-head", "none", "--calib",
             str(DATA / "tinystories" / "validation_head.txt"), "--nsamples", str(nsamples),
-            "--seqlen", str(calib_seqlen), "--seed", "0", "--device", "cpu", "--overwrite"]
+            "--seqlen", str(calib_seqlen), "--seed", str(seed), "--device", "cpu", "--overwrite"]
     rc, wall, rss = run_measured(
         ["nice", "-n", "10", sys.executable, "-m", "vllm_quarot.cli", "quantize", str(mdir),
          str(ck), *opts], d / "quantize.log", QUANT_ENV)

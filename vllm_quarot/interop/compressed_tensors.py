@@ -122,6 +122,11 @@ def check_exportable(fmt: QuaRotFormat) -> None:
             raise ExportError(
                 f"scheme {fmt.scheme}: {fmt.weight.bits}-bit weights with "
                 f"{act.bits}-bit activations are not exported (W4A16 and W8A8 are)")
+    if fmt.rotation.input_transforms:
+        raise ExportError(
+            "rotation.input_transforms (quantize --r1 online, or an imported checkpoint): "
+            "the export writes R4 as compressed-tensors' only transform; quantize with "
+            "--r1 fused to export")
     if fmt.rotation.r3 is not None:  # (only with a KV cache; kept for completeness)
         raise ExportError("rotation.r3 (online, on queries and keys) cannot be expressed")
 

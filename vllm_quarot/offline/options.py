@@ -33,6 +33,7 @@ STATIC_SCHEMES = tuple(name for name, s in FORMAT_SCHEMES.items()
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 ROTATIONS = ("quarot", "spinquant", "r1r2", "none")
+R1_PLACEMENTS = ("auto", "fused", "online")
 SPINQUANT_WEIGHTS = ("auto", "float", "rtn")
 WEIGHT_METHODS = ("gptq", "rtn")
 # --lm-head: (weight bits, activation bits or None); "none" keeps it 16-bit; "auto" (the
@@ -131,6 +132,13 @@ class QuantizeOptions:
     rotate: str = option(
         "quarot", "quarot: randomized Hadamard R1/R2; spinquant: R1/R2 learned by Cayley "
         "SGD from it; ablations: r1r2 = offline rotations only, none", choices=ROTATIONS)
+    r1: str = option(
+        "auto", "--rotate quarot: fused = R1 on the residual stream, RMSNorm gains folded "
+        "into the next linears (QuaRot); online = no R1: a randomized Hadamard on the "
+        "input of q/k/v, gate/up and o_proj at run time, after each RMSNorm with its gain "
+        "kept (QuIP's placement; fused into the 4-bit kernels' quantizer); auto = online "
+        "where it applies to 4-bit activations (dynamic, --tp 1, no --smooth or "
+        "--a8-layers: SmolLM2 W4A4KV4 44.9 -> 34.1), else fused", choices=R1_PLACEMENTS)
     act_order: bool = option(True, "GPTQ in activation order")
     dynamic_groups: bool = option(
         False, "GPTQ with --group-size: each group's scale from its weights as updated by "
@@ -319,6 +327,18 @@ class QuantizeOptions:
         return self.online_rotations and (self.bits[1] is not None or self.bits[0] < 16)
 
     @property
+    def r1_online(self) -> bool:
+        """--r1 resolved: online when asked, or (auto) where the activations are 4-bit,
+        dynamic per token, on one TP block, without --smooth or --a8-layers, and R1 is
+        QuaRot's randomized Hadamard: there keeping the norm gains out of the weights
+        pays (benchmarks/results/README.md#r1-placement); at 8/16-bit activations the
+        fused R1 scores the same without the online transforms."""
+        if self.r1 != "auto":
+            return self.r1 == "online"
+        return (self.rotate == "quarot" and self.bits[1] == 4 and not self.static
+                and self.tp == 1 and self.smooth is None and self.a8_layers is None)
+
+    @property
     def online_rotations(self) -> bool:
         """R3/R4 run online (QuaRot and SpinQuant; not the offline-only ablations)."""
         return self.rotate in ("quarot", "spinquant") and self.online_hadamard
@@ -409,6 +429,7 @@ def check_options(o: QuantizeOptions) -> None:
             f"--a8-layers keeps some 4-bit activations at 8 bits; scheme {o.scheme} "
             "has no 4-bit per-token activations")
     _check_smooth(o)
+    _check_r1(o)
     if o.dynamic_groups and o.act_order:
         raise QuantizeError("--dynamic-groups computes each group's scale as GPTQ reaches "
                             "it in column order: add --no-act-order")
@@ -458,6 +479,23 @@ def _check_smooth(o: QuantizeOptions) -> None:
         raise QuantizeError(f"--smooth-levels {o.smooth_levels} needs 4-bit activations (codes "
                             f"times the factor must stay int8); scheme {o.scheme} has "
                             f"{a_bits}-bit: use --smooth-levels 0")
+
+
+def _check_r1(o: QuantizeOptions) -> None:
+    """--r1 online: QuaRot's randomized Hadamards, one TP block, per-token scales."""
+    if o.r1 != "online":
+        return
+    if o.rotate != "quarot":
+        raise QuantizeError(f"--r1 online places QuaRot's randomized Hadamards; --rotate "
+                            f"{o.rotate} has no such R1 (use --rotate quarot)")
+    if o.tp != 1:
+        raise QuantizeError("--r1 online rotates o_proj's whole input, which tensor "
+                            f"parallelism splits: it is served with --tp 1, got --tp {o.tp}")
+    for bad, what in ((o.smooth is not None, "--smooth runtime"),
+                      (o.a8_layers is not None, "--a8-layers"),
+                      (o.static, f"scheme {o.scheme} (static activation scales)")):
+        if bad:
+            raise QuantizeError(f"--r1 online does not combine with {what}: use --r1 fused")
 
 
 def _calibration_user(o: QuantizeOptions) -> str:

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from vllm_quarot import __version__
 from vllm_quarot.format import (
     ActivationSpec,
+    InputTransform,
     KVCacheSpec,
     LMHeadSpec,
     OnlineHadamard,
@@ -23,9 +24,10 @@ from vllm_quarot.format import (
     SmoothSpec,
     WeightSpec,
 )
-from vllm_quarot.hadamard import HadamardSizeError, factorize
+from vllm_quarot.hadamard import HadamardSizeError, factorize, hadamard_matrix, random_signs
 from vllm_quarot.models import Family, UnsupportedModelError, family_of, head_dim
 from vllm_quarot.offline.options import LM_HEADS, QuantizeError, QuantizeOptions
+from vllm_quarot.stored_transforms import matrix_sha256
 
 
 def load_config(model_dir: Path) -> tuple[Any, Family]:
@@ -58,6 +60,43 @@ class Plan:
     out_dtype: torch.dtype
     nsamples: int  # calibration windows (resolved: --nsamples or the default budget)
     seqlen: int
+    # --r1 online: each rotated linear's normalised input transform H / √n (float64),
+    # by in-layer name (``self_attn.q_proj``); the ±1 matrices go to TRANSFORMS_FILE;
+    # the random signs that make them randomized Hadamards (``online_r1_signs``) are
+    # folded into the weights and norm gains instead
+    transforms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    transform_files: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fused_r1(self) -> bool:
+        """R1 on the residual stream, norm gains folded (not --r1 online)."""
+        return self.rotate and not self.transforms
+
+
+# --r1 online: the linears each Hadamard sits in front of (one matrix per input size,
+# the same in every layer; vLLM's merged qkv / gate_up share theirs)
+ONLINE_R1 = (("r1_hidden", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                            "mlp.gate_proj", "mlp.up_proj")),
+             ("r1_o_in", ("self_attn.o_proj",)))
+
+
+def online_r1_matrices(cfg: Any) -> dict[str, torch.Tensor]:
+    """--r1 online: name -> the ±1 matrix H of this version's Hadamard of the input size
+    (the runtime applies it as R4 is applied, fused into the 4-bit kernels' quantizer)."""
+    sizes = {"r1_hidden": cfg.hidden_size, "r1_o_in": cfg.num_attention_heads * head_dim(cfg)}
+    return {name: hadamard_matrix(n, torch.float32, normalized=False)
+            for name, n in sizes.items()}
+
+
+def online_r1_signs(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+    """--r1 online: the random ±1 diagonals D that make each H a randomized Hadamard
+    D·H, folded into the layer (``rotation.fold_online_r1_signs``): the input norm's
+    and the post-attention norm's gains (and their linears' columns), and v_proj's rows
+    (o_proj's input signs follow, repeated over the query heads of each KV head)."""
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return {"input_layernorm": random_signs(cfg.hidden_size, seed + 7919),
+            "post_attention_layernorm": random_signs(cfg.hidden_size, seed + 2 * 7919),
+            "v_proj": random_signs(kv * head_dim(cfg), seed + 3 * 7919)}
 
 
 def _output_dtype(cfg: Any) -> torch.dtype:
@@ -72,10 +111,13 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
     rotate = o.rotate != "none"
     online_r4 = o.online_r4
     r3 = o.online_rotations and kv_bits is not None
+    online_r1 = rotate and o.r1_online
     try:
         if rotate:
             factorize(hidden)
             factorize(hd)
+        if online_r1:
+            factorize(cfg.num_attention_heads * hd)
         if online_r4:
             factorize(inter // o.tp)
     except HadamardSizeError as e:
@@ -85,6 +127,10 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
     calibration = (f"file:{Path(o.calib).name}" if o.calib
                    else f"self-generated:{o.self_samples}" if o.self_samples else "none")
     act_clip = o.activation_clip
+    files = online_r1_matrices(cfg) if online_r1 else {}
+    records = tuple(InputTransform(name=name, size=files[name].shape[0], linears=linears,
+                                   sha256=matrix_sha256(files[name]))
+                    for name, linears in ONLINE_R1 if name in files)
     fmt = QuaRotFormat(
         scheme=o.scheme,
         weight=WeightSpec(bits=w_bits, group_size=o.group_size,
@@ -98,11 +144,13 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
         kv_cache=None if kv_bits is None else KVCacheSpec(bits=kv_bits, clip_ratio=o.kv_clip),
         rotation=RotationSpec(
             r1=R1Spec(kind=("cayley-learned" if o.rotate == "spinquant"
-                            else "randomized-hadamard" if rotate else "none"),
-                      seed=o.seed, size=hidden if rotate else 0),
+                            else "randomized-hadamard" if rotate and not online_r1
+                            else "none"),
+                      seed=o.seed, size=hidden if rotate and not online_r1 else 0),
             r2=R2Spec(size=hd) if rotate else None,
             r3=OnlineHadamard.of_size(hd) if r3 else None,
             r4=OnlineHadamard.of_size(inter, o.tp) if online_r4 else None,
+            input_transforms=records,
         ),
         tp_blocks=o.tp,
         lm_head=lm_head_spec(o),
@@ -119,6 +167,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             "act_order": o.act_order,
             "dynamic_groups": o.dynamic_groups,
             "rotate": o.rotate,
+            **({"r1": "online"} if online_r1 else {}),
             "a8_layers": o.a8_layers,
             "precision": o.precision,
             "online_hadamard": o.online_hadamard,
@@ -126,9 +175,11 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             "lm_head": o.lm_head_scheme,
         },
     )
+    linear_m = {lin: files[name].double() / files[name].shape[0] ** 0.5
+                for name, linears in ONLINE_R1 if name in files for lin in linears}
     return Plan(fmt, w_bits, a_bits, hidden, hd, rotate, online_r4, act_clip,
                 _output_dtype(cfg), nsamples if o.calib else (o.self_samples or nsamples),
-                seqlen)
+                seqlen, linear_m, files)
 
 
 def lm_head_spec(o: QuantizeOptions) -> LMHeadSpec | None:

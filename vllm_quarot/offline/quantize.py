@@ -74,9 +74,15 @@ from vllm_quarot.offline.plan import (
     estimate_seconds,
     gemm_tflops,
     load_config,
+    online_r1_signs,
     plan_format,
 )
-from vllm_quarot.offline.rotation import fold_norms, rotate_layer, rotate_rows_in
+from vllm_quarot.offline.rotation import (
+    fold_norms,
+    fold_online_r1_signs,
+    rotate_layer,
+    rotate_rows_in,
+)
 from vllm_quarot.offline.verify import Verifier
 from vllm_quarot.quant import (
     dequantize_weight,
@@ -85,6 +91,7 @@ from vllm_quarot.quant import (
     quantize_weight_rtn,
     smooth_order,
 )
+from vllm_quarot.stored_transforms import write_transforms
 from vllm_quarot.transforms import linear_input_specs
 
 if TYPE_CHECKING:
@@ -209,6 +216,8 @@ class QuantizeRun:
         self.kv_choices: dict[int, dict[str, Any]] = {}
         self.kv_shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_bytes = 0
+        # --r1 online: the last rotated Hessian (source, transform, Mᵀ·H·M)
+        self._rot_hessian: tuple[Any, torch.Tensor, HessianAccumulator] | None = None
         # kv_cache.pivots: --kv-pivots N, or (auto) the sinks scan_sinks finds
         self.kv_pivots = o.pivots or 0
 
@@ -300,7 +309,7 @@ class QuantizeRun:
         with the run's progress so that --resume does not learn them again."""
         o, n_layers = self.o, self.cfg.num_hidden_layers
         if o.rotate != "spinquant":
-            if self.plan.rotate:
+            if self.plan.fused_r1:
                 self.r1 = random_signs(self.plan.hidden, o.seed)
             return
         from vllm_quarot.offline.spinquant import LearnedRotations, learn_rotations
@@ -401,6 +410,8 @@ class QuantizeRun:
             fmt = fmt.replace(**changes, quantizer=quantizer)
             if fmt.kv_cache is not None and fmt.kv_cache.shift:
                 write_kv_shift(stage, self.kv_shifts)
+            if self.plan.transform_files:  # --r1 online's randomized Hadamards
+                write_transforms(stage, self.plan.transform_files)
             _write_metadata(self.model_dir, stage, fmt, self.plan.out_dtype, self.o)
 
     def summary(self) -> QuantizeSummary:
@@ -420,7 +431,7 @@ class QuantizeRun:
         """Write the rotated embedding; return the calibration windows' hidden states
         (float32) and start the --verify models."""
         embed = self.src.get(f"{EMBED}.weight").double()
-        embed_rot = rotate_rows_in(embed, self.r1) if self.plan.rotate else embed
+        embed_rot = rotate_rows_in(embed, self.r1) if self.r1 is not None else embed
         self._emit(f"{EMBED}.weight", embed_rot.to(self.plan.out_dtype))
         if self.o.verify:
             self.verifier = Verifier(self.tok, embed, embed_rot, self.r1)
@@ -480,12 +491,16 @@ class QuantizeRun:
         if self.verifier is not None:
             self.verifier.original_layer(LayerRunner(self.kind, i, raw, None, original=True))
         sd = self.family.split(raw, self.cfg)
-        fold_norms(sd)
+        if self.plan.fused_r1 or not self.plan.rotate:  # --r1 online keeps the gains
+            fold_norms(sd)
         r4 = self.plan.fmt.rotation.r4
         if self.plan.rotate:
             rotate_layer(sd, self.r1, self.plan.head_dim,
                          r2=self.r2[i] if self.r2 is not None else True,
                          r4=self.plan.online_r4, r4_blocks=self.o.tp)
+        if self.plan.transforms:  # --r1 online: randomize its Hadamards (exact)
+            fold_online_r1_signs(sd, online_r1_signs(self.cfg, self.o.seed),
+                                 self.plan.head_dim)
         if h_cal is not None and self.o.calibrates_kv:  # may fuse SmoothAttention into sd
             self.calibrate_kv(i, sd, h_cal)
         if self.verifier is not None:  # the rotated (and smoothed) layer = the original
@@ -549,17 +564,35 @@ class QuantizeRun:
         input scale and bias; sd's weight becomes the dequantized one."""
         o, plan, key = self.o, self.plan, f"{prefix}{name}"
         w = sd[f"{name}.weight"]
+        m = plan.transforms.get(name)  # --r1 online: quantize W·M, the runtime's x·M input
+        if m is not None:
+            w = w @ m.to(w.dtype)
+            hessian = self._rotated_hessian(hessian, m) if hessian is not None else None
         if plan.w_bits >= 16:
             self._emit(f"{key}.weight", w.to(plan.out_dtype))
         else:
-            sd[f"{name}.weight"] = self._quantize_weight(key, w, plan.w_bits, o.group_size,
-                                                         hessian)
+            deq = self._quantize_weight(key, w, plan.w_bits, o.group_size, hessian)
+            # the calibration forward runs on unrotated inputs: (W·M)_q·Mᵀ
+            sd[f"{name}.weight"] = deq if m is None else deq @ m.t().to(deq.dtype)
             if o.static:  # max calibration, as AMD Quark's per-tensor static W8A8
                 assert hessian is not None and plan.a_bits is not None
                 amax = torch.tensor([hessian.amax * plan.act_clip], dtype=torch.float32)
                 self._emit(f"{key}.input_scale", (amax / qmax(plan.a_bits)).clamp(min=1e-12))
         if f"{name}.bias" in sd:
             self._emit(f"{key}.bias", sd[f"{name}.bias"].to(plan.out_dtype))
+
+    def _rotated_hessian(self, hessian: HessianAccumulator,
+                         m: torch.Tensor) -> HessianAccumulator:
+        """The Hessian of x·M from that of x: Mᵀ·H·M (once per group: q/k/v and gate/up
+        share their input and its transform)."""
+        cached = self._rot_hessian
+        if cached is not None and cached[0] is hessian and cached[1] is m:
+            return cached[2]
+        md = m.to(hessian.h.device, torch.float64)
+        rot = HessianAccumulator(md.shape[0], hessian.h.device)
+        rot.h, rot.n, rot.amax = md.t() @ hessian.h @ md, hessian.n, float("nan")
+        self._rot_hessian = (hessian, m, rot)
+        return rot
 
     def _quantize_weight(self, key: str, w: torch.Tensor, bits: int, group_size: int,
                          hessian: HessianAccumulator | None) -> torch.Tensor:
@@ -590,7 +623,7 @@ class QuantizeRun:
         name = f"{LM_HEAD}.weight" if f"{LM_HEAD}.weight" in self.src else f"{EMBED}.weight"
         head = self.src.get(name).double()
         head_rot = head * g_final
-        if self.plan.rotate:
+        if self.r1 is not None:
             head_rot = rotate_rows_in(head_rot, self.r1)
         self._emit(f"{FINAL_NORM}.weight", torch.ones_like(g_final).to(self.plan.out_dtype))
         spec = self.plan.fmt.lm_head
@@ -779,6 +812,8 @@ def _write_metadata(model_dir: Path, out_dir: Path, fmt: QuaRotFormat, dtype: to
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
     q = fmt.quantizer
+    r1_online = (" (--r1 online: randomized Hadamards after the norms, on q/k/v, gate/up, "
+                 "o_proj)" if fmt.rotation.input_transforms else "")
     card = f"""# QuaRot {fmt.scheme} checkpoint
 
 Made by vllm-quarot {__version__} from `{q.get("source", model_dir.name)}`.
@@ -790,7 +825,7 @@ Made by vllm-quarot {__version__} from `{q.get("source", model_dir.name)}`.
 | activations | {fmt.activation or "16-bit"} |
 | KV cache | {fmt.kv_cache or "16-bit"} |
 | lm_head | {fmt.lm_head.name + " (" + fmt.lm_head.method + ")" if fmt.lm_head else "16-bit"} |
-| rotation | {o.rotate}, R1 seed {o.seed}, online R4 {_r4_text(fmt)} |
+| rotation | {o.rotate}{r1_online}, R1 seed {o.seed}, online R4 {_r4_text(fmt)} |
 | tensor-parallel blocks | {fmt.tp_blocks} (same numbers at every TP size dividing it) |
 | calibration | {q["calibration"]} ({q["nsamples"]} × {q["seqlen"]} tokens) |
 

@@ -101,3 +101,27 @@ def rotate_layer(
     if r4:
         sd["mlp.down_proj.weight"] = block_hadamard_transform(sd["mlp.down_proj.weight"],
                                                               r4_blocks)
+
+
+def fold_online_r1_signs(sd: dict[str, torch.Tensor], signs: dict[str, torch.Tensor],
+                         head_dim: int) -> None:
+    """--r1 online: make each online Hadamard H a randomized one D·H without a sign op at
+    run time: the input of q/k/v (gate/up) is the input (post-attention) norm's output,
+    so D goes into that norm's gain and, to keep the layer's function, into the columns
+    of the linears reading it (D·D = I); o_proj's input is the attention output, linear
+    in the values, so D goes into v_proj's output rows (and bias) and o_proj's columns
+    (each query head's channels take the signs of its KV head). An exact invariance of
+    the layer (``--verify``)."""
+    for norm, linears in (("input_layernorm", ATTN_IN), ("post_attention_layernorm", MLP_IN)):
+        d = signs[norm].to(sd[f"{norm}.weight"].dtype)
+        sd[f"{norm}.weight"] = sd[f"{norm}.weight"] * d
+        for name in linears:
+            sd[f"{name}.weight"] = sd[f"{name}.weight"] * d
+    d = signs["v_proj"].to(sd["self_attn.v_proj.weight"].dtype)
+    sd["self_attn.v_proj.weight"] = sd["self_attn.v_proj.weight"] * d[:, None]
+    if "self_attn.v_proj.bias" in sd:
+        sd["self_attn.v_proj.bias"] = sd["self_attn.v_proj.bias"] * d
+    wo = sd["self_attn.o_proj.weight"]
+    groups = wo.shape[1] // d.shape[0]  # query heads per KV head
+    d_o = d.reshape(-1, head_dim).repeat_interleave(groups, dim=0).reshape(-1)
+    sd["self_attn.o_proj.weight"] = wo * d_o

@@ -14,7 +14,7 @@ from vllm.model_executor.layers.quantization.base_config import (
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, QuaRotFormat
+from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, OnlineHadamard, QuaRotFormat
 from vllm_quarot.models import DOWN_PROJ
 
 
@@ -39,6 +39,8 @@ class QuaRotConfig(QuantizationConfig):
         # rotation.input_transforms: name -> (normalised matrix, its Hadamard factors),
         # read likewise
         self.input_transforms: dict[str, tuple[torch.Tensor, Any]] = {}
+        # those of them that are exactly this version's Hadamard (quantize --r1 online)
+        self.plain_hadamards: set[str] = set()
 
     def __repr__(self) -> str:
         return f"QuaRotConfig(scheme={self.fmt.scheme!r})"
@@ -88,10 +90,16 @@ class QuaRotConfig(QuantizationConfig):
 
                 self.kv_shift = read_kv_shift(_local_dir(model_name, revision), hf_config)
             if self.fmt.rotation.input_transforms:
-                from vllm_quarot.stored_transforms import factor_hadamard, read_transforms
+                from vllm_quarot.stored_transforms import (
+                    factor_hadamard,
+                    is_plain_hadamard,
+                    read_transforms,
+                )
 
                 mats = read_transforms(_local_dir(model_name, revision), self.fmt)
                 self.input_transforms = {k: (m, factor_hadamard(m)) for k, m in mats.items()}
+                self.plain_hadamards = {t.name for t in self.fmt.rotation.input_transforms
+                                        if is_plain_hadamard(t.sha256, t.size)}
 
     def check_cache_dtype(self, cache_dtype: str) -> None:
         """A checkpoint with a kv_cache section runs with the 4-bit cache it was
@@ -154,12 +162,15 @@ class QuaRotConfig(QuantizationConfig):
 
         r4 = self.fmt.rotation.r4
         down = prefix.endswith(DOWN_PROJ)
-        transform = HadamardTransform(r4) if down and r4 else self._stored_transform(prefix)
+        transform = (HadamardTransform(r4) if down and r4
+                     else self._stored_transform(layer, prefix))
         return QuaRotLinearMethod(scheme_for(self.fmt, prefix), transform, prefix)
 
-    def _stored_transform(self, prefix: str):
-        """The imported transform of a (vLLM-merged) linear: its parts share one (the
-        format refuses anything else)."""
+    def _stored_transform(self, layer: torch.nn.Module, prefix: str):
+        """The stored transform of a (vLLM-merged) linear: its parts share one (the
+        format refuses anything else). One that is this version's Hadamard over the
+        whole input (``quantize --r1 online``) runs as R4 runs, fusable into the
+        kernel's quantizer."""
         if not self.fmt.rotation.input_transforms:
             return None
         from vllm_quarot.models import canonical_parts
@@ -171,6 +182,10 @@ class QuaRotConfig(QuantizationConfig):
         if spec.name not in self.input_transforms:
             raise CheckpointFormatError(f"transform {spec.name!r} was not read from the "
                                         "checkpoint (maybe_update_config did not run)")
+        if spec.name in self.plain_hadamards and getattr(layer, "input_size", None) == spec.size:
+            from vllm_quarot.runtime.transform import HadamardTransform
+
+            return HadamardTransform(OnlineHadamard.of_size(spec.size))
         return MatrixTransform(spec.name, *self.input_transforms[spec.name])
 
 
