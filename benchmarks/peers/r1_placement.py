@@ -4,7 +4,8 @@ gate/up and o_proj at run time, after each norm with its gain kept: QuIP's place
 at the same scheme, on the peer benchmark's calibration and evaluation windows.
 
     .venv/bin/python benchmarks/peers/r1_placement.py --model smollm2 \
-        --schemes w4a4-g64,w4a16-g64 --seeds 0,1 --float32-only w4a16-g64
+        --schemes w4a4-g64,w4a4kv4-pc,w4a8-g64,w4a16-g64 --seeds 0,1 --seeded w4a4-g64 \
+        --float32-only w4a4kv4-pc,w4a8-g64,w4a16-g64
 
 For every scheme, placement and seed (R1's signs / the online Hadamards' signs and the
 calibration draw): the quantization (one OpenMP thread, as vs_llmcompressor.py) and
@@ -29,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vs_llmcompressor as peers  # noqa: E402
 
-PLACEMENTS = {"fused": [], "online": ["--r1", "online"]}
+PLACEMENTS = {"fused": ["--r1", "fused"], "online": ["--r1", "online"]}
 
 
 def options(scheme: str) -> list[str]:
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--speed-rounds", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="comma-separated quantizer seeds")
+    ap.add_argument("--seeded", default="",
+                    help="schemes that get every --seeds (default: all; others the first)")
     ap.add_argument("--float32-only", default="",
                     help="schemes scored in float32 only (no vLLM engine): e.g. W4A16 on "
                     "an AVX2 CPU, where it runs on the slow reference ops")
@@ -74,7 +77,8 @@ def main() -> int:
     for scheme in [s.strip() for s in a.schemes.split(",") if s.strip()]:
         for placement, extra in PLACEMENTS.items():
             qs, sc = [], {}
-            for seed in seeds:
+            seeded = {x.strip() for x in a.seeded.split(",") if x.strip()}
+            for seed in seeds if not seeded or scheme in seeded else seeds[:1]:
                 key = f"{scheme}:{placement}" + (f":seed{seed}" if seed else "")
                 peers.RECIPES[key] = [*options(scheme), *extra] + (
                     ["--seed", str(seed)] if seed else [])  # (the folder's name)
@@ -96,8 +100,9 @@ def main() -> int:
         f"`{Path(sys.argv[0]).as_posix()} {' '.join(sys.argv[1:])}`  ",
         f"{platform.machine()} ({peers.cpu_name()}), {time.strftime('%Y-%m-%d')}; "
         f"calibration {a.nsamples} × {a.calib_seqlen} TinyStories tokens, WikiText-2 test "
-        f"{a.max_windows} × {a.seqlen}; float32 ppl per seed ({', '.join(map(str, seeds))}) "
-        f"and their mean; vLLM ppl and decode for seed {seeds[0]}: medians over "
+        f"{a.max_windows} × {a.seqlen}; float32 ppl per seed ({', '.join(map(str, seeds))}"
+        f"{'; ' + a.seeded + ' only' if a.seeded else ''}) and their mean; vLLM ppl and "
+        f"decode for seed {seeds[0]}: medians over "
         f"{a.speed_rounds} round-robin passes × {a.repeats} generations of "
         f"{peers.NEW_TOKENS} tokens (fresh eager engine each); ratio = online / fused of "
         "the same scheme; quantize: wall time of seed "

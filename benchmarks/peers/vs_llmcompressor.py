@@ -11,8 +11,9 @@ random Hadamard on every linear), SpinQuant R1/R2/R4 (random Hadamards, not lear
 SmoothQuant; then GPTQ at the scheme) it
 
 * quantizes with llm-compressor (benchmarks/peers/llmc_worker.py in .venv-peers) and
-  with ``vllm-quarot quantize`` at the same scheme (QuaRot R1/R2 fused + online R4 for
-  the rotated recipes, ``--rotate none`` beside plain GPTQ; ``--lm-head none`` as
+  with ``vllm-quarot quantize`` at the same scheme (its defaults: QuaRot R1/R2 fused +
+  online R4 for the rotated recipes, R1 online after the norms at W4A4 since 0.14,
+  ``--rotate none`` beside plain GPTQ; ``--lm-head none`` as
   their ``ignore=["lm_head"]``), both on the same calibration windows (our quantizer's
   own draw: ``--calib`` TinyStories, ``--nsamples`` × ``--calib-seqlen``, seed 0 — the
   windows are written to WINDOWS.json and handed to llm-compressor as its dataset);
