@@ -42,14 +42,9 @@ def options(scheme: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
+    peers.window_args(ap)
     ap.add_argument("--schemes", default="w4a4-g64,w4a8-g64,w4a16-g64",
                     help="SCHEME-gN (group N) or SCHEME-pc (per channel), comma-separated")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--speed-rounds", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="comma-separated quantizer seeds")
     ap.add_argument("--seeded", default="",
@@ -57,8 +52,6 @@ def main() -> int:
     ap.add_argument("--float32-only", default="",
                     help="schemes scored in float32 only (no vLLM engine): e.g. W4A16 on "
                     "an AVX2 CPU, where it runs on the slow reference ops")
-    ap.add_argument("--work", type=Path,
-                    default=Path.home() / ".cache" / "vllm-quarot" / "peers")
     a = ap.parse_args()
     import torch
 

@@ -482,22 +482,28 @@ def _cached_table(a: argparse.Namespace, mdir: Path, work: Path, recipes: list[s
     return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def window_args(ap: argparse.ArgumentParser) -> None:
+    """The model, calibration / evaluation windows and decode repeats (shared with
+    r1_placement.py: the same windows, the same work folder)."""
     ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
-    ap.add_argument("--recipes", default=DEFAULT_RECIPES,
-                    help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", type=Path,
+                    default=Path.home() / ".cache" / "vllm-quarot" / "peers")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES,
+                    help=f"comma-separated, from {', '.join(RECIPES)}")
+    window_args(ap)
     ap.add_argument("--no-speed", action="store_true", help="skip every vLLM step")
     ap.add_argument("--only-cached", action="store_true",
                     help="run nothing: the table from the steps finished so far (a step "
                     "not run yet is left out, and the speed phase is skipped)")
-    ap.add_argument("--work", type=Path,
-                    default=Path.home() / ".cache" / "vllm-quarot" / "peers")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (and .png beside)")
     ap.add_argument("--score", help=argparse.SUPPRESS)
     ap.add_argument("--windows", help=argparse.SUPPRESS)
