@@ -116,10 +116,14 @@ def test_stock_vllm_serves_export(engine, ckpts, tmp_path_factory, name):
     our simulation of the original checkpoint computes (which the plugin serves:
     test_vllm_e2e). One engine per scheme, in bfloat16: stock vLLM's CPU kernels for
     compressed-tensors (cpu_gemm_wna16, int8_scaled_mm) take no float32."""
-    from test_vllm_e2e import PROMPTS, greedy
+    from test_vllm_e2e import PROMPTS, _vllm_has_cpu_wna16, greedy
 
     from vllm_quarot.eval.simulate import load_simulated
 
+    if name == "w4a16" and not _vllm_has_cpu_wna16():
+        pytest.skip("stock vLLM's CPU W4A16 needs cpu_gemm_wna16, which this vLLM build "
+                    "(no AVX-512) lacks: it fails at the first forward; the export's "
+                    "layout and transforms are checked above")
     out = tmp_path_factory.mktemp("stock") / name
     export_checkpoint(ckpts[name], out)
     got = engine(out, "--dtype", "bfloat16", VLLM_PLUGINS="none").run(PROMPTS, max_tokens=4)
