@@ -349,13 +349,13 @@ def test_failed_run_leaves_nothing(shared_data, tmp_path, monkeypatch):
 def test_output_modes_follow_the_umask(shared_data, tmp_path, mask):
     old = os.umask(mask)
     try:
-        quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))
+        quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN, r1="online"))
     finally:
         os.umask(old)
     modes = {str(p.relative_to(tmp_path / "q")): stat.S_IMODE(p.stat().st_mode)
              for p in (tmp_path / "q").rglob("*")}
     assert "model.safetensors" in modes and "config.json" in modes
-    assert "quarot/transforms.safetensors" in modes  # --r1 online's (w4a4's default)
+    assert "quarot/transforms.safetensors" in modes  # --r1 online's
     want = {n: (0o777 if (tmp_path / "q" / n).is_dir() else 0o666) & ~mask for n in modes}
     assert modes == want, modes  # safetensors wrote 0600
     assert stat.S_IMODE((tmp_path / "q").stat().st_mode) == 0o777 & ~mask
