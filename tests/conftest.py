@@ -27,8 +27,10 @@ TINYSTORIES = DATA_DIR / "tinystories" / "validation_head.txt"
 # does: its float32 and float64 simulations differ by up to 3 nats (the BOS token's
 # layer-1 KV codes move with an earlier 4-bit activation on a boundary), and vLLM
 # differs from the float32 one by 0.2-0.9 nats there and on the W4A8KV4 Phi-3 model
-# (tokens equal). At 0.95 neither model has such a token, so the vLLM = simulation
-# checks on them pin 0.95 rather than loosen test_vllm_e2e.LOGPROB_TOL.
+# (tokens equal). At 0.95 neither model had such a token on AVX-512 CPUs, so the vLLM =
+# simulation checks on them pin 0.95; on an AVX2 CPU the Phi-3 one still flips one code
+# (0.43 nats at -415), which test_vllm_e2e.FLIP_RTOL admits (each position within 2e-3
+# of its size, the median over positions within LOGPROB_TOL).
 RANDOM_MODEL_KV_CLIP = 0.95
 WIKITEXT = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -819,3 +819,28 @@ def test_online_r1_runs_as_r4_in_the_runtime(random_llama, tmp_path):
     blocked = cfg._stored_transform(SimpleNamespace(input_size=2 * hf.hidden_size),
                                     "model.layers.0.mlp.gate_up_proj")
     assert isinstance(blocked, MatrixTransform)
+
+    # The simulation runs them as the runtime's reference op does, in the same order of
+    # float operations: the first token's attention output is one row of 4-bit values,
+    # whose Hadamard sits on exact rounding ties of the next 4-bit quantizer (a dense
+    # product broke them the other way: 1-4 nats on every prompt of the random model at
+    # a forced 4-bit cache). The native op sums in another order (within an ulp).
+    import dataclasses
+
+    from vllm_quarot.runtime.ops import reference  # noqa: F401  (torch.ops.quarot)
+    from vllm_quarot.stored_transforms import apply_matrix, read_transforms
+    from vllm_quarot.transforms import linear_input_specs, transform_input
+
+    name = "model.layers.1.self_attn.o_proj"
+    spec = linear_input_specs(cfg.fmt, [name], matrices=read_transforms(out, cfg.fmt))[name]
+    assert spec.plain_hadamard and spec.bits == 4
+    t = cfg._stored_transform(SimpleNamespace(input_size=n), name)
+    layer = torch.nn.Module()
+    t.process_weights_after_loading(layer, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 16, (64, n), generator=g).float() - 7) * 0.0123
+    ran = torch.ops.quarot.hadamard(x, layer.quarot_had_k)
+    assert torch.equal(transform_input(x, dataclasses.replace(spec, bits=None)), ran)
+    assert not torch.equal(apply_matrix(x, spec.matrix), ran)  # what it ran before
+    assert torch.equal(transform_input(x, spec), transform_input(ran, dataclasses.replace(
+        spec, matrix=None)))

@@ -25,11 +25,18 @@ PROMPTS = [
     "One day, a little bird",
 ]
 # Both sides compute in float32 with the same integer codes, but vLLM's RMSNorm, RoPE
-# and attention kernels differ from transformers' in the last bits; a rare activation
-# sitting on a rounding boundary then lands on the neighbouring 4-bit code. Measured
-# differences are ~1e-4 nats; 2e-2 still catches any real error (a wrong scale, a
-# missing Hadamard or a mis-loaded shard moves log-probs by whole nats).
+# and attention kernels (and our native KV4 kernel's summation order) differ from
+# transformers' in the last bits. Measured differences are ~1e-4 nats; 2e-2 still
+# catches any real error (a wrong scale, a missing Hadamard or a mis-loaded shard moves
+# log-probs by whole nats). A rare value sitting on a rounding boundary (a 4- or 8-bit
+# code, a KV row's float16 scale) lands on the neighbouring code, and the random test
+# models' ~400-nat logits turn that one flip into up to ~1e-3 of a log-prob's size, from
+# that token on in that prompt only (seen: 0.43 nats at -415 on the W4A8KV4 Phi-3 model
+# on an AVX2 CPU, none on AVX-512 ones). So the median over all positions must stay
+# within LOGPROB_TOL (an error in an op moves every prompt), and each position within
+# LOGPROB_TOL + FLIP_RTOL·|log-prob| (one flipped code at most).
 LOGPROB_TOL = 2e-2
+FLIP_RTOL = 2e-3
 
 __all__ = ["LOGPROB_TOL", "PROMPTS", "greedy", "run_vllm", "simulate"]
 
@@ -47,10 +54,12 @@ def greedy(sim: torch.nn.Module, ids: torch.Tensor, n: int) -> list[int]:
 
 
 def simulate(model: Path, results: list[dict], distinct: bool = True,
-             logprob_tol: float = LOGPROB_TOL, logprob_rtol: float = 0.0) -> None:
-    """Check vLLM's greedy tokens and prompt log-probs against the simulation
-    (|vLLM - sim| < logprob_tol + logprob_rtol·|sim|)."""
+             logprob_tol: float = LOGPROB_TOL, logprob_rtol: float = FLIP_RTOL) -> None:
+    """Check vLLM's greedy tokens and prompt log-probs against the simulation: the
+    median |vLLM - sim| over all positions below logprob_tol, each position below
+    logprob_tol + logprob_rtol·|sim| (a rounding tie flipped: see FLIP_RTOL)."""
     sim = load_simulated(model)
+    diffs: list[float] = []
     for r in results:
         ids = torch.tensor([r["prompt_token_ids"]])
         sim_tokens = greedy(sim, ids, len(r["token_ids"]))
@@ -58,9 +67,12 @@ def simulate(model: Path, results: list[dict], distinct: bool = True,
         with torch.no_grad():
             lp = torch.log_softmax(sim(ids).logits[0].double(), -1)
         sim_lp = [lp[i - 1, t].item() for i, t in enumerate(r["prompt_token_ids"]) if i > 0]
-        diff = max(abs(a - b) - logprob_rtol * abs(b)
-                   for a, b in zip(r["prompt_logprobs"][1:], sim_lp, strict=True))
-        assert diff < logprob_tol, f"prompt log-probs differ by {diff} (beyond the rtol)"
+        pairs = list(zip(r["prompt_logprobs"][1:], sim_lp, strict=True))
+        worst = max(abs(a - b) - logprob_rtol * abs(b) for a, b in pairs)
+        assert worst < logprob_tol, f"prompt log-probs differ by {worst} beyond the rtol"
+        diffs += [abs(a - b) for a, b in pairs]
+    median = float(torch.tensor(diffs).median())
+    assert median < logprob_tol, f"prompt log-probs differ by {median} (median)"
     if distinct:  # the 4 standard prompts must not collapse onto one continuation
         assert len({tuple(r["token_ids"]) for r in results}) == len(results)
 
@@ -140,10 +152,8 @@ def test_other_schemes_match_simulation(tmp_path, engine, random_llama, phi3, sc
     assert out["quantization"] == "quarot"
     # 8-bit activations of clip 1.0 run on vLLM's int8 kernels, whose own per-token
     # quantizer (vectorised per ISA) may break a rounding tie the other way than the
-    # simulation's: one code in 255, amplified by this random model's ~500-nat logits
-    # (seen: 0.06 nats at -520 on an AVX-512 CI machine). The tokens stay exact.
-    simulate(out_dir, out["results"],
-             logprob_rtol=1e-3 if scheme.startswith("w8a8") else 0.0)
+    # simulation's (seen: 0.06 nats at -520 on an AVX-512 CI machine): FLIP_RTOL.
+    simulate(out_dir, out["results"])
 
 
 def test_a8_layers_and_4bit_lm_head_match_simulation(tmp_path, engine, random_llama):

@@ -5,6 +5,7 @@ plugin and the simulation."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ def matrix_sha256(m: torch.Tensor) -> str:
                           ).hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
 def is_plain_hadamard(sha256: str, n: int) -> bool:
     """The stored matrix (by its sha256) is exactly this version's ±1 Hadamard of order
     n (``hadamard.hadamard_matrix``, what ``quantize --r1 online`` stores): the runtime

@@ -40,7 +40,7 @@ from vllm_quarot.quant import (
     quantize_static,
     smooth_factor_levels,
 )
-from vllm_quarot.stored_transforms import apply_matrix
+from vllm_quarot.stored_transforms import apply_matrix, is_plain_hadamard
 
 Active = Callable[[], bool]
 
@@ -66,6 +66,11 @@ class LinearInputSpec:
     smooth_levels: int = 0  # integer smoothing factors 1..L (quant.smooth_factor_levels)
     # an imported checkpoint's stored online transform (normalised; block-diagonal)
     matrix: torch.Tensor | None = None
+    # the stored matrix is this version's plain Hadamard (``quantize --r1 online``): over
+    # a whole input the runtime runs it as R4 (HadamardTransform), and so does this, in
+    # the same order of float operations (a dense product rounds differently, and the
+    # first token's attention output, one row of 4-bit values, sits on exact ties)
+    plain_hadamard: bool = False
 
 
 def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
@@ -121,7 +126,8 @@ def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
             r4=r4 if name.endswith(DOWN_PROJ) else None, bits=bits, clip=clip, blocks=blocks,
             static_scale=scale, smooth_group=group,
             smooth_perm=None if perm is None else perm.long(), smooth_levels=levels,
-            matrix=None if stored is None else (matrices or {})[stored.name])
+            matrix=None if stored is None else (matrices or {})[stored.name],
+            plain_hadamard=stored is not None and is_plain_hadamard(stored.sha256, stored.size))
     return specs
 
 
@@ -130,7 +136,11 @@ def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor 
     """The input as the runtime's kernel sees it: R4 (computed in float32 at least, as
     the kernels do) or the stored transform, then the activation fake quantization
     (when quantize)."""
-    if spec.matrix is not None:
+    if spec.matrix is not None and spec.plain_hadamard and x.shape[-1] == spec.matrix.shape[0]:
+        n, dtype = spec.matrix.shape[0], x.dtype
+        x = block_hadamard_transform(x if dtype == torch.float64 else x.float(), 1,
+                                     hadamard_factor(n, torch.float32).to(x.device)).to(dtype)
+    elif spec.matrix is not None:
         x = apply_matrix(x, spec.matrix)
     if spec.r4 is not None:
         if had_k is None:

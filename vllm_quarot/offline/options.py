@@ -133,7 +133,7 @@ class QuantizeOptions:
         "quarot", "quarot: randomized Hadamard R1/R2; spinquant: R1/R2 learned by Cayley "
         "SGD from it; ablations: r1r2 = offline rotations only, none", choices=ROTATIONS)
     r1: str = option(
-        "fused", "--rotate quarot: fused = R1 on the residual stream, RMSNorm gains folded "
+        "auto", "--rotate quarot: fused = R1 on the residual stream, RMSNorm gains folded "
         "into the next linears (QuaRot); online = no R1: a randomized Hadamard on the "
         "input of q/k/v, gate/up and o_proj at run time, after each RMSNorm with its gain "
         "kept (QuIP's placement; fused into the 4-bit kernels' quantizer); auto = online "
