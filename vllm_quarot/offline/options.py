@@ -335,8 +335,7 @@ class QuantizeOptions:
         fused R1 scores the same without the online transforms."""
         if self.r1 != "auto":
             return self.r1 == "online"
-        return (self.rotate == "quarot" and self.bits[1] == 4 and not self.static
-                and self.tp == 1 and self.smooth is None and self.a8_layers is None)
+        return self.bits[1] == 4 and _r1_online_obstacle(self) is None
 
     @property
     def online_rotations(self) -> bool:
@@ -481,21 +480,28 @@ def _check_smooth(o: QuantizeOptions) -> None:
                             f"{a_bits}-bit: use --smooth-levels 0")
 
 
-def _check_r1(o: QuantizeOptions) -> None:
-    """--r1 online: QuaRot's randomized Hadamards, one TP block, per-token scales."""
-    if o.r1 != "online":
-        return
+def _r1_online_obstacle(o: QuantizeOptions) -> str | None:
+    """Why R1 cannot go online with these options (None: it can): it needs QuaRot's
+    randomized Hadamards, one TP block and dynamic per-token scales."""
     if o.rotate != "quarot":
-        raise QuantizeError(f"--r1 online places QuaRot's randomized Hadamards; --rotate "
-                            f"{o.rotate} has no such R1 (use --rotate quarot)")
+        return (f"--r1 online places QuaRot's randomized Hadamards; --rotate {o.rotate} has "
+                "no such R1 (use --rotate quarot)")
     if o.tp != 1:
-        raise QuantizeError("--r1 online rotates o_proj's whole input, which tensor "
-                            f"parallelism splits: it is served with --tp 1, got --tp {o.tp}")
+        return ("--r1 online rotates o_proj's whole input, which tensor parallelism "
+                f"splits: it is served with --tp 1, got --tp {o.tp}")
     for bad, what in ((o.smooth is not None, "--smooth runtime"),
                       (o.a8_layers is not None, "--a8-layers"),
                       (o.static, f"scheme {o.scheme} (static activation scales)")):
         if bad:
-            raise QuantizeError(f"--r1 online does not combine with {what}: use --r1 fused")
+            return f"--r1 online does not combine with {what}: use --r1 fused"
+    return None
+
+
+def _check_r1(o: QuantizeOptions) -> None:
+    """--r1 online where it cannot go: one line."""
+    why = _r1_online_obstacle(o) if o.r1 == "online" else None
+    if why is not None:
+        raise QuantizeError(why)
 
 
 def _calibration_user(o: QuantizeOptions) -> str:
