@@ -324,14 +324,6 @@ def hadamard_transform(
     return (y * s).reshape(x.shape)
 
 
-def times_hadamard(x: torch.Tensor, n: int, transpose: bool = False) -> torch.Tensor:
-    """x @ M (x @ Mᵀ with transpose) over the last dim, M = hadamard_matrix(n) / √n: the
-    fast transform, O(n·(K + log n)) per row instead of a dense n² product."""
-    had = hadamard_factor(n, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    had = had.to(x.device)
-    return hadamard_transform(x, had.t() if transpose else had)
-
-
 def block_hadamard_transform(
     x: torch.Tensor, blocks: int = 1, had_k: torch.Tensor | None = None
 ) -> torch.Tensor:

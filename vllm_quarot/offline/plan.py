@@ -60,12 +60,11 @@ class Plan:
     out_dtype: torch.dtype
     nsamples: int  # calibration windows (resolved: --nsamples or the default budget)
     seqlen: int
-    # --r1 online: the order n of each rotated linear's input Hadamard H (its input x
-    # becomes x·H/√n, ``hadamard.hadamard_transform``), by in-layer name
-    # (``self_attn.q_proj``); the ±1 matrices go to TRANSFORMS_FILE; the random signs
-    # that make them randomized Hadamards (``online_r1_signs``) are folded into the
-    # weights and norm gains instead
-    transforms: dict[str, int] = dataclasses.field(default_factory=dict)
+    # --r1 online: each rotated linear's normalised input transform H / √n (float64),
+    # by in-layer name (``self_attn.q_proj``); the ±1 matrices go to TRANSFORMS_FILE;
+    # the random signs that make them randomized Hadamards (``online_r1_signs``) are
+    # folded into the weights and norm gains instead
+    transforms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     transform_files: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
@@ -176,7 +175,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             "lm_head": o.lm_head_scheme,
         },
     )
-    linear_m = {lin: files[name].shape[0]
+    linear_m = {lin: files[name].double() / files[name].shape[0] ** 0.5
                 for name, linears in ONLINE_R1 if name in files for lin in linears}
     return Plan(fmt, w_bits, a_bits, hidden, hd, rotate, online_r4, act_clip,
                 _output_dtype(cfg), nsamples if o.calib else (o.self_samples or nsamples),

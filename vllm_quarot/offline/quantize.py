@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_quarot import __version__
 from vllm_quarot.format import QuaRotFormat
-from vllm_quarot.hadamard import random_signs, times_hadamard
+from vllm_quarot.hadamard import random_signs
 from vllm_quarot.kv_shift import write_kv_shift
 from vllm_quarot.models import (
     EMBED,
@@ -217,7 +217,7 @@ class QuantizeRun:
         self.kv_shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_bytes = 0
         # --r1 online: the last rotated Hessian (source, transform, Mᵀ·H·M)
-        self._rot_hessian: tuple[Any, int, HessianAccumulator] | None = None
+        self._rot_hessian: tuple[Any, torch.Tensor, HessianAccumulator] | None = None
         # kv_cache.pivots: --kv-pivots N, or (auto) the sinks scan_sinks finds
         self.kv_pivots = o.pivots or 0
 
@@ -564,16 +564,16 @@ class QuantizeRun:
         input scale and bias; sd's weight becomes the dequantized one."""
         o, plan, key = self.o, self.plan, f"{prefix}{name}"
         w = sd[f"{name}.weight"]
-        n = plan.transforms.get(name)  # --r1 online: quantize W·M, the runtime's x·M input
-        if n is not None:
-            w = times_hadamard(w, n)
-            hessian = self._rotated_hessian(hessian, n) if hessian is not None else None
+        m = plan.transforms.get(name)  # --r1 online: quantize W·M, the runtime's x·M input
+        if m is not None:
+            w = w @ m.to(w.dtype)
+            hessian = self._rotated_hessian(hessian, m) if hessian is not None else None
         if plan.w_bits >= 16:
             self._emit(f"{key}.weight", w.to(plan.out_dtype))
         else:
             deq = self._quantize_weight(key, w, plan.w_bits, o.group_size, hessian)
             # the calibration forward runs on unrotated inputs: (W·M)_q·Mᵀ
-            sd[f"{name}.weight"] = deq if n is None else times_hadamard(deq, n, transpose=True)
+            sd[f"{name}.weight"] = deq if m is None else deq @ m.t().to(deq.dtype)
             if o.static:  # max calibration, as AMD Quark's per-tensor static W8A8
                 assert hessian is not None and plan.a_bits is not None
                 amax = torch.tensor([hessian.amax * plan.act_clip], dtype=torch.float32)
@@ -581,16 +581,17 @@ class QuantizeRun:
         if f"{name}.bias" in sd:
             self._emit(f"{key}.bias", sd[f"{name}.bias"].to(plan.out_dtype))
 
-    def _rotated_hessian(self, hessian: HessianAccumulator, n: int) -> HessianAccumulator:
+    def _rotated_hessian(self, hessian: HessianAccumulator,
+                         m: torch.Tensor) -> HessianAccumulator:
         """The Hessian of x·M from that of x: Mᵀ·H·M (once per group: q/k/v and gate/up
         share their input and its transform)."""
         cached = self._rot_hessian
-        if cached is not None and cached[0] is hessian and cached[1] == n:
+        if cached is not None and cached[0] is hessian and cached[1] is m:
             return cached[2]
-        hm = times_hadamard(hessian.h, n)  # H·M, then Mᵀ·(H·M) = ((H·M)ᵀ·M)ᵀ
-        rot = HessianAccumulator(n, hessian.h.device)
-        rot.h, rot.n, rot.amax = times_hadamard(hm.t(), n).t(), hessian.n, float("nan")
-        self._rot_hessian = (hessian, n, rot)
+        md = m.to(hessian.h.device, torch.float64)
+        rot = HessianAccumulator(md.shape[0], hessian.h.device)
+        rot.h, rot.n, rot.amax = md.t() @ hessian.h @ md, hessian.n, float("nan")
+        self._rot_hessian = (hessian, m, rot)
         return rot
 
     def _quantize_weight(self, key: str, w: torch.Tensor, bits: int, group_size: int,
