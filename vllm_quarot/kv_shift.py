@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vllm_quarot.format import KV_SHIFT_FILE, CheckpointFormatError
 
@@ -30,10 +30,9 @@ def write_kv_shift(out_dir: Path, shift: KVShift) -> None:
     for i, (k, v) in sorted(shift.items()):
         tensors[f"layers.{i}.k_shift"] = k.float().clone()
         tensors[f"layers.{i}.v_shift"] = v.float().clone()
-    save_file(tensors, path, metadata={"format": "pt"})
-    from vllm_quarot.offline.checkpoint import process_umask
+    from vllm_quarot.offline.checkpoint import save_tensors
 
-    path.chmod(0o666 & ~process_umask())  # safetensors wrote 0600, as the shards
+    save_tensors(tensors, path)
 
 
 def read_kv_shift(model_dir: str | Path, hf_config: Any) -> KVShift:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vllm_quarot.format import TRANSFORMS_FILE, CheckpointFormatError, QuaRotFormat
 
@@ -37,11 +37,9 @@ def is_plain_hadamard(sha256: str, n: int) -> bool:
 def write_transforms(out_dir: Path, matrices: dict[str, torch.Tensor]) -> None:
     path = out_dir / TRANSFORMS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float32).contiguous() for k, v in matrices.items()}, path,
-              metadata={"format": "pt"})
-    from vllm_quarot.offline.checkpoint import process_umask
+    from vllm_quarot.offline.checkpoint import save_tensors
 
-    path.chmod(0o666 & ~process_umask())  # safetensors wrote 0600, as the shards
+    save_tensors({k: v.to(torch.float32).contiguous() for k, v in matrices.items()}, path)
 
 
 def read_transforms(model_dir: str | Path, fmt: QuaRotFormat) -> dict[str, torch.Tensor]:

@@ -90,11 +90,7 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         idx = len(self.shards)
-        path = self.dir / f".shard-{idx}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        # safetensors writes through a NamedTempFile (mode 0600) that it renames into
-        # place: give the shard the mode any other file of this process gets
-        os.chmod(path, 0o666 & ~process_umask())
+        save_tensors(self.pending, self.dir / f".shard-{idx}.safetensors")
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -114,6 +110,14 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return [self.dir / n for n in names]
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file (format "pt"), the file given the mode any other file of
+    this process gets: safetensors writes through a NamedTempFile (mode 0600) that it
+    renames into place."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def process_umask() -> int:
