@@ -72,6 +72,18 @@ class LinearInputSpec:
     # first token's attention output, one row of 4-bit values, sits on exact ties)
     plain_hadamard: bool = False
 
+    def matrix_runs_as_r4(self, k: int) -> bool:
+        """The stored matrix is a plain Hadamard over the whole input of k channels."""
+        return self.plain_hadamard and self.matrix is not None and self.matrix.shape[0] == k
+
+    def hadamard_blocks(self, k: int) -> tuple[int, int] | None:
+        """(order of one block, blocks) of the Hadamard run before the quantizer on an
+        input of k channels, as the runtime runs R4: R4 itself or a stored matrix that
+        runs as it does; None: none."""
+        if self.r4 is not None:
+            return self.r4.block_size, self.r4.blocks
+        return (k, 1) if self.matrix_runs_as_r4(k) else None
+
 
 def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],
                        input_scales: dict[str, torch.Tensor] | None = None,
@@ -136,18 +148,15 @@ def transform_input(x: torch.Tensor, spec: LinearInputSpec, had_k: torch.Tensor 
     """The input as the runtime's kernel sees it: R4 (computed in float32 at least, as
     the kernels do) or the stored transform, then the activation fake quantization
     (when quantize)."""
-    if spec.matrix is not None and spec.plain_hadamard and x.shape[-1] == spec.matrix.shape[0]:
-        n, dtype = spec.matrix.shape[0], x.dtype
-        x = block_hadamard_transform(x if dtype == torch.float64 else x.float(), 1,
-                                     hadamard_factor(n, torch.float32).to(x.device)).to(dtype)
-    elif spec.matrix is not None:
+    if spec.matrix is not None and not spec.matrix_runs_as_r4(x.shape[-1]):
         x = apply_matrix(x, spec.matrix)
-    if spec.r4 is not None:
+    had = spec.hadamard_blocks(x.shape[-1])
+    if had is not None:
         if had_k is None:
-            had_k = hadamard_factor(spec.r4.block_size, torch.float32).to(x.device)
+            had_k = hadamard_factor(had[0], torch.float32).to(x.device)
         dtype = x.dtype
         x = block_hadamard_transform(x if dtype == torch.float64 else x.float(),
-                                     spec.r4.blocks, had_k.to(x.device)).to(dtype)
+                                     had[1], had_k.to(x.device)).to(dtype)
     if not quantize or spec.bits is None:
         return x
     with torch.no_grad():
@@ -173,11 +182,12 @@ def install_linear_inputs(model: torch.nn.Module, specs: dict[str, LinearInputSp
     for name, spec in specs.items():
         mod = model.get_submodule(name)
         had_k = None
-        if spec.r4 is not None:
+        had = spec.hadamard_blocks(getattr(mod, "in_features", 0))
+        if had is not None:
             p = next(iter(mod.parameters()), None)
             dtype = torch.float64 if p is not None and p.dtype == torch.float64 else \
                 torch.float32
-            had_k = hadamard_factor(spec.r4.block_size, dtype)
+            had_k = hadamard_factor(had[0], dtype)
             if p is not None:
                 had_k = had_k.to(p.device)
 
