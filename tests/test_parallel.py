@@ -4,6 +4,7 @@ log-probs at TP = 1, TP = 2 and PP = 2 as the simulation; the wrong sizes are re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,12 @@ def _quantize(src: Path, out: Path, scheme: str, tp: int, **kw) -> Path:
     return out
 
 
+def _r1(ckpt: Path) -> str:
+    """Where the quantizer put R1 (--r1 auto: online at 4-bit activations)."""
+    cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    return cfg["quantizer"].get("r1", "fused")
+
+
 def _same(a: dict, b: dict, tol: float = LOGPROB_TOL) -> None:
     for ra, rb in zip(a["results"], b["results"], strict=True):
         assert ra["token_ids"] == rb["token_ids"]
@@ -59,6 +66,7 @@ def test_w4a4kv4_same_at_tp1_tp2_pp2(tmp_path, engine, tp_models):
     tokens of TP = 1 and of the simulation. (PP = 2 in eager mode runs through the
     cpu-eager-pipeline-buffer patch.)"""
     ckpt = _quantize(tp_models["llama"], tmp_path / "w4a4kv4", "w4a4kv4", 2)
+    assert _r1(ckpt) == "online"  # --r1 auto: o_proj's Hadamard one block per rank
     one = engine(ckpt).run(PROMPTS)
     simulate(ckpt, one["results"])
     two = engine(ckpt, "--tp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
@@ -75,6 +83,7 @@ def test_w4a4kv4_same_at_tp1_tp2_pp2(tmp_path, engine, tp_models):
 ], ids=["qwen2-w4a4", "llama-w8a8-static", "phi3-w4a16-g64", "qwen2-keys-kv4-shifted"])
 def test_schemes_at_tp2_match_simulation(tmp_path, engine, tp_models, model, scheme, kw):
     ckpt = _quantize(tp_models[model], tmp_path / scheme, scheme, 2, **kw)
+    assert _r1(ckpt) == ("online" if scheme == "w4a4" else "fused")
     out = engine(ckpt, "--tp", "2", **ONE_CORE_PER_RANK).run(PROMPTS)
     simulate(ckpt, out["results"])
 

@@ -784,7 +784,6 @@ def test_online_r1_stores_its_hadamards_and_keeps_the_gains(shared_data, tmp_pat
 
 @pytest.mark.parametrize(("kw", "match"), [
     (dict(rotate="spinquant"), "--rotate spinquant has no such R1"),
-    (dict(tp=2), "served with --tp 1, got --tp 2"),
     (dict(smooth="runtime"), "does not combine with --smooth runtime"),
     (dict(scheme="w8a8-static", calib=str(TINYSTORIES)), "static activation scales"),
     (dict(a8_layers="auto", calib=str(TINYSTORIES)), "does not combine with --a8-layers"),

@@ -176,19 +176,26 @@ def test_simulated_hooks_are_block_wise(tp2_models):
                       fake_quantize_per_token(y[..., 240:], bits, clip)], dim=-1)
     assert torch.equal(got, want)
     assert not torch.equal(got, fake_quantize_per_token(y, bits, clip))
-    # o_proj: no R4, one scale per (token, 128 of heads × head_dim 256)
+    # o_proj: --r1 online's Hadamard per half (I_2 ⊗ H_128, not H_256 across the
+    # ranks' shards), then one scale per (token, 128 of heads × head_dim 256)
+    assert {t.name: t.size for t in fmt.rotation.input_transforms} == {
+        "r1_hidden": 256, "r1_o_in": 128}
     o = layer.self_attn.o_proj
     x = torch.randn(2, 7, 256) * torch.linspace(0.1, 3.0, 256)
     (got,) = _pre_hook(o)(o, (x,))
-    want = torch.cat([fake_quantize_per_token(x[..., :128], bits, clip),
-                      fake_quantize_per_token(x[..., 128:], bits, clip)], dim=-1)
+    y = block_hadamard_transform(x, 2)
+    torch.testing.assert_close(y, (x.double() @ _block_diag_r4(256, 2)).float(), rtol=0,
+                               atol=1e-5)
+    want = torch.cat([fake_quantize_per_token(y[..., :128], bits, clip),
+                      fake_quantize_per_token(y[..., 128:], bits, clip)], dim=-1)
     assert torch.equal(got, want)
-    assert torch.equal(got, fake_quantize_per_token_blocks(x, bits, clip, 2))
-    # the column-parallel linears keep one scale per token
+    assert torch.equal(got, fake_quantize_per_token_blocks(y, bits, clip, 2))
+    # the column-parallel linears: the whole-input Hadamard, one scale per token
     q = layer.self_attn.q_proj
     x = torch.randn(2, 7, 256) * torch.linspace(0.1, 3.0, 256)
     (got,) = _pre_hook(q)(q, (x,))
-    assert torch.equal(got, fake_quantize_per_token(x, bits, clip))
+    assert torch.equal(got, fake_quantize_per_token(block_hadamard_transform(x, 1), bits,
+                                                    clip))
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -226,3 +233,63 @@ def test_simulated_block_r4_matches_the_weights(tp2_models):
     sim = _logits(load_simulated(ckpts["w4a4"], act_bits_override={"": None}), ids)
     err = ((sim - ref).norm() / ref.norm()).item()
     assert err < 0.1, err
+
+
+def test_online_r1_blocks_in_the_runtime(tp2_models):
+    """--r1 online at --tp 2 (auto's choice at W4A4): the runtime runs o_proj's stored
+    Hadamard of one rank's shard as the tensor-parallel R4 runs, I_2 ⊗ H_128 (one block
+    per part at TP = 1, the rank's block at TP = 2), and q/k/v, gate/up's over the whole
+    replicated input; a transform crossing the blocks is refused when the model is read."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from vllm_quarot.errors import CheckpointFormatError
+    from vllm_quarot.runtime.config import QuaRotConfig
+    from vllm_quarot.runtime.transform import HadamardTransform
+
+    _, ckpts = tp2_models
+    out = ckpts["w4a4"]
+    hf = AutoConfig.from_pretrained(out)
+    cfg = QuaRotConfig.from_config(hf.quantization_config)
+    assert cfg.fmt.quantizer["r1"] == "online" and cfg.fmt.tp_blocks == 2
+    cfg.maybe_update_config(str(out), hf)
+    assert cfg.plain_hadamards == {"r1_hidden", "r1_o_in"}
+    o = cfg._stored_transform(SimpleNamespace(input_size=256), "model.layers.1.self_attn.o_proj")
+    assert isinstance(o, HadamardTransform)
+    assert (o.spec.size, o.spec.blocks, o.fusable_size) == (256, 2, 128)
+    assert o.spec == OnlineHadamard.of_size(256, 2)
+    qkv = cfg._stored_transform(SimpleNamespace(input_size=256),
+                                "model.layers.0.self_attn.qkv_proj")
+    assert isinstance(qkv, HadamardTransform) and (qkv.spec.blocks, qkv.fusable_size) == (1, 256)
+    cfg.fmt.check_transforms_tp(2, hf)  # each rank's shard holds its block
+    crossing = cfg.fmt.model_copy(update={"tp_blocks": 4})
+    with pytest.raises(CheckpointFormatError, match="crosses the tensor_parallel_blocks 4"):
+        crossing.check_model(hf)
+
+
+def test_online_r1_without_a_block_hadamard(shared_data, tmp_path, monkeypatch):
+    """Where o_proj's per-rank block (heads × head_dim / N) has no Hadamard, --r1 auto
+    falls back to the fused R1 and --r1 online is refused with the order."""
+    from transformers import AutoConfig
+
+    from vllm_quarot.hadamard import HadamardSizeError
+    from vllm_quarot.offline import plan
+
+    cfg = AutoConfig.from_pretrained(_model(tmp_path, QWEN2))
+    real = plan.factorize
+
+    def no_128(n: int):
+        if n == 128:  # o_proj's 256 / --tp 2
+            raise HadamardSizeError("no Hadamard matrix of order 128 here")
+        return real(n)
+
+    monkeypatch.setattr(plan, "factorize", no_128)
+    auto = plan.plan_format(cfg, QuantizeOptions(scheme="w4a4", tp=2), torch.device("cpu"))
+    assert not auto.transforms and auto.fmt.rotation.r1.kind == "randomized-hadamard"
+    assert "r1" not in auto.fmt.quantizer
+    one = plan.plan_format(cfg, QuantizeOptions(scheme="w4a4", tp=1), torch.device("cpu"))
+    assert one.fmt.quantizer["r1"] == "online"
+    with pytest.raises(QuantizeError, match="order 128"):
+        plan.plan_format(cfg, QuantizeOptions(scheme="w4a4", tp=2, r1="online"),
+                         torch.device("cpu"))

@@ -1,6 +1,6 @@
 """vllm-quarot: serve QuaRot-rotated low-bit checkpoints with vLLM."""
 
-__version__ = "0.14.1"
+__version__ = "0.15.0"
 
 
 def register() -> None:

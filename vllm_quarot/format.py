@@ -559,10 +559,6 @@ class QuaRotFormat(_Section):
             raise CheckpointFormatError(
                 "rotation.input_transforms names mlp.down_proj, which rotation.r4 rotates: "
                 "one transform per input")
-        if r.input_transforms and self.tp_blocks != 1:
-            raise CheckpointFormatError(
-                "rotation.input_transforms cannot be combined with "
-                "tensor_parallel_blocks > 1")
         if self.lm_head is not None and w.bits >= 16:
             raise CheckpointFormatError("a quantized lm_head needs a quantized scheme")
         if self.scheme == "custom":  # hand-written section: named after what it says
@@ -688,10 +684,16 @@ class QuaRotFormat(_Section):
             sizes = linear_sizes(hf_config)
             for t in r.input_transforms:
                 for lin in t.linears:
-                    if sizes[lin][1] % t.size:
+                    k = sizes[lin][1]
+                    if k % t.size:
                         raise CheckpointFormatError(
                             f"rotation.input_transforms {t.name!r} of size {t.size} does "
-                            f"not divide {lin}'s input size {sizes[lin][1]}")
+                            f"not divide {lin}'s input size {k}")
+                    if lin in ROW_PARALLEL and n > 1 and (k % n or (k // n) % t.size):
+                        raise CheckpointFormatError(
+                            f"rotation.input_transforms {t.name!r} of size {t.size} "
+                            f"crosses the tensor_parallel_blocks {n} of {lin}'s input "
+                            f"({k}): each block must lie within one")
         smooth = self.activation.smooth if self.activation is not None else None
         if smooth is not None:
             sizes = {"hidden size": hf_config.hidden_size, "heads × head_dim": attn,

@@ -73,8 +73,10 @@ class LinearInputSpec:
     plain_hadamard: bool = False
 
     def matrix_runs_as_r4(self, k: int) -> bool:
-        """The stored matrix is a plain Hadamard over the whole input of k channels."""
-        return self.plain_hadamard and self.matrix is not None and self.matrix.shape[0] == k
+        """The stored matrix is a plain Hadamard over the whole input of k channels, or
+        over each of its tensor-parallel blocks."""
+        return (self.plain_hadamard and self.matrix is not None
+                and self.matrix.shape[0] * self.blocks == k)
 
     def hadamard_blocks(self, k: int) -> tuple[int, int] | None:
         """(order of one block, blocks) of the Hadamard run before the quantizer on an
@@ -82,7 +84,7 @@ class LinearInputSpec:
         runs as it does; None: none."""
         if self.r4 is not None:
             return self.r4.block_size, self.r4.blocks
-        return (k, 1) if self.matrix_runs_as_r4(k) else None
+        return (k // self.blocks, self.blocks) if self.matrix_runs_as_r4(k) else None
 
 
 def linear_input_specs(fmt: QuaRotFormat, names: Iterable[str],

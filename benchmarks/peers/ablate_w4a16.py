@@ -1,5 +1,6 @@
 """What buys llm-compressor's QuIP + GPTQ W4A16 g64 advantage? Ablations of our
-quantizer at W4A16 g64 on SmolLM2, on the peer benchmark's very windows (run
+quantizer at W4A16 g64 on SmolLM2 (or the Qwen2-class surrogate, ``--model
+smollm2-qwen2keys``), on the peer benchmark's very windows (run
 benchmarks/peers/vs_llmcompressor.py first: it writes WINDOWS.json), scored in float32
 (our simulation: the number llm-compressor's in-memory model is compared with).
 
@@ -16,13 +17,15 @@ Variants (every one with --lm-head none, as llm-compressor's ignore=["lm_head"])
   size heads·head_dim on o_proj's input (its inverse fused into o_proj's columns), as
   QuIP's input rotation of o_proj mixes all heads where our R2 mixes within a head.
   The quantizer's calibration passes and the simulation apply it through hooks.
-* ``rotate-none``: plain GPTQ (no rotation);
+* ``rotate-none``: plain GPTQ (no rotation); ``rotate-none-no-clip`` /
+  ``rotate-none-no-act-order``: with one GPTQ default changed (llm-compressor's plain
+  GPTQ uses min-max scales: no clip search);
 * ``base-sN`` / ``no-act-order-sN``: base and no-act-order with ``--seed N`` (other R1
   signs and calibration windows), to pair the act-order comparison over seeds;
 * ``dyn-groups[-sN]``: ``--no-act-order --dynamic-groups`` (GPTQ's original group
   scales, from the updated weights).
 
-Prints a Markdown table (and writes benchmarks/results/peers_ablation_w4a16_smollm2.md).
+Prints a Markdown table (and writes benchmarks/results/peers_ablation_w4a16_<model>.md).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "damp-0.1": ({"damp": 0.1}, False),
     "oproj-online": ({}, True),
     "rotate-none": ({"rotate": "none"}, False),
+    "rotate-none-no-clip": ({"rotate": "none", "w_clip": False}, False),
+    "rotate-none-no-act-order": ({"rotate": "none", "act_order": False}, False),
     # GPTQ's original group scales: from the weights as updated when the loop reaches
     # the group (natural column order)
     "dyn-groups": ({"act_order": False, "dynamic_groups": True}, False),
@@ -137,20 +142,24 @@ def run_variant(name: str, model_dir: Path, windows: Path, work: Path) -> dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vllm-quarot"
-                    / "peers" / "smollm2-c32x512-e8x2048")
+    ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="the peer benchmark's work folder of --model (default: its own)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from vllm_quarot.eval.zoo import smollm2_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vs_llmcompressor import model_dir
 
+    if a.work is None:
+        a.work = Path.home() / ".cache" / "vllm-quarot" / "peers" / f"{a.model}-c32x512-e8x2048"
     windows = a.work / "windows.json"
     if not windows.is_file():
         raise SystemExit(f"{windows} is missing: run benchmarks/peers/vs_llmcompressor.py "
-                         "--model smollm2 first (it draws the shared windows)")
+                         f"--model {a.model} first (it draws the shared windows)")
     abl = a.work / "ablation"
     abl.mkdir(parents=True, exist_ok=True)
     if a.one:
-        res = run_variant(a.one, smollm2_dir(), windows, abl)
+        res = run_variant(a.one, model_dir(a.model), windows, abl)
         (abl / f"{a.one}.json").write_text(json.dumps(res))
         return 0
     rows = []
@@ -160,17 +169,14 @@ def main() -> int:
             print(f"[ablate] variant {v}", file=sys.stderr, flush=True)
             # one OpenMP thread: see vs_llmcompressor.QUANT_ENV
             subprocess.run(["nice", "-n", "10", sys.executable, __file__, "--one", v,
-                            "--work", str(a.work)], check=True,
+                            "--model", a.model, "--work", str(a.work)], check=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         rows.append(json.loads(res_file.read_text()))
-    # the peer's figure on the same windows, when the benchmark has it
-    theirs = a.work / "llmc" / "quip+w4a16-g64" / "result.json"
-    if not theirs.is_file():  # the worker's own record (its parent did not finish)
-        theirs = theirs.with_name("worker.json")
     lines = [
-        "# W4A16 g64 on SmolLM2: ablations of vllm-quarot's quantizer",
+        f"# W4A16 g64 on {a.model}: ablations of vllm-quarot's quantizer",
         "",
-        f"Command: `python benchmarks/peers/ablate_w4a16.py --variants {a.variants}`  ",
+        f"Command: `python benchmarks/peers/ablate_w4a16.py --model {a.model} --variants "
+        f"{a.variants}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared); date "
         f"{datetime.date.today()}. Same calibration (TinyStories 32×512) and evaluation "
         "(WikiText-2 test 8×2048) windows as benchmarks/peers/vs_llmcompressor.py; perplexity "
@@ -181,14 +187,18 @@ def main() -> int:
     ]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['sim_ppl']:.2f} | {r['quant_s']:.0f} |")
-    if theirs.is_file():
-        t = json.loads(theirs.read_text())
+    # the peer's figures on the same windows, when the benchmark has them
+    for recipe, label in (("none+w4a16-g64", "GPTQ"), ("quip+w4a16-g64", "QuIP (v) + GPTQ")):
+        theirs = a.work / "llmc" / recipe / "result.json"
+        if not theirs.is_file():  # the worker's own record (its parent did not finish)
+            theirs = theirs.with_name("worker.json")
+        t = json.loads(theirs.read_text()) if theirs.is_file() else {}
         if t.get("inmemory_ppl"):
-            lines.append(f"| llm-compressor QuIP (v) + GPTQ, in-memory | "
+            lines.append(f"| llm-compressor {label}, in-memory | "
                          f"{t['inmemory_ppl']:.2f} | {t['oneshot_s']:.0f} (oneshot) |")
     md = "\n".join(lines) + "\n"
     print(md)
-    (RESULTS / "peers_ablation_w4a16_smollm2.md").write_text(md)
+    (RESULTS / f"peers_ablation_w4a16_{a.model}.md").write_text(md)
     return 0
 
 

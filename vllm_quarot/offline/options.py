@@ -137,8 +137,9 @@ class QuantizeOptions:
         "into the next linears (QuaRot); online = no R1: a randomized Hadamard on the "
         "input of q/k/v, gate/up and o_proj at run time, after each RMSNorm with its gain "
         "kept (QuIP's placement; fused into the 4-bit kernels' quantizer); auto = online "
-        "where it applies to 4-bit activations (dynamic, --tp 1, no --smooth or "
-        "--a8-layers: SmolLM2 W4A4KV4 44.9 -> 34.1), else fused", choices=R1_PLACEMENTS)
+        "where it applies to 4-bit activations (dynamic, no --smooth or --a8-layers: "
+        "SmolLM2 W4A4KV4 44.9 -> 34.1), else fused; at --tp N o_proj's Hadamard is one "
+        "per rank's shard", choices=R1_PLACEMENTS)
     act_order: bool = option(True, "GPTQ in activation order")
     dynamic_groups: bool = option(
         False, "GPTQ with --group-size: each group's scale from its weights as updated by "
@@ -482,13 +483,11 @@ def _check_smooth(o: QuantizeOptions) -> None:
 
 def _r1_online_obstacle(o: QuantizeOptions) -> str | None:
     """Why R1 cannot go online with these options (None: it can): it needs QuaRot's
-    randomized Hadamards, one TP block and dynamic per-token scales."""
+    randomized Hadamards and dynamic per-token scales (at --tp N o_proj's Hadamard is
+    block-diagonal, one block per rank's shard)."""
     if o.rotate != "quarot":
         return (f"--r1 online places QuaRot's randomized Hadamards; --rotate {o.rotate} has "
                 "no such R1 (use --rotate quarot)")
-    if o.tp != 1:
-        return ("--r1 online rotates o_proj's whole input, which tensor parallelism "
-                f"splits: it is served with --tp 1, got --tp {o.tp}")
     for bad, what in ((o.smooth is not None, "--smooth runtime"),
                       (o.a8_layers is not None, "--a8-layers"),
                       (o.static, f"scheme {o.scheme} (static activation scales)")):

@@ -80,12 +80,30 @@ ONLINE_R1 = (("r1_hidden", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v
              ("r1_o_in", ("self_attn.o_proj",)))
 
 
-def online_r1_matrices(cfg: Any) -> dict[str, torch.Tensor]:
+def online_r1_matrices(cfg: Any, tp: int = 1) -> dict[str, torch.Tensor]:
     """--r1 online: name -> the ±1 matrix H of this version's Hadamard of the input size
-    (the runtime applies it as R4 is applied, fused into the 4-bit kernels' quantizer)."""
-    sizes = {"r1_hidden": cfg.hidden_size, "r1_o_in": cfg.num_attention_heads * head_dim(cfg)}
+    (the runtime applies it as R4 is applied, fused into the 4-bit kernels' quantizer).
+    o_proj's input, which tensor parallelism splits, gets one per --tp block (the
+    runtime runs it block-diagonally, I_tp ⊗ H, as the tensor-parallel R4); q/k/v and
+    gate/up read the whole hidden state on every rank."""
+    sizes = {"r1_hidden": cfg.hidden_size,
+             "r1_o_in": cfg.num_attention_heads * head_dim(cfg) // tp}
     return {name: hadamard_matrix(n, torch.float32, normalized=False)
             for name, n in sizes.items()}
+
+
+def _has_hadamard(n: int) -> bool:
+    try:
+        factorize(n)
+    except HadamardSizeError:
+        return False
+    return True
+
+
+def _block_diagonal(h: torch.Tensor, blocks: int) -> torch.Tensor:
+    """I_blocks ⊗ H/√n in float64: the normalised transform of a whole input."""
+    m = h.double() / h.shape[0] ** 0.5
+    return torch.block_diag(*[m] * blocks) if blocks > 1 else m
 
 
 def online_r1_signs(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
@@ -112,12 +130,14 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
     online_r4 = o.online_r4
     r3 = o.online_rotations and kv_bits is not None
     online_r1 = rotate and o.r1_online
+    if online_r1 and o.r1 == "auto" and not _has_hadamard(cfg.num_attention_heads * hd // o.tp):
+        online_r1 = False  # auto: o_proj's (per-rank) input has no Hadamard; R1 fused
     try:
         if rotate:
             factorize(hidden)
             factorize(hd)
         if online_r1:
-            factorize(cfg.num_attention_heads * hd)
+            factorize(cfg.num_attention_heads * hd // o.tp)
         if online_r4:
             factorize(inter // o.tp)
     except HadamardSizeError as e:
@@ -127,7 +147,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
     calibration = (f"file:{Path(o.calib).name}" if o.calib
                    else f"self-generated:{o.self_samples}" if o.self_samples else "none")
     act_clip = o.activation_clip
-    files = online_r1_matrices(cfg) if online_r1 else {}
+    files = online_r1_matrices(cfg, o.tp) if online_r1 else {}
     records = tuple(InputTransform(name=name, size=files[name].shape[0], linears=linears,
                                    sha256=matrix_sha256(files[name]))
                     for name, linears in ONLINE_R1 if name in files)
@@ -175,7 +195,7 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
             "lm_head": o.lm_head_scheme,
         },
     )
-    linear_m = {lin: files[name].double() / files[name].shape[0] ** 0.5
+    linear_m = {lin: _block_diagonal(files[name], o.tp if name == "r1_o_in" else 1)
                 for name, linears in ONLINE_R1 if name in files for lin in linears}
     return Plan(fmt, w_bits, a_bits, hidden, hd, rotate, online_r4, act_clip,
                 _output_dtype(cfg), nsamples if o.calib else (o.self_samples or nsamples),

@@ -15,7 +15,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_s
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_quarot.format import QUANT_METHOD, CheckpointFormatError, OnlineHadamard, QuaRotFormat
-from vllm_quarot.models import DOWN_PROJ
+from vllm_quarot.models import DOWN_PROJ, ROW_PARALLEL
 
 
 class QuaRotConfig(QuantizationConfig):
@@ -169,23 +169,27 @@ class QuaRotConfig(QuantizationConfig):
     def _stored_transform(self, layer: torch.nn.Module, prefix: str):
         """The stored transform of a (vLLM-merged) linear: its parts share one (the
         format refuses anything else). One that is this version's Hadamard over the
-        whole input (``quantize --r1 online``) runs as R4 runs, fusable into the
-        kernel's quantizer."""
+        whole input, or over each tensor-parallel block of a row-parallel input
+        (``quantize --r1 online``), runs as R4 runs, fusable into the kernel's
+        quantizer."""
         if not self.fmt.rotation.input_transforms:
             return None
         from vllm_quarot.models import canonical_parts
         from vllm_quarot.runtime.transform import MatrixTransform
 
-        spec = self.fmt.rotation.input_transform(canonical_parts(prefix)[0])
+        linear = canonical_parts(prefix)[0]
+        spec = self.fmt.rotation.input_transform(linear)
         if spec is None:
             return None
         if spec.name not in self.input_transforms:
             raise CheckpointFormatError(f"transform {spec.name!r} was not read from the "
                                         "checkpoint (maybe_update_config did not run)")
-        if spec.name in self.plain_hadamards and getattr(layer, "input_size", None) == spec.size:
+        blocks = self.fmt.tp_blocks if linear.endswith(ROW_PARALLEL) else 1
+        if (spec.name in self.plain_hadamards
+                and getattr(layer, "input_size", None) == spec.size * blocks):
             from vllm_quarot.runtime.transform import HadamardTransform
 
-            return HadamardTransform(OnlineHadamard.of_size(spec.size))
+            return HadamardTransform(OnlineHadamard.of_size(spec.size * blocks, blocks))
         return MatrixTransform(spec.name, *self.input_transforms[spec.name])
 
 
