@@ -782,6 +782,34 @@ def test_online_r1_stores_its_hadamards_and_keeps_the_gains(shared_data, tmp_pat
     assert ((bad - want).norm() / want.norm()).item() > 10 * errs["online"]
 
 
+def test_rotate_none_keeps_the_norm_gains(shared_data, tmp_path):
+    """Without R1 nothing has to commute with the norms: --rotate none leaves each
+    RMSNorm's gain in the norm and the weights as the model has them (folding the gains
+    in made plain GPTQ worse: W4A16 g64 on the Qwen2-class surrogate 60.40 against
+    49.13), and its simulation is the model's function."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from vllm_quarot.eval.simulate import load_simulated
+
+    out = tmp_path / "plain"
+    quantize(STORIES_HF, out, QuantizeOptions(scheme="w8a8", weight_method="rtn",
+                                              rotate="none", lm_head="none"))
+    src = AutoModelForCausalLM.from_pretrained(STORIES_HF, dtype=torch.float32).eval()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for i in (0, 4):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                got = f.get_tensor(f"model.layers.{i}.{norm}.weight").float()
+                want = src.model.layers[i].get_submodule(norm).weight
+                torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-2, atol=1e-3)
+        codes = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
+    assert codes.dtype == torch.int32  # the weights themselves are quantized
+    ids = torch.randint(0, 500, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = src(ids).logits, load_simulated(out)(ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     (dict(rotate="spinquant"), "--rotate spinquant has no such R1"),
     (dict(smooth="runtime"), "does not combine with --smooth runtime"),

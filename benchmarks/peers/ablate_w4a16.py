@@ -145,6 +145,9 @@ def main() -> int:
     ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
     ap.add_argument("--work", type=Path, default=None,
                     help="the peer benchmark's work folder of --model (default: its own)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="Markdown file (default: benchmarks/results/"
+                    "peers_ablation_w4a16_<model>.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -176,7 +179,7 @@ def main() -> int:
         f"# W4A16 g64 on {a.model}: ablations of vllm-quarot's quantizer",
         "",
         f"Command: `python benchmarks/peers/ablate_w4a16.py --model {a.model} --variants "
-        f"{a.variants}`  ",
+        f"{a.variants}{' --out ' + str(a.out) if a.out else ''}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared); date "
         f"{datetime.date.today()}. Same calibration (TinyStories 32×512) and evaluation "
         "(WikiText-2 test 8×2048) windows as benchmarks/peers/vs_llmcompressor.py; perplexity "
@@ -198,7 +201,7 @@ def main() -> int:
                          f"{t['inmemory_ppl']:.2f} | {t['oneshot_s']:.0f} (oneshot) |")
     md = "\n".join(lines) + "\n"
     print(md)
-    (RESULTS / f"peers_ablation_w4a16_{a.model}.md").write_text(md)
+    (a.out or RESULTS / f"peers_ablation_w4a16_{a.model}.md").write_text(md)
     return 0
 
 

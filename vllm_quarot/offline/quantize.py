@@ -491,7 +491,10 @@ class QuantizeRun:
         if self.verifier is not None:
             self.verifier.original_layer(LayerRunner(self.kind, i, raw, None, original=True))
         sd = self.family.split(raw, self.cfg)
-        if self.plan.fused_r1 or not self.plan.rotate:  # --r1 online keeps the gains
+        # the gains fold only where R1 must commute with the norm (fused R1): --r1
+        # online and --rotate none keep them (plain GPTQ W4A16 g64 on the Qwen2-class
+        # surrogate: folded 60.40, kept 49.13; benchmarks/results/README.md)
+        if self.plan.fused_r1:
             fold_norms(sd)
         r4 = self.plan.fmt.rotation.r4
         if self.plan.rotate:
