@@ -58,3 +58,22 @@ def test_windows_are_non_overlapping_and_capped(tmp_path):
     assert len(w) == 3 and all(len(x) == 30 for x in w)
     assert sum(w, []) == [ord(c) for c in ("abcdefghij" * 10)[:90]]
     assert len(token_windows(CharTok(), f, 30, max_windows=2)) == 2
+
+
+def test_eval_engine_cache_on_cpu(monkeypatch):
+    """An evaluation engine on CPU takes a small KV cache instead of vLLM's default 92 %
+    of the machine's memory, which vLLM refuses to start with when other processes
+    hold more than 8 % of it; a user's VLLM_CPU_KVCACHE_SPACE is kept."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    from vllm_quarot.eval.perplexity import EVAL_CPU_KV_GIB, eval_cpu_cache
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    eval_cpu_cache()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == str(EVAL_CPU_KV_GIB)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    eval_cpu_cache()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

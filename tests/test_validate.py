@@ -362,3 +362,41 @@ def test_checkpoint_without_r4_fingerprint_still_loads(rtn_w4a4, tmp_path):
         qc.pop("tensor_parallel_blocks")
 
     validate(damaged(rtn_w4a4, tmp_path / "v1", cfg=strip))
+
+
+def test_unpackable_input_sizes_are_simulation_only(tmp_path, shared_data):
+    """stories260K's intermediate 172 holds no whole int32s of 4-bit codes: the engine
+    refuses such a checkpoint with the reason (not as a damaged one), which still runs
+    in the simulation; 8-bit codes (4 per int32) fit. At TP = 2 each rank's shard of a
+    row-parallel input must hold whole int32s too."""
+    from vllm_quarot.eval.simulate import load_simulated
+    from vllm_quarot.eval.zoo import STORIES_HF
+    from vllm_quarot.runtime.config import QuaRotConfig
+
+    def engine_config(ckpt: Path) -> None:
+        hf = AutoConfig.from_pretrained(ckpt)
+        QuaRotConfig.from_config(hf.quantization_config).maybe_update_config(str(ckpt), hf)
+
+    out = tmp_path / "w4a16"
+    quantize(STORIES_HF, out, QuantizeOptions(scheme="w4a16", weight_method="rtn",
+                                              online_hadamard=False))
+    with pytest.raises(CheckpointFormatError) as e:
+        engine_config(out)
+    msg = str(e.value)
+    assert "mlp.down_proj (172) is not a multiple of 8" in msg and "\n" not in msg
+    assert "simulation only" in msg and "damaged" not in msg
+    with torch.no_grad():
+        load_simulated(out)(torch.tensor([[1, 2, 3]]))
+    w8 = tmp_path / "w8a8"
+    quantize(STORIES_HF, w8, QuantizeOptions(scheme="w8a8", weight_method="rtn",
+                                             online_hadamard=False))
+    engine_config(w8)
+    fmt = QuaRotFormat.from_dict(AutoConfig.from_pretrained(out).quantization_config)
+    big = AutoConfig.from_pretrained(STORIES_HF)
+    big.intermediate_size = 176  # 176 / 2 = 88 = 11 int32s per block
+    fmt.check_packing(big, 2)
+    big.intermediate_size = 168  # 168 / 2 = 84: whole at TP = 1, not per rank at TP = 2
+    fmt.check_packing(big)
+    with pytest.raises(CheckpointFormatError, match="--tensor-parallel-size 2 cannot serve "
+                                                    ".* mlp.down_proj \\(84\\)"):
+        fmt.check_packing(big, 2)

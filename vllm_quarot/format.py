@@ -734,6 +734,32 @@ class QuaRotFormat(_Section):
             f"{self.tp_blocks}")
 
 
+    def check_packing(self, hf_config: Any, tp_size: int = 1) -> None:
+        """vLLM loads packed codes as whole int32s per linear (per rank's shard of a
+        row-parallel input at tensor parallelism): a model whose input sizes do not
+        allow that (e.g. stories260K's intermediate 172 at 4 bits) is quantized for the
+        simulation only, or for another tensor-parallel size."""
+        bits = self.weight.bits
+        if bits >= 16:
+            return
+        per = 32 // bits
+        sizes = {lin: k // tp_size if lin in ROW_PARALLEL else k
+                 for lin, (_, k) in linear_sizes(hf_config).items()}
+        bad = [f"{lin} ({k})" for lin, k in sizes.items() if k % per]
+        if self.lm_head is not None and hf_config.hidden_size % (32 // self.lm_head.bits):
+            bad.append(f"lm_head ({hf_config.hidden_size})")
+        if bad and tp_size > 1:
+            raise CheckpointFormatError(
+                f"--tensor-parallel-size {tp_size} cannot serve this checkpoint: each "
+                f"rank's input of {', '.join(bad)} is not a multiple of {per} (whole int32s "
+                f"of {bits}-bit codes); serve it at a size that gives whole int32s")
+        if bad:
+            raise CheckpointFormatError(
+                f"vLLM cannot load this checkpoint's {bits}-bit codes: the input size of "
+                f"{', '.join(bad)} is not a multiple of {per} (whole int32s of packed "
+                "codes); it runs in the simulation only (vllm-quarot eval ... --backend "
+                "sim)")
+
     def check_transforms_tp(self, tp_size: int, hf_config: Any) -> None:
         """A stored transform on a row-parallel input (o_proj, down_proj), whose shards
         live on different ranks, runs per rank only if its blocks lie within a shard."""

@@ -94,6 +94,22 @@ def shutdown_llm(llm: Any, timeout: float = 10.0) -> None:
         thread.join(timeout)
 
 
+# An evaluation engine scores a few windows: on CPU it gets a KV cache of this many GiB
+# unless VLLM_CPU_KVCACHE_SPACE says otherwise, instead of vLLM's default (92 % of the
+# machine's memory, which vLLM refuses at start-up when other processes hold over 8 %)
+EVAL_CPU_KV_GIB = 4
+
+
+def eval_cpu_cache() -> None:
+    """Set VLLM_CPU_KVCACHE_SPACE for an evaluation engine on CPU (not when set)."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(EVAL_CPU_KV_GIB))
+
+
 def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantization: str | None,
                      dtype: str = "bfloat16", enforce_eager: bool = True) -> float:
     """Start a vLLM engine on model_dir, score the windows with it, and shut it down."""
@@ -102,6 +118,7 @@ def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantizati
     from vllm import LLM
 
     seqlen = max(len(w) for w in windows)
+    eval_cpu_cache()
     llm = LLM(str(model_dir), quantization=quantization, dtype=dtype,
               enforce_eager=enforce_eager, max_model_len=seqlen + 8, max_num_seqs=8, seed=0)
     try:

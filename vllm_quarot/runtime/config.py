@@ -77,6 +77,7 @@ class QuaRotConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision=None):
         if hf_config is not None:
             self.fmt.check_model(hf_config)
+            self.fmt.check_packing(hf_config)
             # runs in the process that builds VllmConfig (LLM / vllm serve), before the
             # engine starts: a damaged checkpoint is refused with one line
             from vllm_quarot.validate import validate_model
@@ -124,6 +125,7 @@ class QuaRotConfig(QuantizationConfig):
         the tensor-parallel size and the KV cache dtype."""
         tp = vllm_config.parallel_config.tensor_parallel_size
         self.fmt.check_tensor_parallel(tp)
+        self.fmt.check_packing(vllm_config.model_config.hf_config, tp)
         self.fmt.check_transforms_tp(tp, vllm_config.model_config.hf_config)
         if vllm_config.cache_config is not None:
             self.check_cache_dtype(vllm_config.cache_config.cache_dtype)
