@@ -273,6 +273,7 @@ def test_online_r1_without_a_block_hadamard(shared_data, tmp_path, monkeypatch):
     falls back to the fused R1 and --r1 online is refused with the order."""
     from transformers import AutoConfig
 
+    from vllm_quarot import hadamard
     from vllm_quarot.hadamard import HadamardSizeError
     from vllm_quarot.offline import plan
 
@@ -284,7 +285,8 @@ def test_online_r1_without_a_block_hadamard(shared_data, tmp_path, monkeypatch):
             raise HadamardSizeError("no Hadamard matrix of order 128 here")
         return real(n)
 
-    monkeypatch.setattr(plan, "factorize", no_128)
+    monkeypatch.setattr(plan, "factorize", no_128)  # the refusal
+    monkeypatch.setattr(hadamard, "factorize", no_128)  # has_hadamard (auto's fallback)
     auto = plan.plan_format(cfg, QuantizeOptions(scheme="w4a4", tp=2), torch.device("cpu"))
     assert not auto.transforms and auto.fmt.rotation.r1.kind == "randomized-hadamard"
     assert "r1" not in auto.fmt.quantizer

@@ -246,6 +246,15 @@ def factorize(n: int) -> tuple[int, int]:
     )
 
 
+def has_hadamard(n: int) -> bool:
+    """Whether ``factorize`` can build a Hadamard matrix of order n."""
+    try:
+        factorize(n)
+    except HadamardSizeError:
+        return False
+    return True
+
+
 def fingerprint(n: int) -> dict[str, object]:
     """What defines the Hadamard transform of order n that this version builds:
     ``{"hadamard": [K, 2^k], "construction": name, "sha256": digest of the ±1 K×K

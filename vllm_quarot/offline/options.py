@@ -21,7 +21,7 @@ import torch
 from vllm_quarot.errors import QuaRotError
 from vllm_quarot.format import MAX_KV_PIVOTS, SMOOTH_METHODS
 from vllm_quarot.format import SCHEMES as FORMAT_SCHEMES
-from vllm_quarot.hadamard import HadamardSizeError, factorize
+from vllm_quarot.hadamard import has_hadamard
 from vllm_quarot.models import head_dim as _head_dim
 
 # scheme -> (weight bits, activation bits or None, kv bits or None): the format's table
@@ -596,12 +596,6 @@ def check_model_fits(cfg: Any, o: QuantizeOptions) -> None:
             f"(max_position_embeddings {max_pos})")
 
 
-def _block_hadamard_ok(inter: int, n: int) -> bool:
-    try:
-        factorize(inter // n)
-    except HadamardSizeError:
-        return False
-    return True
 
 
 def tp_choices(o: QuantizeOptions, inter: int, attn: int) -> list[int]:
@@ -610,7 +604,7 @@ def tp_choices(o: QuantizeOptions, inter: int, attn: int) -> list[int]:
     of order intermediate / N can be built."""
     return [n for n in range(1, min(inter, attn) + 1)
             if inter % n == 0 and attn % n == 0
-            and (not o.online_r4 or _block_hadamard_ok(inter, n))]
+            and (not o.online_r4 or has_hadamard(inter // n))]
 
 
 def _check_tp(o: QuantizeOptions, inter: int, attn: int) -> None:
@@ -618,7 +612,7 @@ def _check_tp(o: QuantizeOptions, inter: int, attn: int) -> None:
     if n == 1:
         return  # the whole-size R4's order is checked (and explained) with the format
     if inter % n == 0 and attn % n == 0:
-        if not o.online_r4 or _block_hadamard_ok(inter, n):
+        if not o.online_r4 or has_hadamard(inter // n):
             return
         why = (f"its block-diagonal online R4 needs a Hadamard matrix of order "
                f"intermediate {inter} / {n} = {inter // n}, which cannot be built here")

@@ -24,7 +24,13 @@ from vllm_quarot.format import (
     SmoothSpec,
     WeightSpec,
 )
-from vllm_quarot.hadamard import HadamardSizeError, factorize, hadamard_matrix, random_signs
+from vllm_quarot.hadamard import (
+    HadamardSizeError,
+    factorize,
+    hadamard_matrix,
+    has_hadamard,
+    random_signs,
+)
 from vllm_quarot.models import Family, UnsupportedModelError, family_of, head_dim
 from vllm_quarot.offline.options import LM_HEADS, QuantizeError, QuantizeOptions
 from vllm_quarot.stored_transforms import matrix_sha256
@@ -92,14 +98,6 @@ def online_r1_matrices(cfg: Any, tp: int = 1) -> dict[str, torch.Tensor]:
             for name, n in sizes.items()}
 
 
-def _has_hadamard(n: int) -> bool:
-    try:
-        factorize(n)
-    except HadamardSizeError:
-        return False
-    return True
-
-
 def _block_diagonal(h: torch.Tensor, blocks: int) -> torch.Tensor:
     """I_blocks ⊗ H/√n in float64: the normalised transform of a whole input."""
     m = h.double() / h.shape[0] ** 0.5
@@ -130,14 +128,15 @@ def plan_format(cfg: Any, o: QuantizeOptions, device: torch.device) -> Plan:
     online_r4 = o.online_r4
     r3 = o.online_rotations and kv_bits is not None
     online_r1 = rotate and o.r1_online
-    if online_r1 and o.r1 == "auto" and not _has_hadamard(cfg.num_attention_heads * hd // o.tp):
+    o_in = cfg.num_attention_heads * hd // o.tp  # o_proj's input on one rank
+    if online_r1 and o.r1 == "auto" and not has_hadamard(o_in):
         online_r1 = False  # auto: o_proj's (per-rank) input has no Hadamard; R1 fused
     try:
         if rotate:
             factorize(hidden)
             factorize(hd)
         if online_r1:
-            factorize(cfg.num_attention_heads * hd // o.tp)
+            factorize(o_in)
         if online_r4:
             factorize(inter // o.tp)
     except HadamardSizeError as e:
