@@ -784,9 +784,10 @@ def test_online_r1_stores_its_hadamards_and_keeps_the_gains(shared_data, tmp_pat
 
 def test_rotate_none_keeps_the_norm_gains(shared_data, tmp_path):
     """Without R1 nothing has to commute with the norms: --rotate none leaves each
-    RMSNorm's gain in the norm and the weights as the model has them (folding the gains
-    in made plain GPTQ worse: W4A16 g64 on the Qwen2-class surrogate 60.40 against
-    49.13), and its simulation is the model's function."""
+    RMSNorm's gain in the norm (the final one's too) and the weights as the model has
+    them (folding the gains in made plain GPTQ worse: W4A16 g64 on the Qwen2-class
+    surrogate 60.40 against 49.13), --verify passes, and its simulation is the model's
+    function."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -794,7 +795,8 @@ def test_rotate_none_keeps_the_norm_gains(shared_data, tmp_path):
 
     out = tmp_path / "plain"
     quantize(STORIES_HF, out, QuantizeOptions(scheme="w8a8", weight_method="rtn",
-                                              rotate="none", lm_head="none"))
+                                              rotate="none", lm_head="none",
+                                              verify=True))
     src = AutoModelForCausalLM.from_pretrained(STORIES_HF, dtype=torch.float32).eval()
     with safe_open(out / "model.safetensors", "pt") as f:
         for i in (0, 4):
@@ -802,6 +804,13 @@ def test_rotate_none_keeps_the_norm_gains(shared_data, tmp_path):
                 got = f.get_tensor(f"model.layers.{i}.{norm}.weight").float()
                 want = src.model.layers[i].get_submodule(norm).weight
                 torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-2, atol=1e-3)
+        # the final norm's too: its gain is not folded into the (16-bit) lm_head
+        got = f.get_tensor("model.norm.weight").float()
+        torch.testing.assert_close(got, src.model.norm.weight.to(got.dtype), rtol=1e-2,
+                                   atol=1e-3)
+        got = f.get_tensor("lm_head.weight").float()
+        torch.testing.assert_close(got, src.lm_head.weight.to(got.dtype), rtol=1e-2,
+                                   atol=1e-3)
         codes = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
     assert codes.dtype == torch.int32  # the weights themselves are quantized
     ids = torch.randint(0, 500, (1, 48), generator=torch.Generator().manual_seed(0))

@@ -619,16 +619,19 @@ class QuantizeRun:
         return deq
 
     def head(self, h_cal: torch.Tensor | None) -> None:
-        """Fold the final norm's gain into the (untied, rotated) lm_head and write both
-        (--lm-head: quantized, GPTQ on the final normalised calibration states when the
-        layers use GPTQ); finish --verify on the logits."""
+        """Write the final norm and the (untied, rotated) lm_head (--lm-head: quantized,
+        GPTQ on the final normalised calibration states when the layers use GPTQ);
+        finish --verify on the logits. The final norm's gain folds into the head only
+        under the fused R1 (as the layers' gains, see layer())."""
         g_final = self.src.get(f"{FINAL_NORM}.weight").double()
         name = f"{LM_HEAD}.weight" if f"{LM_HEAD}.weight" in self.src else f"{EMBED}.weight"
         head = self.src.get(name).double()
-        head_rot = head * g_final
+        fold = self.plan.fused_r1
+        g_kept = torch.ones_like(g_final) if fold else g_final
+        head_rot = head * g_final if fold else head
         if self.r1 is not None:
             head_rot = rotate_rows_in(head_rot, self.r1)
-        self._emit(f"{FINAL_NORM}.weight", torch.ones_like(g_final).to(self.plan.out_dtype))
+        self._emit(f"{FINAL_NORM}.weight", g_kept.to(self.plan.out_dtype))
         spec = self.plan.fmt.lm_head
         if spec is None:
             self._emit(f"{LM_HEAD}.weight", head_rot.to(self.plan.out_dtype))
@@ -636,17 +639,18 @@ class QuantizeRun:
             hessian = None
             if self.o.uses_gptq:
                 assert h_cal is not None
-                # the lm_head's input: the final RMSNorm (gain folded into the head), on
-                # the quantizer's device like the layers' Hessians
+                # the lm_head's input: the final RMSNorm's output, on the quantizer's
+                # device like the layers' Hessians
                 hessian = HessianAccumulator(head_rot.shape[1], self.device)
                 norm = RMSNorm64(head_rot.shape[1], self.cfg.rms_norm_eps).to(
                     self.device, self.dtype)
                 with torch.no_grad():
+                    norm.weight.copy_(g_kept)
                     for i in range(h_cal.shape[0]):
                         hessian.add(norm(h_cal[i].to(self.device, self.dtype)))
             self._quantize_weight(LM_HEAD, head_rot, spec.bits, spec.group_size, hessian)
         if self.verifier is not None:
-            self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot)
+            self.verifier.finish(self.cfg.rms_norm_eps, g_final, head, head_rot, g_kept)
 
     # ------------------------------------------------------ progress, output
 

@@ -49,13 +49,14 @@ class Verifier:
         self.max_err = max(self.max_err, rel_err(self.h_rot, ref))
 
     def finish(self, eps: float, g_final: torch.Tensor, head: torch.Tensor,
-               head_rot: torch.Tensor) -> float:
-        """Compare the logits (final norm + head); raise above TOL; the max error."""
+               head_rot: torch.Tensor, g_kept: torch.Tensor) -> float:
+        """Compare the logits (final norm + head; g_kept: the rotated model's final
+        gain, ones where it folded into head_rot); raise above TOL; the max error."""
         norm = RMSNorm64(g_final.shape[0], eps)
         with torch.no_grad():
             norm.weight.copy_(g_final)
             logits_orig = norm(self.h_orig) @ head.t()
-            norm.weight.fill_(1.0)
+            norm.weight.copy_(g_kept)
             logits_rot = norm(self.h_rot) @ head_rot.t()
         self.max_err = max(self.max_err, rel_err(logits_rot, logits_orig))
         if self.max_err > self.TOL:
