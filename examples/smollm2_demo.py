@@ -9,7 +9,8 @@
    sequences; write the table (benchmarks/results/demo_smollm2.md) and a PNG.
 
 Run it with ``bash scripts/demo.sh`` (sets up the environment first). Checkpoints are
-cached under ~/.cache/vllm-quarot (``VLLM_QUAROT_CACHE``) by their options.
+cached under ~/.cache/vllm-quarot (``VLLM_QUAROT_CACHE``) by their options and the
+quantizer's version.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from vllm_quarot import __version__
     from vllm_quarot.eval.perplexity import token_windows
     from vllm_quarot.eval.zoo import default_cache_dir, smollm2_dir
     from vllm_quarot.offline.quantize import QuantizeOptions, quantize
@@ -160,7 +162,9 @@ def main() -> None:
     for scheme in SCHEMES:
         opts = QuantizeOptions(scheme=scheme, calib=str(calib), nsamples=a.nsamples,
                                seqlen=a.seqlen, verify=True)
-        key = hashlib.sha256(json.dumps(opts.__dict__, sort_keys=True).encode()).hexdigest()
+        # the options and the quantizer's version: an upgrade quantizes again
+        key = hashlib.sha256(json.dumps({**opts.__dict__, "version": __version__},
+                                        sort_keys=True).encode()).hexdigest()
         out = cache / f"{base.name}-quarot-{scheme}-{key[:12]}"
         if (out / "config.json").is_file():
             print(f"[demo] {SCHEMES[scheme]}: quantized earlier, {out} (delete to redo)")

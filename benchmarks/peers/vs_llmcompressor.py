@@ -343,9 +343,10 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         f"Command: `python benchmarks/peers/vs_llmcompressor.py --model {model} --recipes "
         f"{args.recipes}"
         + (f" --speed-rounds {args.speed_rounds}" if args.speed_rounds != 2 else "")
+        + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
         + (" --only-cached" if args.only_cached else "") + "`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
-        f"{platform.processor() or 'CPU'}; date {datetime.date.today()}.  ",
+        f"Machine: {platform.machine()} ({cpu_name()}; shared with other jobs); date "
+        f"{datetime.date.today()}.  ",
         f"Calibration: {args.nsamples}×{args.calib_seqlen} TinyStories tokens (the same "
         f"windows for both); evaluation: WikiText-2 test, {args.max_windows}×{args.seqlen} "
         "tokens. vLLM ppl: bf16 prompt log-probs (stock vLLM for llm-compressor's "
@@ -355,9 +356,13 @@ def table(model: str, args: argparse.Namespace, base: dict[str, Any],
         "embedding and lm_head (one bf16 copy), ours stores both (--lm-head none: 16-bit). "
         "Quantization: wall time and peak RSS of the "
         "whole process (model load and save included), one OpenMP thread each. "
-        "Decode: tokens/s, 64 new tokens "
-        f"per sequence, eager; median of {args.speed_rounds} round-robin passes over all "
-        f"checkpoints × {args.repeats} generations (fresh engine per pass).",
+        "Decode: tokens/s, 64 new tokens per sequence, eager; "
+        + (f"median of {args.speed_rounds} round-robin passes over all checkpoints × "
+           f"{args.repeats} generations (fresh engine per pass)." if args.speed_rounds > 0
+           and not args.only_cached else
+           f"the scoring engine's own {args.repeats} generation(s), one checkpoint at a "
+           "time beside whatever else ran: not a speed comparison (no round-robin "
+           "phase: --speed-rounds 0 or --only-cached)."),
         "",
         "| recipe | tool | served by | vLLM ppl | vs bf16 | float32 ppl | quant time | "
         "peak RSS | ckpt MiB | tok/s @1 | tok/s @32 |",
