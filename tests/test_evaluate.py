@@ -68,12 +68,20 @@ def test_eval_engine_cache_on_cpu(monkeypatch):
 
     from vllm.platforms import current_platform
 
-    from vllm_quarot.eval.perplexity import EVAL_CPU_KV_GIB, eval_cpu_cache
+    from vllm_quarot.eval.perplexity import (
+        EVAL_CPU_KV_GIB,
+        EVAL_CPU_STEP_TIMEOUT_S,
+        eval_cpu_env,
+    )
 
     monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    eval_cpu_cache()
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    eval_cpu_env()
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == str(EVAL_CPU_KV_GIB)
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == str(EVAL_CPU_STEP_TIMEOUT_S)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    eval_cpu_cache()
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")
+    eval_cpu_env()
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"

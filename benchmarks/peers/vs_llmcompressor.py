@@ -288,11 +288,12 @@ def _score_main(ck: str, windows: str, out: str, repeats: int, speed_only: bool 
     (vllm_quarot.eval.throughput: synthetic prompts, greedy, ignore_eos, warm-up)."""
     from vllm import LLM
 
-    from vllm_quarot.eval.perplexity import shutdown_llm, vllm_perplexity
+    from vllm_quarot.eval.perplexity import eval_cpu_env, shutdown_llm, vllm_perplexity
     from vllm_quarot.eval.throughput import decode_tokens_per_s
 
     evals = json.loads(Path(windows).read_text())["eval"]
     seqlen = max(len(w) for w in evals)
+    eval_cpu_env()  # a step of 2048-token prompts may take over vLLM's 300 s here
     llm = LLM(ck, dtype="bfloat16", enforce_eager=True, max_model_len=seqlen + 8,
               max_num_seqs=32, seed=0)
     try:

@@ -98,16 +98,23 @@ def shutdown_llm(llm: Any, timeout: float = 10.0) -> None:
 # unless VLLM_CPU_KVCACHE_SPACE says otherwise, instead of vLLM's default (92 % of the
 # machine's memory, which vLLM refuses at start-up when other processes hold over 8 %)
 EVAL_CPU_KV_GIB = 4
+# ... and this many seconds for one engine step unless VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
+# says otherwise: a step of several 2048-token prompts with prompt log-probs took over
+# vLLM's 300 s on a loaded 2-core CPU (bf16 emulated), which vLLM reports as a failure
+EVAL_CPU_STEP_TIMEOUT_S = 3600
 
 
-def eval_cpu_cache() -> None:
-    """Set VLLM_CPU_KVCACHE_SPACE for an evaluation engine on CPU (not when set)."""
+def eval_cpu_env() -> None:
+    """Set VLLM_CPU_KVCACHE_SPACE and VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS for an
+    evaluation engine on CPU (each only when not set)."""
     import os
 
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(EVAL_CPU_KV_GIB))
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS",
+                              str(EVAL_CPU_STEP_TIMEOUT_S))
 
 
 def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantization: str | None,
@@ -118,7 +125,7 @@ def serve_perplexity(model_dir: str | Path, windows: list[list[int]], quantizati
     from vllm import LLM
 
     seqlen = max(len(w) for w in windows)
-    eval_cpu_cache()
+    eval_cpu_env()
     llm = LLM(str(model_dir), quantization=quantization, dtype=dtype,
               enforce_eager=enforce_eager, max_model_len=seqlen + 8, max_num_seqs=8, seed=0)
     try:

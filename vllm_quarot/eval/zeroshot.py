@@ -196,10 +196,10 @@ def serve_eval(model_dir: str | Path, quantization: str | None,
     then shut down (so that the next model gets the memory)."""
     from vllm import LLM
 
-    from vllm_quarot.eval.perplexity import eval_cpu_cache, shutdown_llm, vllm_perplexity
+    from vllm_quarot.eval.perplexity import eval_cpu_env, shutdown_llm, vllm_perplexity
 
     longest = max([len(e.ids) for e in encoded or []] + [len(w) for w in windows or []])
-    eval_cpu_cache()
+    eval_cpu_env()
     llm = LLM(str(model_dir), quantization=quantization, dtype=dtype,
               enforce_eager=enforce_eager, max_model_len=longest + 8, max_num_seqs=16,
               seed=0)
