@@ -142,7 +142,10 @@ def _peak_seq(isa: str, m: int) -> str:
     """The instruction sequence the native GEMM runs on `isa` at M rows."""
     if isa == "amx":
         return "amx_int8" if m >= 16 else "avx512_vnni"
-    return "avx512_vnni" if isa == "avx512_vnni" else "avx2_maddubs"
+    if isa == "avx512_vnni":
+        return "avx512_vnni"
+    # 4-bit weights on tiles of 2+ rows sum vpmaddubsw's pairs in int16 (dot_avx2_w4_i16)
+    return "avx2_maddubs_i16" if m >= 2 else "avx2_maddubs"
 
 
 def main() -> None:

@@ -2,9 +2,12 @@
 instruction sequence the GEMM uses, and the read bandwidth that bounds a decode step.
 
 Sequences (csrc/cpu/peak.cpp, ``torch.ops.quarot_cpu.peak``), each with enough
-independent accumulators to hide its latency, on 1 thread and on all threads at once:
+independent accumulators to hide its latency, in the GEMM's shape (one weight vector
+times several rows' activations), on 1 thread and on all threads at once:
 
 * ``avx2_maddubs`` — vpmaddubsw + vpmaddwd + vpaddd on ymm (the AVX2 path): 32 MACs;
+* ``avx2_maddubs_i16`` — vpmaddubsw + vpaddw, summing in int16 (the widening vpmaddwd
+  once per 4 k-steps, left out here): the AVX2 path's 4-bit weights on 2+ rows;
 * ``avx512_vnni`` — vpdpbusd zmm (the AVX512-VNNI path): 64 MACs;
 * ``amx_int8`` — tdpbsud on 16×64 by 64×16 byte tiles (the AMX path, M ≥ 16): 16384 MACs.
 
@@ -36,7 +39,8 @@ import torch
 
 from vllm_quarot.runtime.ops import cpu as cpu_ops
 
-SEQS = {"avx2_maddubs": "avx2", "avx512_vnni": "avx512_vnni", "amx_int8": "amx"}
+SEQS = {"avx2_maddubs": "avx2", "avx2_maddubs_i16": "avx2", "avx512_vnni": "avx512_vnni",
+        "amx_int8": "amx"}
 FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
          "amx_tile", "amx_int8", "amx_bf16")
 

@@ -50,7 +50,8 @@ def test_every_path_the_cpu_has_is_offered():
 
 
 def test_peak_microbenchmarks_run():
-    for seq, isa in (("avx2_maddubs", "avx2"), ("avx512_vnni", "avx512_vnni"),
+    for seq, isa in (("avx2_maddubs", "avx2"), ("avx2_maddubs_i16", "avx2"),
+                     ("avx512_vnni", "avx512_vnni"),
                      ("amx_int8", "amx")):
         if isa in ISAS:
             macs = Q.peak(seq, 1, 1000)
@@ -138,6 +139,24 @@ def test_gemm_equals_int_linear(isa, m, k, n, groups, w_bits, a_bits):
             assert out.dtype == out_dtype
             # bit-exact: int32 sums, then the reference's float operations in its order
             assert torch.equal(out, ref), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("code", [-128, 127])
+@pytest.mark.parametrize("bits,w_val", [(4, 7), (4, -8), (8, 127), (8, -128), (8, 15)])
+def test_gemm_extreme_codes_are_exact(isa, code, bits, w_val):
+    """The largest sums the int16 runs of the AVX2 paths can meet (every weight nibble 15
+    or 0 against 8-bit codes at the ends of their range, 4 rows): exact."""
+    m, k, n = 4, 512, 48
+    w = torch.full((n, k), w_val, dtype=torch.int8)
+    w_scale = torch.full((n, 1), 0.5)
+    codes = torch.full((m, k), code, dtype=torch.int8)
+    scales = torch.ones(m, 1)
+    asums = codes.int().sum(-1, keepdim=True).int()
+    out = Q.gemm(codes, scales, asums, Q.repack_weight(w, bits), Q.repack_scale(w_scale),
+                 None, n, bits, torch.float32)
+    ref = ops.int_linear(codes, scales, w, w_scale, None, torch.float32)
+    assert torch.equal(out, ref)
+    assert out[0, 0].item() == code * w_val * k * 0.5
 
 
 @pytest.mark.parametrize("online_hadamard", [False, True])

@@ -135,6 +135,22 @@ def last_error(logfile: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+RETRY_FAILED = False  # --retry-failed: redo the steps whose cached result is a failure
+
+
+def cached(res: Path) -> dict[str, Any] | None:
+    """A finished step's cached result, or None to run it. A failure is cached too (a
+    refusal by stock vLLM is a result of the table); after a transient one (a killed
+    worker, a timed-out step, a broken environment) --retry-failed redoes them."""
+    if not res.is_file():
+        return None
+    out = json.loads(res.read_text())
+    if RETRY_FAILED and "error" in out:
+        log(f"retrying {res.parent.name}/{res.name}: it failed with {out['error'][:120]}")
+        return None
+    return out
+
+
 def make_windows(mdir: Path, out: Path, nsamples: int, calib_seqlen: int, seqlen: int,
                  max_windows: int) -> None:
     from transformers import AutoTokenizer
@@ -151,8 +167,8 @@ def make_windows(mdir: Path, out: Path, nsamples: int, calib_seqlen: int, seqlen
 
 def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path) -> dict[str, Any]:
     res = d / "result.json"
-    if res.is_file():
-        return json.loads(res.read_text())
+    if (done := cached(res)) is not None:
+        return done
     if not PEERS_PY.is_file():
         raise SystemExit(f"{PEERS_PY} is missing: run bash scripts/peers_venv.sh first")
     d.mkdir(parents=True, exist_ok=True)
@@ -184,7 +200,7 @@ def import_theirs(d: Path, windows: Path, repeats: int) -> tuple[dict[str, Any],
         return None
     imp = d / "imported"
     facts = d / "import.json"
-    if not facts.is_file():
+    if cached(facts) is None:
         from vllm_quarot.errors import QuaRotError
         from vllm_quarot.interop.ct_import import import_checkpoint
 
@@ -209,8 +225,8 @@ def import_theirs(d: Path, windows: Path, repeats: int) -> tuple[dict[str, Any],
 def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, windows: Path,
                   d: Path, seed: int = 0) -> dict[str, Any]:
     res = d / "result.json"
-    if res.is_file():
-        return json.loads(res.read_text())
+    if (done := cached(res)) is not None:
+        return done
     d.mkdir(parents=True, exist_ok=True)
     ck = d / "ckpt"
     opts = [*RECIPES[recipe], "--lm-head", "none", "--calib",
@@ -236,8 +252,8 @@ def quantize_ours(mdir: Path, recipe: str, nsamples: int, calib_seqlen: int, win
 def score(ck: Path, windows: Path, d: Path, plugin: bool, repeats: int) -> dict[str, Any]:
     """vLLM perplexity and decode speed of ck in a subprocess (stock vLLM: plugin off)."""
     res = d / ("score.json" if plugin else "score_stock.json")
-    if res.is_file():
-        return json.loads(res.read_text())
+    if (done := cached(res)) is not None:
+        return done
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if not plugin:
         env["VLLM_PLUGINS"] = "none"  # no plugin by that name: ours is not loaded
@@ -510,6 +526,9 @@ def main() -> int:
     ap.add_argument("--only-cached", action="store_true",
                     help="run nothing: the table from the steps finished so far (a step "
                     "not run yet is left out, and the speed phase is skipped)")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="redo the steps whose cached result is a failure (finished steps "
+                    "are cached, failures included)")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (and .png beside)")
     ap.add_argument("--score", help=argparse.SUPPRESS)
     ap.add_argument("--windows", help=argparse.SUPPRESS)
@@ -521,6 +540,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.score:
         return _score_main(a.score, a.windows, a.score_out, a.repeats, a.speed_only)
+    global RETRY_FAILED
+    RETRY_FAILED = a.retry_failed
     import torch
 
     torch.set_num_threads(1)  # the in-process float32 scoring (see QUANT_ENV)

@@ -1,6 +1,9 @@
 // What this CPU can do at most, for the instruction sequences the GEMM uses
 // (benchmarks/cpu_peak.py prints them; benchmarks/cpu_layers.py divides by them):
 //   avx2_maddubs  vpmaddubsw + vpmaddwd + vpaddd on ymm: 32 u8×s8 MACs per triple
+//   avx2_maddubs_i16  vpmaddubsw + vpaddw: the same products summed in int16, widened by
+//                 one vpmaddwd per 4 k-steps (amortised away here): the AVX2 GEMM's 4-bit
+//                 weights on tiles of 2+ rows (quarot_cpu.cpp, dot_avx2_w4_i16)
 //   avx512_vnni   vpdpbusd zmm: 64 u8×s8 MACs per instruction
 //   amx_int8      tdpbsud on 16×64 by 64×16 byte tiles: 16384 s8×u8 MACs per instruction
 // and the read bandwidth of a buffer (streaming the weights of a decode step).
@@ -26,24 +29,30 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // Each returns a value that depends on every accumulator, so nothing is optimised away.
+// The AVX2 loops have the GEMM's shape: one weight vector (opaque to the compiler each
+// iteration, so no product is hoisted) times kAcc distinct activation broadcasts, one
+// accumulator each (the rows of a tile). (Until 0.15.2 six weight vectors were pinned by
+// the barrier: the register pressure spilled, and on Zen 3 that read half of the rate the
+// GEMM itself reached.) I16: vpaddw in place of vpmaddwd + vpaddd.
+template <bool I16>
 __attribute__((target("avx2"))) int64_t loop_maddubs(int64_t iters) {
-  // distinct weights per accumulator (no common subexpression); the chain through each
-  // accumulator is one vpaddd, so 6 of them cover the latency (14 of 16 ymm registers)
   constexpr int kAcc = 6;
-  __m256i acc[kAcc], w[kAcc];
-  __m256i a = _mm256_set1_epi8(-3);
+  __m256i acc[kAcc], a[kAcc];
+  __m256i w = _mm256_set1_epi8(7);
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int j = 0; j < kAcc; ++j) acc[j] = _mm256_setzero_si256(), w[j] = _mm256_set1_epi8(j + 1);
+  for (int j = 0; j < kAcc; ++j)
+    acc[j] = _mm256_setzero_si256(), a[j] = _mm256_set1_epi8(j % 2 ? -(j + 1) : j + 1);
   for (int64_t i = 0; i < iters; ++i) {
-    // opaque to the compiler (no hoisting of the loop-invariant products), free at run time
-    __asm__ volatile("" : "+x"(a), "+x"(w[0]), "+x"(w[1]), "+x"(w[2]), "+x"(w[3]), "+x"(w[4]),
-                     "+x"(w[5]));
-    for (int j = 0; j < kAcc; ++j)
-      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], a), ones));
+    __asm__ volatile("" : "+x"(w));  // free at run time
+    for (int j = 0; j < kAcc; ++j) {
+      const __m256i p = _mm256_maddubs_epi16(w, a[j]);
+      acc[j] = I16 ? _mm256_add_epi16(acc[j], p)
+                   : _mm256_add_epi32(acc[j], _mm256_madd_epi16(p, ones));
+    }
   }
   __m256i s = acc[0];
   for (int j = 1; j < kAcc; ++j) s = _mm256_add_epi32(s, acc[j]);
-  return _mm256_extract_epi32(s, 0);
+  return _mm256_extract_epi32(s, 0) | 1;  // int16 sums wrap (only the time counts)
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) int64_t loop_vnni(int64_t iters) {
@@ -115,11 +124,11 @@ __attribute__((target("avx2"))) int64_t read_avx2(const uint8_t* p, int64_t n) {
 }
 
 int64_t macs_per_iter(const std::string& seq) {
-  if (seq == "avx2_maddubs") return 6 * 32;
+  if (seq == "avx2_maddubs" || seq == "avx2_maddubs_i16") return 6 * 32;
   if (seq == "avx512_vnni") return 12 * 64;
   if (seq == "amx_int8") return 4 * 16 * 16 * 64;
   TORCH_CHECK(false, "quarot_cpu.peak: unknown sequence '", seq,
-              "' (avx2_maddubs, avx512_vnni, amx_int8)");
+              "' (avx2_maddubs, avx2_maddubs_i16, avx512_vnni, amx_int8)");
 }
 
 }  // namespace
@@ -137,7 +146,8 @@ double peak(const std::string& seq, int64_t threads, int64_t iters) {
   const auto t0 = Clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
   {
-    if (seq == "avx2_maddubs") sink += loop_maddubs(iters);
+    if (seq == "avx2_maddubs") sink += loop_maddubs<false>(iters);
+    else if (seq == "avx2_maddubs_i16") sink += loop_maddubs<true>(iters);
     else if (seq == "avx512_vnni") sink += loop_vnni(iters);
     else sink += loop_amx(iters);
   }

@@ -426,11 +426,124 @@ static inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// 4-bit weights on AVX2 for tiles of 2+ rows (batched decode, prefill): vpmaddubsw's
+// pair sums are added in int16 over kI16Steps k-steps before one vpmaddwd widens them to
+// int32. The widening otherwise takes every other slot of the vector multipliers (the
+// same pipes run both): benchmarks/cpu_peak.py's avx2_maddubs_i16 against avx2_maddubs.
+// Exact: a nibble is ≤ 15 and an activation code in [-128, 127], so one k-step (two
+// vpmaddubsw, each a sum of two products) adds at most 2·2·15·128 = 7680 in magnitude to
+// an int16 lane, and 4 k-steps at most 30720 < 32768 — the same integers as dot_scalar.
+// Blocks one after another (each block's K range in one stream), MR rows × 16 channels of
+// int16 sums in 8 registers, the k-step's 64 weight bytes unpacked into 4 (and the mask and
+// one row's two activation broadcasts: 15 of 16 ymm); the int32 sums go to acc after each
+// run of k-steps.
+static constexpr int64_t kI16Steps = 4;
+template <int MR, int NB>
+__attribute__((target("avx2,fma"))) static void dot_avx2_w4_i16(const int8_t* a, int64_t lda,
+                                                                const uint8_t* w,
+                                                                int64_t wstride, int64_t k0,
+                                                                int64_t k1, int32_t* acc) {
+  constexpr int64_t ks = 8;  // kstep(4)
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int jb = 0; jb < NB; ++jb) {
+    const uint8_t* wb = w + jb * wstride;
+    int32_t* accb = acc + jb * kNB;
+    for (int m = 0; m < MR; ++m)
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(accb + m * 64 + 8 * h),
+                            _mm256_setzero_si256());
+    for (int64_t kr = k0; kr < k1; kr += kI16Steps * ks) {
+      const int64_t kend = std::min(k1, kr + kI16Steps * ks);
+      __m256i s[MR][2];
+      for (int m = 0; m < MR; ++m) s[m][0] = s[m][1] = _mm256_setzero_si256();
+      for (int64_t k = kr; k < kend; k += ks) {
+        const uint8_t* wk = wb + (k / ks) * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchBytes), _MM_HINT_T0);
+        __m256i lo[2], hi[2];  // both halves unpacked first: one broadcast per row serves both
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
+          lo[h] = _mm256_and_si256(v, mask);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* am = a + m * lda + k;
+          const __m256i a0 = _mm256_set1_epi32(load_i32(am)), a1 = _mm256_set1_epi32(load_i32(am + 4));
+          for (int h = 0; h < 2; ++h) {
+            s[m][h] = _mm256_add_epi16(s[m][h], _mm256_maddubs_epi16(lo[h], a0));
+            s[m][h] = _mm256_add_epi16(s[m][h], _mm256_maddubs_epi16(hi[h], a1));
+          }
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < 2; ++h) {
+          __m256i* dst = reinterpret_cast<__m256i*>(accb + m * 64 + 8 * h);
+          _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst),
+                                                    _mm256_madd_epi16(s[m][h], ones)));
+        }
+    }
+  }
+}
+
+// 8-bit weights (u = w + 128 = 16·hi + lo), tiles of 2+ rows: the low and the high
+// nibbles' pair sums each added in int16 over kI16Steps8 k-steps (one k-step adds at most
+// 2·15·128 = 3840 to a lane, 8 k-steps 30720 < 32768: exact), then widened, the high
+// sums shifted by 4. Each 32-byte half of a block row in its own pass (8 channels:
+// MR × 2 int16 sums in 8 registers).
+static constexpr int64_t kI16Steps8 = 8;
+template <int MR, int NB>
+__attribute__((target("avx2,fma"))) static void dot_avx2_w8_i16(const int8_t* a, int64_t lda,
+                                                                const uint8_t* w,
+                                                                int64_t wstride, int64_t k0,
+                                                                int64_t k1, int32_t* acc) {
+  constexpr int64_t ks = 4;  // kstep(8)
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int jb = 0; jb < NB; ++jb) {
+    const uint8_t* wb = w + jb * wstride;
+    for (int h = 0; h < 2; ++h) {
+      int32_t* acch = acc + jb * kNB + 8 * h;
+      for (int m = 0; m < MR; ++m)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acch + m * 64), _mm256_setzero_si256());
+      for (int64_t kr = k0; kr < k1; kr += kI16Steps8 * ks) {
+        const int64_t kend = std::min(k1, kr + kI16Steps8 * ks);
+        __m256i sl[MR], sh[MR];
+        for (int m = 0; m < MR; ++m) sl[m] = sh[m] = _mm256_setzero_si256();
+        for (int64_t k = kr; k < kend; k += ks) {
+          const uint8_t* wk = wb + (k / ks) * 64;
+          if (h == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchBytes), _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, mask);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          for (int m = 0; m < MR; ++m) {
+            const __m256i a0 = _mm256_set1_epi32(load_i32(a + m * lda + k));
+            sl[m] = _mm256_add_epi16(sl[m], _mm256_maddubs_epi16(lo, a0));
+            sh[m] = _mm256_add_epi16(sh[m], _mm256_maddubs_epi16(hi, a0));
+          }
+        }
+        for (int m = 0; m < MR; ++m) {
+          __m256i* dst = reinterpret_cast<__m256i*>(acch + m * 64);
+          const __m256i wide = _mm256_add_epi32(
+              _mm256_madd_epi16(sl[m], ones), _mm256_slli_epi32(_mm256_madd_epi16(sh[m], ones), 4));
+          _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), wide));
+        }
+      }
+    }
+  }
+}
+
 template <int MR, int NB>
 __attribute__((target("avx2,fma"))) static void dot_avx2(const int8_t* a, int64_t lda,
                                                          const uint8_t* w, int64_t wstride,
                                                          int64_t k0, int64_t k1, int64_t bits,
                                                          int32_t* acc) {
+  // One row (batch-1 decode) streams from memory at the bandwidth's pace either way; the
+  // int16 sums serve the compute-bound tiles.
+  if constexpr (MR >= 2) {
+    if (bits == 4) return dot_avx2_w4_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
+    return dot_avx2_w8_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
+  }
   // Two ymm halves (channels 0-7, 8-15) per block. maddubs(u8 nibble ≤ 15, s8) pairs stay
   // within int16; 8-bit weights are split into nibbles: u = 16·hi + lo.
   const __m256i mask = _mm256_set1_epi8(0x0F);
