@@ -144,7 +144,7 @@ def _peak_seq(isa: str, m: int) -> str:
         return "amx_int8" if m >= 16 else "avx512_vnni"
     if isa == "avx512_vnni":
         return "avx512_vnni"
-    # 4-bit weights on tiles of 2+ rows sum vpmaddubsw's pairs in int16 (dot_avx2_w4_i16)
+    # tiles of 2+ rows sum vpmaddubsw's pairs in int16 (dot_avx2_w4_i16 / _w8_i16)
     return "avx2_maddubs_i16" if m >= 2 else "avx2_maddubs"
 
 

@@ -7,7 +7,7 @@ times several rows' activations), on 1 thread and on all threads at once:
 
 * ``avx2_maddubs`` — vpmaddubsw + vpmaddwd + vpaddd on ymm (the AVX2 path): 32 MACs;
 * ``avx2_maddubs_i16`` — vpmaddubsw + vpaddw, summing in int16 (the widening vpmaddwd
-  once per 4 k-steps, left out here): the AVX2 path's 4-bit weights on 2+ rows;
+  once per 4 k-steps, left out here): the AVX2 path on 2+ rows;
 * ``avx512_vnni`` — vpdpbusd zmm (the AVX512-VNNI path): 64 MACs;
 * ``amx_int8`` — tdpbsud on 16×64 by 64×16 byte tiles (the AMX path, M ≥ 16): 16384 MACs.
 

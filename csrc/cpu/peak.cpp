@@ -3,7 +3,7 @@
 //   avx2_maddubs  vpmaddubsw + vpmaddwd + vpaddd on ymm: 32 u8×s8 MACs per triple
 //   avx2_maddubs_i16  vpmaddubsw + vpaddw: the same products summed in int16, widened by
 //                 one vpmaddwd per 4 k-steps (amortised away here): the AVX2 GEMM's 4-bit
-//                 weights on tiles of 2+ rows (quarot_cpu.cpp, dot_avx2_w4_i16)
+//                 and 8-bit weights on tiles of 2+ rows (quarot_cpu.cpp, dot_avx2_w*_i16)
 //   avx512_vnni   vpdpbusd zmm: 64 u8×s8 MACs per instruction
 //   amx_int8      tdpbsud on 16×64 by 64×16 byte tiles: 16384 s8×u8 MACs per instruction
 // and the read bandwidth of a buffer (streaming the weights of a decode step).

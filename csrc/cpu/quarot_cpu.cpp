@@ -533,56 +533,59 @@ __attribute__((target("avx2,fma"))) static void dot_avx2_w8_i16(const int8_t* a,
   }
 }
 
-template <int MR, int NB>
-__attribute__((target("avx2,fma"))) static void dot_avx2(const int8_t* a, int64_t lda,
-                                                         const uint8_t* w, int64_t wstride,
-                                                         int64_t k0, int64_t k1, int64_t bits,
-                                                         int32_t* acc) {
-  // One row (batch-1 decode) streams from memory at the bandwidth's pace either way; the
-  // int16 sums serve the compute-bound tiles.
-  if constexpr (MR >= 2) {
-    if (bits == 4) return dot_avx2_w4_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
-    return dot_avx2_w8_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
-  }
-  // Two ymm halves (channels 0-7, 8-15) per block. maddubs(u8 nibble ≤ 15, s8) pairs stay
-  // within int16; 8-bit weights are split into nibbles: u = 16·hi + lo.
+// One row (batch-1 decode): vpmaddubsw + vpmaddwd + vpaddd per k-step. Two ymm halves
+// (channels 0-7, 8-15) per block. maddubs(u8 nibble ≤ 15, s8) pairs stay within int16;
+// 8-bit weights are split into nibbles: u = 16·hi + lo.
+template <int NB>
+__attribute__((target("avx2,fma"))) static void dot_avx2_row(const int8_t* a, const uint8_t* w,
+                                                             int64_t wstride, int64_t k0,
+                                                             int64_t k1, int64_t bits,
+                                                             int32_t* acc) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i r[MR][NB][2];
-  for (int m = 0; m < MR; ++m)
-    for (int jb = 0; jb < NB; ++jb) r[m][jb][0] = r[m][jb][1] = _mm256_setzero_si256();
+  __m256i r[NB][2];
+  for (int jb = 0; jb < NB; ++jb) r[jb][0] = r[jb][1] = _mm256_setzero_si256();
   const int64_t ks = kstep(bits);
   for (int64_t k = k0; k < k1; k += ks) {
     prefetch_blocks<NB>(w, wstride, (k / ks) * 64);
+    const __m256i a0 = _mm256_set1_epi32(load_i32(a + k));
     for (int jb = 0; jb < NB; ++jb) {
       const uint8_t* wk = w + jb * wstride + (k / ks) * 64;
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
         const __m256i lo = _mm256_and_si256(v, mask);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        for (int m = 0; m < MR; ++m) {
-          const int8_t* am = a + m * lda + k;
-          const __m256i a0 = _mm256_set1_epi32(load_i32(am));
-          __m256i s;
-          if (bits == 4) {
-            const __m256i a1 = _mm256_set1_epi32(load_i32(am + 4));
-            s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
-                                 _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), ones));
-          } else {
-            s = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
-                _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, a0), ones), 4));
-          }
-          r[m][jb][h] = _mm256_add_epi32(r[m][jb][h], s);
+        __m256i s;
+        if (bits == 4) {
+          const __m256i a1 = _mm256_set1_epi32(load_i32(a + k + 4));
+          s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
+                               _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), ones));
+        } else {
+          s = _mm256_add_epi32(
+              _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
+              _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, a0), ones), 4));
         }
+        r[jb][h] = _mm256_add_epi32(r[jb][h], s);
       }
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int jb = 0; jb < NB; ++jb)
-      for (int h = 0; h < 2; ++h)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + m * 64 + jb * kNB + 8 * h),
-                            r[m][jb][h]);
+  for (int jb = 0; jb < NB; ++jb)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + jb * kNB + 8 * h), r[jb][h]);
+}
+
+// One row (batch-1 decode) streams from memory at the bandwidth's pace either way; the
+// int16 sums serve the compute-bound tiles of 2+ rows.
+template <int MR, int NB>
+static void dot_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64_t wstride,
+                     int64_t k0, int64_t k1, int64_t bits, int32_t* acc) {
+  if constexpr (MR == 1) {
+    dot_avx2_row<NB>(a, w, wstride, k0, k1, bits, acc);
+  } else if (bits == 4) {
+    dot_avx2_w4_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
+  } else {
+    dot_avx2_w8_i16<MR, NB>(a, lda, w, wstride, k0, k1, acc);
+  }
 }
 
 template <int MR, int NB>
