@@ -1,4 +1,5 @@
-"""A/B of two builds of the native CPU GEMM (``torch.ops.quarot_cpu.gemm``), interleaved.
+"""A/B of two builds of the native CPU GEMM (``torch.ops.quarot_cpu.gemm``, or with
+``--op rrs`` the RRS GEMM ``rrs_gemm`` of csrc/cpu/rrs.cpp), interleaved.
 
 A kernel change is measured against the build before it on the same machine in one run:
 each build is a checkout with its own ``vllm_quarot/_C_cpu*.so`` (``setup.py build_ext
@@ -8,7 +9,7 @@ both alike, and prints the medians and B's speed-up over A.
 
     git worktree add /tmp/before HEAD~1 && (cd /tmp/before && \\
         ../path/.venv/bin/python setup.py build_ext --inplace)
-    .venv/bin/python benchmarks/cpu_gemm_ab.py --a /tmp/before --b . [--threads 1]
+    .venv/bin/python benchmarks/cpu_gemm_ab.py --a /tmp/before --b . [--threads 1] [--op rrs]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # (M, K, N, groups, weight bits, activation bits): Llama-2-7B q/k/v/o and gate/up, the
@@ -27,9 +29,41 @@ from pathlib import Path
 SHAPES = [(1, 4096, 4096, 1, 4, 8), (16, 4096, 4096, 1, 4, 8), (128, 4096, 4096, 1, 4, 8),
           (128, 4096, 11008, 1, 4, 8), (1024, 4096, 4096, 1, 4, 4),
           (32, 2048, 5632, 1, 4, 8), (128, 4096, 4096, 64, 4, 8), (128, 4096, 4096, 1, 8, 8)]
+# RRS (M, K, N, group size, activation bits): SmolLM2's (576) and a 4096-wide layer's
+# inputs, groups of 64 and 128, 4-bit codes (the RRS default) and 8-bit ones
+RRS_SHAPES = [(1, 4096, 4096, 128, 4), (16, 4096, 4096, 128, 4), (128, 4096, 4096, 128, 4),
+              (1024, 4096, 4096, 128, 4), (128, 576, 1536, 64, 4), (2048, 1536, 576, 64, 4),
+              (128, 4096, 4096, 64, 8)]
 
 
-def _time_shapes(threads: int) -> dict[str, float]:
+def _time(fn, m: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(max(5, 256 // m)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _time_rrs(q) -> dict[str, float]:
+    import torch
+
+    out = {}
+    for m, k, n, gs, ab in RRS_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+        perm = torch.randperm(k, generator=gen).int()
+        pk, ws = q.rrs_repack_weight(w, perm), torch.rand(n, generator=gen)
+        codes, scales, asums = q.rrs_quantize(torch.randn(m, k, generator=gen), None, perm, ab,
+                                              1.0, gs)
+        out[f"RRS {m}x{k}x{n} gs{gs} W4A{ab}"] = _time(
+            partial(q.rrs_gemm, codes, scales, asums, pk, ws, None, n, torch.bfloat16), m)
+    return out
+
+
+def _time_shapes(threads: int, op: str) -> dict[str, float]:
     """Median ms of each shape with the build on sys.path (the child's side)."""
     import torch
 
@@ -39,6 +73,8 @@ def _time_shapes(threads: int) -> dict[str, float]:
         raise SystemExit(f"no native kernels in {Path(cpu_ops.__file__).parents[2]}")
     q = torch.ops.quarot_cpu
     torch.set_num_threads(threads)
+    if op == "rrs":
+        return _time_rrs(q)
     out = {}
     for m, k, n, g, wb, ab in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -47,14 +83,8 @@ def _time_shapes(threads: int) -> dict[str, float]:
         pk, sc = q.repack_weight(w, wb), q.repack_scale(torch.rand(n, g, generator=gen))
         codes, scales, asums = q.quantize(torch.randn(m, k, generator=gen), None, ab, 1.0,
                                           None, g)
-        for _ in range(2):
-            q.gemm(codes, scales, asums, pk, sc, None, n, wb, torch.bfloat16)
-        times = []
-        for _ in range(max(5, 256 // m)):
-            t0 = time.perf_counter()
-            q.gemm(codes, scales, asums, pk, sc, None, n, wb, torch.bfloat16)
-            times.append(time.perf_counter() - t0)
-        out[f"{m}x{k}x{n} g{g} W{wb}A{ab}"] = statistics.median(times) * 1e3
+        out[f"{m}x{k}x{n} g{g} W{wb}A{ab}"] = _time(
+            partial(q.gemm, codes, scales, asums, pk, sc, None, n, wb, torch.bfloat16), m)
     return out
 
 
@@ -64,11 +94,13 @@ def main() -> None:
     ap.add_argument("--b", type=Path, help="checkout of the build after (B)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--op", choices=("gemm", "rrs"), default="gemm",
+                    help="the plain GEMM (quarot_cpu.gemm) or the RRS one (rrs_gemm)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table (Markdown)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(_time_shapes(a.threads)))
+        print(json.dumps(_time_shapes(a.threads, a.op)))
         return
     if a.a is None or a.b is None:
         ap.error("--a and --b are required")
@@ -78,7 +110,8 @@ def main() -> None:
             print(f"round {r + 1}/{a.rounds}: build {tag} ({root})", flush=True)
             env = {**os.environ, "PYTHONPATH": str(root.resolve())}
             res = subprocess.run([sys.executable, __file__, "--child", "--threads",
-                                  str(a.threads)], env=env, capture_output=True, text=True)
+                                  str(a.threads), "--op", a.op], env=env, capture_output=True,
+                                 text=True)
             if res.returncode != 0:
                 raise SystemExit(f"build {tag} failed: {res.stderr.strip().splitlines()[-1]}")
             runs[tag].append(json.loads(res.stdout.strip().splitlines()[-1]))

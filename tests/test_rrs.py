@@ -216,6 +216,27 @@ def _weights(n: int, k: int, seed: int):
     return w, torch.rand(n, 1, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g)
 
 
+@pytest.mark.parametrize("code", [-128, 127])
+@pytest.mark.parametrize("w_val", [7, -8])
+@pytest.mark.parametrize("k,gs", [(512, 64), (384, 96), (320, 40)])
+def test_native_gemm_extreme_codes_are_exact(isa, code, w_val, k, gs):
+    """The largest sums the AVX2 tile's int16 runs of 4 k-steps can meet (every nibble 15
+    or 0 against 8-bit codes at the ends of their range; groups of 8, 12 and 5 k-steps, so
+    that runs are cut by group ends): exact."""
+    m, n = 4, 48
+    groups = k // gs
+    w = torch.full((n, k), w_val, dtype=torch.int8)
+    ws = torch.full((n, 1), 0.5)
+    codes = torch.full((m, k), code, dtype=torch.int8)
+    scales = torch.ones(m, groups)
+    asums = codes.int().reshape(m, groups, gs).sum(-1).int()
+    out = Q.rrs_gemm(codes, scales, asums, Q.rrs_repack_weight(w, None), ws.reshape(-1), None,
+                     n, torch.float32)
+    ref = ops.smooth_int_linear(codes, scales, w, ws, None, torch.float32)
+    assert torch.equal(out, ref)
+    assert out[0, 0].item() == code * w_val * k * 0.5
+
+
 @pytest.mark.parametrize("m,k,n,gs", KERNEL_SHAPES)
 @pytest.mark.parametrize("reorder", [False, True])
 @pytest.mark.parametrize("a_bits", [4, 8])

@@ -23,7 +23,11 @@ Variants (every one with --lm-head none, as llm-compressor's ignore=["lm_head"])
 * ``base-sN`` / ``no-act-order-sN``: base and no-act-order with ``--seed N`` (other R1
   signs and calibration windows), to pair the act-order comparison over seeds;
 * ``dyn-groups[-sN]``: ``--no-act-order --dynamic-groups`` (GPTQ's original group
-  scales, from the updated weights).
+  scales, from the updated weights);
+* ``llmc-quip-sN``: llm-compressor's QuIP (v) + GPTQ W4A16 g64 (the peer benchmark's
+  recipe, in .venv-peers) with its random Hadamards drawn from seed N and the
+  calibration windows our ``--seed N`` draws (paired with ``base-sN``); its in-memory
+  float32 perplexity, as the peer benchmark reports it.
 
 Prints a Markdown table (and writes benchmarks/results/peers_ablation_w4a16_<model>.md).
 """
@@ -68,6 +72,33 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
 for _s in range(1, 5):
     for _name in ("base", "no-act-order", "dyn-groups"):
         VARIANTS[f"{_name}-s{_s}"] = ({**VARIANTS[_name][0], "seed": _s}, False)
+LLMC_SEEDS = {f"llmc-quip-s{_s}": _s for _s in range(1, 5)}  # llm-compressor's side
+
+
+def run_llmc(name: str, model_dir: Path, windows: Path, work: Path) -> dict[str, Any]:
+    """llm-compressor QuIP + GPTQ W4A16 g64 with seed N (transforms and calibration draw)."""
+    from transformers import AutoTokenizer
+    from vs_llmcompressor import PEERS_PY
+
+    from vllm_quarot.offline.calibration import file_windows
+
+    seed = LLMC_SEEDS[name]
+    if not PEERS_PY.is_file():
+        raise SystemExit(f"{PEERS_PY} is missing: run bash scripts/peers_venv.sh first")
+    win = json.loads(windows.read_text())
+    calib = file_windows(DATA / "tinystories" / "validation_head.txt",
+                         AutoTokenizer.from_pretrained(model_dir), BASE["nsamples"],
+                         BASE["seqlen"], seed)
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "windows.json").write_text(json.dumps({"calib": calib.tolist(), "eval": win["eval"]}))
+    subprocess.run([str(PEERS_PY), str(ROOT / "benchmarks/peers/llmc_worker.py"), "--model",
+                    str(model_dir), "--recipe", "quip+w4a16-g64", "--windows",
+                    str(d / "windows.json"), "--out", str(d / "ckpt"), "--result",
+                    str(d / "worker.json"), "--seed", str(seed)], check=True)
+    w = json.loads((d / "worker.json").read_text())
+    return {"variant": name, "sim_ppl": w["inmemory_ppl"], "quant_s": w["oneshot_s"],
+            "inmemory": True}
 
 
 def install_oproj_online() -> None:
@@ -122,6 +153,8 @@ def run_variant(name: str, model_dir: Path, windows: Path, work: Path) -> dict[s
     from vllm_quarot.offline.options import QuantizeOptions
     from vllm_quarot.offline.quantize import quantize
 
+    if name in LLMC_SEEDS:
+        return run_llmc(name, model_dir, windows, work)
     opts, oproj = VARIANTS[name]
     if oproj:
         install_oproj_online()
@@ -141,7 +174,8 @@ def run_variant(name: str, model_dir: Path, windows: Path, work: Path) -> dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, from {', '.join([*VARIANTS, *LLMC_SEEDS])}")
     ap.add_argument("--model", choices=("smollm2", "smollm2-qwen2keys"), default="smollm2")
     ap.add_argument("--work", type=Path, default=None,
                     help="the peer benchmark's work folder of --model (default: its own)")
@@ -189,7 +223,9 @@ def main() -> int:
         "|---|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['sim_ppl']:.2f} | {r['quant_s']:.0f} |")
+        inmem = r.get("inmemory")  # llm-compressor's own in-memory model
+        lines.append(f"| {r['variant']}{', in-memory' if inmem else ''} | {r['sim_ppl']:.2f} "
+                     f"| {r['quant_s']:.0f}{' (oneshot)' if inmem else ''} |")
     # the peer's figures on the same windows, when the benchmark has them
     for recipe, label in (("none+w4a16-g64", "GPTQ"), ("quip+w4a16-g64", "QuIP (v) + GPTQ")):
         theirs = a.work / "llmc" / recipe / "result.json"

@@ -87,6 +87,20 @@ def build_recipe(name: str) -> list[Any]:
     return mods
 
 
+def seed_transforms(seed: int) -> None:
+    """Every transform factory that compressed-tensors builds without a seed (QuIP's and
+    SpinQuant's, as llm-compressor builds them) draws from a generator seeded with
+    `seed` instead of torch's default seed."""
+    from compressed_tensors.transform.factory.base import TransformFactory
+
+    init = TransformFactory.__init__
+
+    def seeded_init(self: Any, name: str, scheme: Any, seed_: int | None = None) -> None:
+        init(self, name, scheme, seed if seed_ is None else seed_)
+
+    TransformFactory.__init__ = seeded_init
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
     """exp(mean next-token NLL) over the windows, first token of each unscored (the
@@ -111,7 +125,12 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="where the compressed checkpoint goes")
     ap.add_argument("--result", required=True)
     ap.add_argument("--no-eval", action="store_true", help="skip the in-memory perplexity")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the transforms' random draws (default: compressed-tensors' "
+                    "own, an unseeded torch.Generator, i.e. torch's default seed)")
     a = ap.parse_args()
+    if a.seed is not None:
+        seed_transforms(a.seed)
 
     import llmcompressor
     from datasets import Dataset

@@ -29,8 +29,8 @@
 // Register tiles: AVX512-VNNI 4 rows × 32 channels, or 2 × 64 when M <= 2 (8 int32 +
 // 8 float accumulators in zmm: the float ones stay in registers across the groups, so a
 // group boundary costs one subtract, convert, multiply and add per accumulator); AVX2
-// 2 rows × 16 channels
-// (maddubs on nibbles ≤ 15: no int16 saturation); scalar code reads the same bytes.
+// 2 rows × 16 channels (maddubs on nibbles ≤ 15: no int16 saturation; on 2 rows the pair
+// sums are added in int16 over 4 k-steps, exact); scalar code reads the same bytes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -417,6 +417,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void tile_vnni(
     for (int jb = 0; jb < NB; ++jb) _mm512_storeu_ps(f + m * kF + jb * kNB, facc[m][jb]);
 }
 
+// AVX2, 2+ rows: one k-step adds at most 2·15·128 = 3840 to an int16 lane per nibble
+// half, so kI16Steps = 4 k-steps add at most 30720 < 32768 (exact, as quarot_cpu.cpp's
+// dot_avx2_w4_i16); vpmaddwd then widens once per run instead of once per k-step.
+static constexpr int64_t kI16Steps = 4;
+
 template <int MR, int NB>
 __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* a, int64_t lda,
                                                           const float* xs, const int32_t* asum,
@@ -432,19 +437,45 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* a, int64
   for (int64_t g = 0; g < groups; ++g) {
     __m256i r[MR][2];
     for (int m = 0; m < MR; ++m) r[m][0] = r[m][1] = _mm256_setzero_si256();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
-      const uint8_t* wk = w + k * 8;
-      for (int h = 0; h < 2; ++h) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
-        const __m256i lo = _mm256_and_si256(v, mask);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        for (int m = 0; m < MR; ++m) {
-          const __m256i a0 = _mm256_set1_epi32(load_i32(a + m * lda + k));
-          const __m256i a1 = _mm256_set1_epi32(load_i32(a + m * lda + k + 4));
+    if constexpr (MR == 1) {  // one row (decode): bound by the weight stream, widen per k-step
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+        const uint8_t* wk = w + k * 8;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, mask);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          const __m256i a0 = _mm256_set1_epi32(load_i32(a + k));
+          const __m256i a1 = _mm256_set1_epi32(load_i32(a + k + 4));
           const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), ones),
                                              _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), ones));
-          r[m][h] = _mm256_add_epi32(r[m][h], s);
+          r[0][h] = _mm256_add_epi32(r[0][h], s);
         }
+      }
+    } else {  // 2+ rows: pair sums added in int16 over runs of kI16Steps k-steps, then widened
+      for (int64_t kr = g * gs; kr < (g + 1) * gs; kr += kI16Steps * 8) {
+        const int64_t kend = std::min((g + 1) * gs, kr + kI16Steps * 8);
+        __m256i s[MR][2];
+        for (int m = 0; m < MR; ++m) s[m][0] = s[m][1] = _mm256_setzero_si256();
+        for (int64_t k = kr; k < kend; k += 8) {
+          const uint8_t* wk = w + k * 8;
+          __m256i lo[2], hi[2];
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32 * h));
+            lo[h] = _mm256_and_si256(v, mask);
+            hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          }
+          for (int m = 0; m < MR; ++m) {
+            const __m256i a0 = _mm256_set1_epi32(load_i32(a + m * lda + k));
+            const __m256i a1 = _mm256_set1_epi32(load_i32(a + m * lda + k + 4));
+            for (int h = 0; h < 2; ++h) {
+              s[m][h] = _mm256_add_epi16(s[m][h], _mm256_maddubs_epi16(lo[h], a0));
+              s[m][h] = _mm256_add_epi16(s[m][h], _mm256_maddubs_epi16(hi[h], a1));
+            }
+          }
+        }
+        for (int m = 0; m < MR; ++m)
+          for (int h = 0; h < 2; ++h)
+            r[m][h] = _mm256_add_epi32(r[m][h], _mm256_madd_epi16(s[m][h], ones));
       }
     }
     for (int m = 0; m < MR; ++m) {
