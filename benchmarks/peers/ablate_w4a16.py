@@ -76,28 +76,26 @@ LLMC_SEEDS = {f"llmc-quip-s{_s}": _s for _s in range(1, 5)}  # llm-compressor's 
 
 
 def run_llmc(name: str, model_dir: Path, windows: Path, work: Path) -> dict[str, Any]:
-    """llm-compressor QuIP + GPTQ W4A16 g64 with seed N (transforms and calibration draw)."""
+    """llm-compressor QuIP + GPTQ W4A16 g64 with seed N (transforms and calibration draw),
+    through the peer benchmark's own step (vs_llmcompressor.quantize_theirs)."""
     from transformers import AutoTokenizer
-    from vs_llmcompressor import PEERS_PY
+    from vs_llmcompressor import quantize_theirs
 
     from vllm_quarot.offline.calibration import file_windows
 
     seed = LLMC_SEEDS[name]
-    if not PEERS_PY.is_file():
-        raise SystemExit(f"{PEERS_PY} is missing: run bash scripts/peers_venv.sh first")
-    win = json.loads(windows.read_text())
     calib = file_windows(DATA / "tinystories" / "validation_head.txt",
                          AutoTokenizer.from_pretrained(model_dir), BASE["nsamples"],
                          BASE["seqlen"], seed)
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "windows.json").write_text(json.dumps({"calib": calib.tolist(), "eval": win["eval"]}))
-    subprocess.run([str(PEERS_PY), str(ROOT / "benchmarks/peers/llmc_worker.py"), "--model",
-                    str(model_dir), "--recipe", "quip+w4a16-g64", "--windows",
-                    str(d / "windows.json"), "--out", str(d / "ckpt"), "--result",
-                    str(d / "worker.json"), "--seed", str(seed)], check=True)
-    w = json.loads((d / "worker.json").read_text())
-    return {"variant": name, "sim_ppl": w["inmemory_ppl"], "quant_s": w["oneshot_s"],
+    own = d / "windows.json"
+    own.write_text(json.dumps({"calib": calib.tolist(),
+                               "eval": json.loads(windows.read_text())["eval"]}))
+    q = quantize_theirs(model_dir, "quip+w4a16-g64", own, d, seed=seed)
+    if "error" in q:
+        raise SystemExit(f"{name}: {q['error']}")
+    return {"variant": name, "sim_ppl": q["inmemory_ppl"], "quant_s": q["oneshot_s"],
             "inmemory": True}
 
 

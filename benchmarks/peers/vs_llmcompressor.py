@@ -165,7 +165,10 @@ def make_windows(mdir: Path, out: Path, nsamples: int, calib_seqlen: int, seqlen
     out.write_text(json.dumps({"calib": calib.tolist(), "eval": evals}))
 
 
-def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path) -> dict[str, Any]:
+def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path,
+                    seed: int | None = None) -> dict[str, Any]:
+    """llm-compressor's oneshot of recipe on the windows' calibration part into d/ckpt
+    (in .venv-peers; seed: of their random transforms, llmc_worker.py --seed)."""
     res = d / "result.json"
     if (done := cached(res)) is not None:
         return done
@@ -176,7 +179,8 @@ def quantize_theirs(mdir: Path, recipe: str, windows: Path, d: Path) -> dict[str
     rc, wall, rss = run_measured(
         ["nice", "-n", "10", str(PEERS_PY), str(ROOT / "benchmarks/peers/llmc_worker.py"),
          "--model", str(mdir), "--recipe", recipe, "--windows", str(windows),
-         "--out", str(ck), "--result", str(d / "worker.json")], d / "quantize.log", QUANT_ENV)
+         "--out", str(ck), "--result", str(d / "worker.json"),
+         *([] if seed is None else ["--seed", str(seed)])], d / "quantize.log", QUANT_ENV)
     if rc != 0:
         out = {"error": last_error(d / "quantize.log")}
     else:

@@ -427,17 +427,14 @@ static inline int32_t load_i32(const int8_t* p) {
 }
 
 // 4-bit weights on AVX2 for tiles of 2+ rows (batched decode, prefill): vpmaddubsw's
-// pair sums are added in int16 over kI16Steps k-steps before one vpmaddwd widens them to
+// pair sums are added in int16 over kAvx2I16Steps k-steps before one vpmaddwd widens them to
 // int32. The widening otherwise takes every other slot of the vector multipliers (the
 // same pipes run both): benchmarks/cpu_peak.py's avx2_maddubs_i16 against avx2_maddubs.
-// Exact: a nibble is ≤ 15 and an activation code in [-128, 127], so one k-step (two
-// vpmaddubsw, each a sum of two products) adds at most 2·2·15·128 = 7680 in magnitude to
-// an int16 lane, and 4 k-steps at most 30720 < 32768 — the same integers as dot_scalar.
+// Exact (the bound: isa.h, kAvx2I16Steps) — the same integers as dot_scalar.
 // Blocks one after another (each block's K range in one stream), MR rows × 16 channels of
 // int16 sums in 8 registers, the k-step's 64 weight bytes unpacked into 4 (and the mask and
 // one row's two activation broadcasts: 15 of 16 ymm); the int32 sums go to acc after each
 // run of k-steps.
-static constexpr int64_t kI16Steps = 4;
 template <int MR, int NB>
 __attribute__((target("avx2,fma"))) static void dot_avx2_w4_i16(const int8_t* a, int64_t lda,
                                                                 const uint8_t* w,
@@ -453,8 +450,8 @@ __attribute__((target("avx2,fma"))) static void dot_avx2_w4_i16(const int8_t* a,
       for (int h = 0; h < 2; ++h)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(accb + m * 64 + 8 * h),
                             _mm256_setzero_si256());
-    for (int64_t kr = k0; kr < k1; kr += kI16Steps * ks) {
-      const int64_t kend = std::min(k1, kr + kI16Steps * ks);
+    for (int64_t kr = k0; kr < k1; kr += kAvx2I16Steps * ks) {
+      const int64_t kend = std::min(k1, kr + kAvx2I16Steps * ks);
       __m256i s[MR][2];
       for (int m = 0; m < MR; ++m) s[m][0] = s[m][1] = _mm256_setzero_si256();
       for (int64_t k = kr; k < kend; k += ks) {

@@ -417,10 +417,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void tile_vnni(
     for (int jb = 0; jb < NB; ++jb) _mm512_storeu_ps(f + m * kF + jb * kNB, facc[m][jb]);
 }
 
-// AVX2, 2+ rows: one k-step adds at most 2·15·128 = 3840 to an int16 lane per nibble
-// half, so kI16Steps = 4 k-steps add at most 30720 < 32768 (exact, as quarot_cpu.cpp's
+// AVX2, 2+ rows: the pair sums are added in int16 over runs of kAvx2I16Steps k-steps
+// (isa.h: the bound that keeps them exact, shared with quarot_cpu.cpp's
 // dot_avx2_w4_i16); vpmaddwd then widens once per run instead of once per k-step.
-static constexpr int64_t kI16Steps = 4;
 
 template <int MR, int NB>
 __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* a, int64_t lda,
@@ -451,9 +450,9 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* a, int64
           r[0][h] = _mm256_add_epi32(r[0][h], s);
         }
       }
-    } else {  // 2+ rows: pair sums added in int16 over runs of kI16Steps k-steps, then widened
-      for (int64_t kr = g * gs; kr < (g + 1) * gs; kr += kI16Steps * 8) {
-        const int64_t kend = std::min((g + 1) * gs, kr + kI16Steps * 8);
+    } else {  // 2+ rows: pair sums added in int16 over runs of k-steps, then widened
+      for (int64_t kr = g * gs; kr < (g + 1) * gs; kr += kAvx2I16Steps * 8) {
+        const int64_t kend = std::min((g + 1) * gs, kr + kAvx2I16Steps * 8);
         __m256i s[MR][2];
         for (int m = 0; m < MR; ++m) s[m][0] = s[m][1] = _mm256_setzero_si256();
         for (int64_t k = kr; k < kend; k += 8) {
