@@ -443,6 +443,30 @@ def test_sigterm_mid_gptq_cleans_up(shared_data, tmp_path):
         assert "--resume to continue" in err
 
 
+def test_interrupt_right_after_the_record_is_made_cleans_up(shared_data, tmp_path,
+                                                            monkeypatch):
+    """The window the SIGTERM test hits by chance, hit every time: an interrupt just
+    after .OUT.partial is created (before the first part) leaves nothing behind; one
+    before it is created leaves nothing either."""
+    from vllm_quarot.offline import checkpoint
+
+    opened = checkpoint.RunProgress.open
+
+    def open_then_interrupt(self):
+        opened(self)
+        assert self.dir.is_dir()
+        raise KeyboardInterrupt("SIGTERM")
+
+    def interrupt_before_open(self):
+        raise KeyboardInterrupt("SIGTERM")
+
+    for stub in (open_then_interrupt, interrupt_before_open):
+        monkeypatch.setattr(checkpoint.RunProgress, "open", stub)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(STORIES_HF, tmp_path / "q", QuantizeOptions(**RTN))
+        assert list(tmp_path.iterdir()) == [], stub.__name__
+
+
 def _stories_runner(dtype=torch.float64):
     from transformers import AutoConfig
 

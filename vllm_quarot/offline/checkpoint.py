@@ -251,18 +251,26 @@ class RunProgress:
     """
 
     def __init__(self, out_dir: Path, fingerprint: dict, resume: bool):
+        """Nothing is read or written until ``open``: a run holds its RunProgress before
+        the directory exists, so that an interrupt at any point finds something to
+        clean up."""
+        self.out_dir, self.resume = out_dir, resume
         self.dir = out_dir.parent / f".{out_dir.name}.partial"
         self.fingerprint = json.loads(json.dumps(fingerprint))  # JSON-normal form
         self.done: list[str] = []
         self.state: dict = {}
-        meta_file = self.dir / "run.json"
+        self.opened = False
+
+    def open(self) -> None:
+        """Continue the interrupted run's record (``--resume``, same fingerprint), or
+        start a new one; a resume with other inputs is refused and keeps the record."""
         if self.dir.exists():
-            meta = _read_json(meta_file)
-            if resume and meta is not None and meta.get("fingerprint") == self.fingerprint:
+            meta = _read_json(self.dir / "run.json")
+            if self.resume and meta is not None and meta.get("fingerprint") == self.fingerprint:
                 self.done, self.state = list(meta["done"]), dict(meta.get("state") or {})
                 log.info("resuming from %s: %d part(s) finished (%s)", self.dir,
                          len(self.done), self.done[-1] if self.done else "none")
-            elif resume:
+            elif self.resume:
                 diff = _fingerprint_diff((meta or {}).get("fingerprint") or {}, self.fingerprint)
                 raise QuantizeError(
                     f"--resume: the interrupted run in {self.dir} was made with other "
@@ -272,9 +280,10 @@ class RunProgress:
                 log.warning("found an interrupted run's %d finished part(s) in %s; "
                             "starting over (--resume would continue it)", n, self.dir)
                 shutil.rmtree(self.dir)
-        elif resume:
+        elif self.resume:
             log.info("--resume: no interrupted run for %s; starting from the beginning",
-                     out_dir)
+                     self.out_dir)
+        self.opened = True  # from here on the directory is ours to keep or remove
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_meta()
 
@@ -307,7 +316,9 @@ class RunProgress:
 
     def close_after_failure(self) -> None:
         """Keep the finished parts of a failed or interrupted run (or remove an empty
-        record); say how to continue."""
+        record); say how to continue. Before ``open`` there is nothing to do."""
+        if not self.opened:
+            return
         if self.done:
             log.warning("kept %d finished part(s) (last: %s) in %s: run the same command "
                         "with --resume to continue", len(self.done), self.done[-1], self.dir)

@@ -169,8 +169,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions,
     file is complete, so an interrupted run never leaves a checkpoint-looking OUT_DIR.
     """
     run = QuantizeRun(model_dir, Path(out_dir), o, on_step)
-    run.prepare()
     try:
+        # inside the try: an interrupt just after prepare() made .OUT_DIR.partial
+        # must still clean it up (or say how to --resume)
+        run.prepare()
         run.spinquant()
         with staged_dir(run.out_dir, o.overwrite) as stage:
             writer = ShardedWriter(stage, shard_bytes(o.max_shard_size))
@@ -178,7 +180,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, o: QuantizeOptions,
             files = writer.close()
             run.finish(stage, sum(f.stat().st_size for f in files))
     except BaseException:
-        run.progress.close_after_failure()
+        if hasattr(run, "progress"):  # refused or interrupted before: nothing on disk
+            run.progress.close_after_failure()
         raise
     run.progress.remove()
     return run.summary()
@@ -275,6 +278,7 @@ class QuantizeRun:
                          "the real layers)", _duration(eta), self.cfg.num_hidden_layers,
                          rate, self.device)
             self.progress = RunProgress(self.out_dir, self._fingerprint(), o.resume)
+            self.progress.open()
 
     def describe(self) -> str:
         """The plan, printed before the first layer."""
