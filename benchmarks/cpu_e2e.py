@@ -25,19 +25,21 @@ from pathlib import Path
 CACHE = Path(os.environ.get("VLLM_QUAROT_CACHE", Path.home() / ".cache" / "vllm-quarot"))
 DATA = Path(os.environ.get("QUAROT_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-             num_key_value_heads=4, num_hidden_layers=22, vocab_size=32000)
+             num_key_value_heads=4, num_hidden_layers=22, vocab_size=32000,
+             tie_word_embeddings=False)
 
 
-def make_model(out: Path) -> Path:
-    """A random bf16 Llama with TinyLlama-1.1B's shapes (5632 = 44·128: a Paley R4)."""
+def make_model(out: Path, shape: dict | None = None) -> Path:
+    """A random bf16 Llama with TinyLlama-1.1B's shapes (5632 = 44·128: a Paley R4), or
+    with ``shape``'s LlamaConfig fields."""
     if (out / "tokenizer.json").is_file():
         return out
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     print(f"building a random 1.1B Llama in {out} ...", flush=True)
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**(shape or SHAPE), max_position_embeddings=2048, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -48,6 +50,8 @@ def make_model(out: Path) -> Path:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
+    if cfg.tie_word_embeddings:  # to_empty() untied them: one matrix, as the config says
+        model.tie_weights()
     model.save_pretrained(out)
     # the quantizer copies a tokenizer along; vLLM runs with skip_tokenizer_init
     for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):

@@ -16,7 +16,12 @@ sequences decoded together in one ``llama_batch`` per step — its parallel deco
 time to first token of a 1024-token prompt (medians of 3 runs each), and the engine's
 start-up time.
 
-    .venv/bin/python benchmarks/vs_llamacpp.py [--models smollm2,1.1b] [--eager]
+    .venv/bin/python benchmarks/vs_llamacpp.py [--models smollm2,1.1b,floor] [--eager]
+
+``--models floor`` runs every engine on a random model with SmolLM2's 30 layers, head
+width, vocabulary and tied lm_head but 64 channels: next to no weights to stream or
+multiply, so its batch-1 step is each engine's fixed per-step cost at that depth (the
+floor under the SmolLM2 figures).
 
 Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from source
 for the CPU at hand, -march=native, ~15 min on 2 idle cores). It need not go into the
@@ -56,6 +61,11 @@ N_DEC = int(os.environ.get("VS_LLAMACPP_DECODE_TOKENS", 64))
 PROMPT = 16
 REPEATS = 3  # each figure: the median of 3 timed runs (this machine is noisy)
 LONG = int(os.environ.get("VS_LLAMACPP_LONG_PROMPT", 1024))
+# --models floor: SmolLM2's depth, heads' width, vocabulary and tied lm_head, but 64 wide
+# (one head): every engine's per-step cost with next to no weights to stream or multiply
+FLOOR_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                   num_key_value_heads=1, num_hidden_layers=30, vocab_size=49152,
+                   tie_word_embeddings=True)
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
 
 
@@ -325,8 +335,11 @@ def models(names: list[str]) -> list[tuple[str, Path, Path | None]]:
             out.append(("SmolLM2-135M", smollm2_dir(), smollm2_gguf()))
         elif n == "1.1b":
             out.append(("Llama 1.1B (random)", make_model(CACHE / "random-llama-1.1b"), None))
+        elif n == "floor":
+            out.append(("Floor: SmolLM2's 30 layers, 64 wide (random)",
+                        make_model(CACHE / "random-llama-floor", FLOOR_SHAPE), None))
         else:
-            raise SystemExit(f"unknown model {n!r}: smollm2 or 1.1b")
+            raise SystemExit(f"unknown model {n!r}: smollm2, 1.1b or floor")
     return out
 
 

@@ -1,6 +1,6 @@
 """vllm-quarot: serve QuaRot-rotated low-bit checkpoints with vLLM."""
 
-__version__ = "0.15.3"
+__version__ = "0.15.4"
 
 
 def register() -> None:
