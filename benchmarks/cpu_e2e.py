@@ -37,9 +37,10 @@ def make_model(out: Path, shape: dict | None = None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    print(f"building a random 1.1B Llama in {out} ...", flush=True)
     cfg = LlamaConfig(**(shape or SHAPE), max_position_embeddings=2048, rms_norm_eps=1e-5,
                       bos_token_id=1, eos_token_id=2)
+    print(f"building a random Llama ({cfg.num_hidden_layers} layers, {cfg.hidden_size} "
+          f"wide) in {out} ...", flush=True)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
